@@ -1,0 +1,187 @@
+"""Dense decode attention: split-KV flash-decoding (Triton) over the contiguous cache, and its torch twin.
+
+Contract (docs/INTERNALS.md, "Dense decode"):
+    q [B, Hq, d], k/v [B, Hkv, L, d], lens [B] int32: query head h of sequence b attends keys
+    0 .. lens[b]-1 of KV head h // (Hq // Hkv). `max_len` (python int) only sizes the grid.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def decode_ref(q, k, v, lens, sm_scale=None, max_len=None):
+    """The definition: o[b, h] = softmax(k[b, h//g, :lens[b]] . q[b, h] * sm_scale) @ v[b, h//g, :lens[b]]."""
+    B, Hq, d = q.shape
+    g = Hq // k.shape[1]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    o = torch.empty_like(q)
+    for b in range(B):
+        n = int(lens[b])
+        kb = k[b, :, :n].float().repeat_interleave(g, dim=0)            # [Hq, n, d]
+        vb = v[b, :, :n].float().repeat_interleave(g, dim=0)
+        s = (kb @ q[b].float()[:, :, None])[..., 0] * sm_scale          # [Hq, n]
+        o[b] = (s.softmax(-1)[:, None, :] @ vb)[:, 0].to(q.dtype)
+    return o
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Mp, Lp, Ap, LENS, qk_scale, chunk, n_splits,
+                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                         HKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # Program (b*Hkv + kv head, split) owns keys [split*chunk, split*chunk + chunk) of one KV head and
+    # all GROUP query heads that share it: each K/V tile is loaded once and serves the whole group.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
+    n_len = tl.load(LENS + b)
+    start = split * chunk
+    if start >= n_len:                         # chunk beyond this sequence's length: nothing to read
+        return
+    end = tl.minimum(start + chunk, n_len)
+
+    # The group's queries as the rows of one [G_PAD, D] tile; G_PAD >= 16 because tl.dot needs M >= 16,
+    # rows >= GROUP are zeros (masked loads) and are never stored.
+    rows = tl.arange(0, G_PAD)
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    h = kvh * GROUP + rows
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd   # [D, BLOCK_N]
+    v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd    # [BLOCK_N, D]
+
+    # Online softmax over the chunk, base 2 (t = q.k * sm_scale * log2 e): running max m, sum l, acc.
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        kT = tl.load(kT_ptrs + n0 * skt, mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + n0 * svt, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale                  # [G_PAD, BLOCK_N]
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))        # finite: every tile holds >= 1 valid key
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+
+    # Partial state of this split, un-normalised, fp32: scratch [B*Hq, n_splits] (+ [.., D] for acc).
+    row = (b * HKV * GROUP + h) * n_splits + split
+    tl.store(Mp + row, m_i, mask=row_ok)
+    tl.store(Lp + row, l_i, mask=row_ok)
+    tl.store(Ap + row[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(Mp, Lp, Ap, O, LENS, chunk, n_splits, sob, soh, sod,
+                           HQ: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr):
+    # One program per (b, query head). Only splits s < cdiv(lens[b], chunk) ran; the others wrote nothing
+    # and are never read. Log-sum-exp combine of the partials (m_s, l_s, acc_s), base 2:
+    #   M = max_s m_s,  w_s = exp2(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
+    # computed S_BLOCK splits at a time with the same running-max rescaling as the main loop.
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    n_valid = tl.cdiv(tl.load(LENS + b), chunk)
+    offs_s = tl.arange(0, S_BLOCK)
+    offs_d = tl.arange(0, D)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    o_run = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_valid, S_BLOCK):
+        s_ok = s0 + offs_s < n_valid
+        base = pid * n_splits + s0 + offs_s
+        m = tl.load(Mp + base, mask=s_ok, other=float("-inf"))
+        l = tl.load(Lp + base, mask=s_ok, other=0.0)
+        a = tl.load(Ap + base[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        w = tl.where(s_ok, tl.math.exp2(m - m_new), 0.0)
+        alpha = tl.math.exp2(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(l * w, 0)
+        o_run = o_run * alpha + tl.sum(a * w[:, None], 0)
+        m_run = m_new
+    tl.store(O + b * sob + h * soh + offs_d * sod, (o_run / l_run).to(O.dtype.element_ty))
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
+    """Tiles and splits by rule. Decode is memory bound: each program streams its chunk of K and V once,
+    so the GPU must hold enough programs (bytes in flight) to saturate HBM. Aim for ~4 programs per SM
+    over the whole grid: splits = ceil(4 * SMs / (B * Hkv)), but never chunks shorter than 2 tiles
+    (each split costs a partial write and a combine read). The chunk is a multiple of BLOCK_N, so only
+    the sequence's last tile is ragged."""
+    interpret = _interpreting() if interpret is None else interpret
+    if interpret:
+        block_n, warps, stages, target = 32, 4, 1, 8
+    else:
+        block_n = 64 if d >= 128 or dtype == torch.float32 else 128
+        warps, stages, target = 4, 3, 4 * _num_sms(device)
+    n_tiles = max(1, triton.cdiv(max_len, block_n))
+    splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(n_tiles, 2)))
+    chunk_tiles = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, chunk_tiles)
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, splits=splits,
+                chunk=chunk_tiles * block_n)
+
+
+_scratch = {}
+
+
+def _get_scratch(device, B, Hq, splits, d):
+    """Partial (m, l, acc) buffers, allocated once per shape and reused (also inside CUDA graphs)."""
+    key = (str(device), B, Hq, splits, d)
+    buf = _scratch.get(key)
+    if buf is None:
+        if len(_scratch) > 64:
+            _scratch.clear()
+        ml = torch.empty(2, B * Hq * splits, device=device, dtype=torch.float32)
+        acc = torch.empty(B * Hq * splits, d, device=device, dtype=torch.float32)
+        buf = _scratch[key] = (ml[0], ml[1], acc)
+    return buf
+
+
+def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, config=None):
+    """Split-KV flash decoding; same semantics as decode_ref for lens[b] in [1, max_len]. No host sync:
+    the grid depends only on shapes and max_len, so one launch can be captured per length bucket."""
+    B, Hq, d = q.shape
+    _, Hkv, L, _ = k.shape
+    assert Hq % Hkv == 0 and v.shape == k.shape and k.shape[0] == B and k.shape[-1] == d
+    group = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    max_len = L if max_len is None else int(max_len)
+    cfg = dict(config or decode_config(B, Hkv, max_len, d, q.dtype, q.device))
+    splits, chunk, block_n = cfg.pop("splits"), cfg.pop("chunk"), cfg.pop("BLOCK_N")
+    assert chunk % block_n == 0 and splits * chunk >= max_len
+    o = torch.empty_like(q)
+    mp, lp, ap = _get_scratch(q.device, B, Hq, splits, d)
+    if lens.dtype != torch.int32 or lens.device != q.device:
+        lens = lens.to(device=q.device, dtype=torch.int32)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(B * Hkv, splits)](
+        q, k, v, mp, lp, ap, lens, sm_scale * LOG2E, chunk, splits,
+        *q.stride(), *k.stride(), *v.stride(),
+        HKV=Hkv, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
+        BLOCK_N=block_n, PREC=prec, **cfg)
+    _decode_combine_kernel[(B * Hq,)](
+        mp, lp, ap, o, lens, chunk, splits, *o.stride(),
+        HQ=Hq, D=d, S_BLOCK=min(32, max(2, triton.next_power_of_2(splits))), num_warps=4)
+    return o

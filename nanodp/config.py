@@ -1,0 +1,159 @@
+"""Configs as self-validating dataclasses: the model (from config.json) and the sparse-decode knobs."""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message says which and why."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list = field(default_factory=list)
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                              f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "llama3", "linear", "yarn"):
+                raise ConfigError(f"config.json: rope_scaling type {kind!r} is not supported "
+                                  "(supported: llama3, linear, yarn)")
+            if kind != "default" and not self.rope_scaling.get("factor", 0) > 0:
+                raise ConfigError("config.json: rope_scaling.factor must be positive")
+
+    @property
+    def group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        if d.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
+            raise ConfigError(f"unsupported architecture {archs or d.get('model_type')!r}: nanodp runs "
+                              "LlamaForCausalLM checkpoints only (Llama 2/3, SmolLM, TinyLlama, ...)")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ConfigError(f"config.json lacks {key!r}")
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        rope = d.get("rope_scaling") or d.get("rope_parameters")  # transformers 5 writes rope_parameters
+        theta = d.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+        if rope is not None and rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scaling=rope,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos, torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"))
+
+    @classmethod
+    def from_dir(cls, model_dir) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: a model folder needs config.json, *.safetensors and "
+                              "tokenizer.json (see weights/README.md)")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+    def with_yarn(self, factor: float) -> "ModelConfig":
+        """Extend the context `factor` times with YaRN (run-time option, DESIGN.md section 3)."""
+        if not factor > 1:
+            raise ConfigError(f"--yarn factor must be > 1, got {factor}")
+        if self.rope_scaling is not None:
+            raise ConfigError("this model already has rope_scaling; --yarn applies to unscaled models only")
+        d = dict(self.__dict__)
+        d["rope_scaling"] = {"rope_type": "yarn", "factor": float(factor),
+                             "original_max_position_embeddings": self.max_position_embeddings}
+        d["max_position_embeddings"] = int(self.max_position_embeddings * factor)
+        return ModelConfig(**d)
+
+
+@dataclass
+class SparseConfig:
+    """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget)."""
+    attention: str = "doublep"
+    p1: float = 0.95
+    p2: float = 0.7
+    group_rule: str = "mean"
+    budget: int = 1024          # topk: exact clustered tokens per (sequence, KV head)
+    est_clusters: int = 0       # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
+    dense_layers: int = 0       # the first N layers always decode densely
+    capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
+
+    def __post_init__(self):
+        if self.attention not in ("dense", "doublep", "topk"):
+            raise ConfigError(f"--attention must be dense, doublep or topk, got {self.attention!r}")
+        if not (0.0 <= self.p2 <= self.p1 <= 1.0):
+            raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
+        if self.group_rule not in ("mean", "max"):
+            raise ConfigError(f"--group-rule must be mean or max, got {self.group_rule!r}")
+        if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
+            raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
+
+
+def rope_tables(cfg: ModelConfig):
+    """Inverse frequencies and the attention (cos/sin) factor for RoPE, as Hugging Face defines them."""
+    import torch
+    d, base = cfg.head_dim, cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind, factor, attn = rs.get("rope_type", rs.get("type", "default")), rs.get("factor", 1.0), 1.0
+    if kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, and the band between is blended.
+        old = rs["original_max_position_embeddings"]
+        lo, hi = old / rs.get("low_freq_factor", 1.0), old / rs.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > lo, inv / factor, inv)
+        smooth = (old / wavelen - rs.get("low_freq_factor", 1.0)) / (
+            rs.get("high_freq_factor", 4.0) - rs.get("low_freq_factor", 1.0))
+        mid = (wavelen >= hi) & (wavelen <= lo)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind == "yarn":
+        # YaRN: interpolate the low frequencies, keep the high ones, ramp between; scale logits by mscale.
+        old = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+        attn = rs.get("attention_factor") or (
+            mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+            if rs.get("mscale") and rs.get("mscale_all_dim") else mscale(factor))
+        corr = lambda rot: d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+        lo, hi = corr(rs.get("beta_fast") or 32), corr(rs.get("beta_slow") or 1)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extrap = 1 - ramp
+        inv = (inv / factor) * (1 - extrap) + inv * extrap
+    return inv.float(), float(attn)

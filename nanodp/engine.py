@@ -1,0 +1,209 @@
+"""The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters."""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import AttentionContext
+from .cache import ClusterConfig, KVCache
+from .config import SparseConfig
+from .loader import load_model, resolve_model_dir
+from .sampler import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Result:
+    prompt_tokens: int
+    token_ids: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (EOS or a stop string), "length" (max_new_tokens), "context" (cache full)
+
+
+@dataclass
+class Counters:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    cluster_s: float = 0.0
+
+    def line(self, kv=None) -> str:
+        s = (f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
+             f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s")
+        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "")
+
+
+class Engine:
+    def __init__(self, model=None, device=None, dtype=None, max_batch=8, max_len=None, kernels="auto",
+                 sparse: SparseConfig | None = None, cluster: ClusterConfig | None = None, yarn=None, quiet=False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model_dir = resolve_model_dir(model, quiet=quiet)
+        self.model = load_model(self.model_dir, dtype=dtype, device=self.device, yarn=yarn)
+        self.cfg, self.tok = self.model.cfg, Tokenizer(self.model_dir)
+        self.sparse = sparse or SparseConfig()
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" else "torch"
+        if kernels not in ("triton", "torch"):
+            raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
+        self.max_len = int(max_len or self.cfg.max_position_embeddings)
+        self.max_batch = max_batch
+        dt = self.model.model.embed_tokens.weight.dtype
+        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
+                             self.cfg.head_dim, dt, self.device, cluster or ClusterConfig())
+        self.cluster_enabled = self.sparse.attention != "dense"
+        self.ctx = AttentionContext(self.cache, self.sparse, kernels)
+        self.counters = Counters()
+        self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
+
+    # -- low level ---------------------------------------------------------------------------------------
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _check_fits(self, n):
+        if n + 1 > self.max_len:
+            raise PromptTooLong(f"prompt has {n} tokens but the context holds {self.max_len} "
+                                f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)")
+
+    @torch.inference_mode()
+    def prefill(self, chunks, starts) -> torch.Tensor:
+        """Feed token lists `chunks[b]` to slots b at storage `starts[b]`; returns last-position logits [B, V]."""
+        self._sync()
+        t0 = time.perf_counter()
+        B, T = len(chunks), max(len(c) for c in chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            ids[b, :len(c)] = torch.tensor(c)
+        lens = [len(c) for c in chunks]
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
+        self.ctx.begin_prefill(range(B), starts, lens)
+        logits = self.model(ids.to(self.device), pos.to(self.device), self.ctx,
+                            last_index=torch.tensor(lens, device=self.device) - 1)
+        for b in range(B):
+            self.cache.set_len(b, starts[b] + lens[b])
+        self._sync()
+        t1 = time.perf_counter()
+        if self.cluster_enabled:
+            self.cache.cluster_pending(range(B), force=True)
+            self._sync()
+        self.counters.prefill_tokens += sum(lens)
+        self.counters.prefill_s += t1 - t0
+        self.counters.cluster_s += time.perf_counter() - t1
+        return logits
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One token per slot 0..B-1 (finished slots recompute in place and are ignored); logits [B, V]."""
+        B = tokens.shape[0]
+        slots = torch.arange(B, device=self.device)
+        self.ctx.begin_decode(slots, active.float(), self.max_len)
+        logits = self.model(tokens[:, None], self.cache.lens[:B, None].long(), self.ctx)
+        self.ctx.end_decode()
+        return logits
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:
+        """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
+        `on_done(i, result)` fires as each prompt finishes. A prompt that does not fit raises before any work."""
+        for p in prompts:
+            self._check_fits(len(p))
+        results = []
+        for g in range(0, len(prompts), self.max_batch):
+            group = prompts[g:g + self.max_batch]
+            results += self._run_group(group, params, g, on_text, on_done)
+        return results
+
+    def _run_group(self, group, params, base, on_text, on_done, starts=None, reset=True):
+        B = len(group)
+        for b in range(B if reset else 0):
+            self.cache.reset(b)
+        starts = starts or [0] * B
+        logits = self.prefill(group, starts)
+        sampler = Sampler(params, self.device)
+        res = self.partial = [Result(prompt_tokens=starts[b] + len(group[b])) for b in range(B)]
+        streams = [StreamDecoder(self.tok) for _ in range(B)]
+        active = torch.ones(B, dtype=torch.bool, device=self.device)
+        done = [False] * B
+        t0 = time.perf_counter()
+        while True:
+            tok = sampler(logits)
+            tok_host = tok.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                t = tok_host[b]
+                reason = None
+                if t in self.tok.eos_ids:
+                    reason = "stop"
+                else:
+                    res[b].token_ids.append(t)
+                    piece = streams[b].push(t)
+                    res[b].text += piece
+                    reason = self._stop_string(res[b], params)
+                    if reason is None and piece and on_text:
+                        on_text(base + b, piece)
+                    if reason is None and len(res[b].token_ids) >= params.max_new_tokens:
+                        reason = "length"
+                    elif reason is None and self.cache.host_lens[b] + 1 >= self.max_len:
+                        reason = "context"
+                if reason:
+                    done[b] = True
+                    if reason != "stop" or t in self.tok.eos_ids:
+                        tail = streams[b].flush()
+                        res[b].text += tail
+                        if tail and on_text:
+                            on_text(base + b, tail)
+                    res[b].finish_reason = reason
+                    active[b] = False
+                    if on_done:
+                        on_done(base + b, res[b])
+            if all(done):
+                break
+            logits = self.decode_step(tok, active)
+            for b in range(B):
+                if not done[b]:
+                    self.cache.set_len(b, self.cache.host_lens[b] + 1)
+            self.counters.decode_tokens += B - sum(done)
+            if self.cluster_enabled:
+                self.cache.cluster_pending(range(B))
+        self._sync()
+        self.counters.decode_s += time.perf_counter() - t0
+        return res
+
+    def _stop_string(self, r: Result, params):
+        for s in params.stop:
+            i = r.text.find(s)
+            if i >= 0:
+                r.text = r.text[:i]
+                return "stop"
+        return None
+
+    # -- chat: one conversation in slot 0, the cache kept across turns --------------------------------------
+    def stream(self, ids, params: SamplingParams, on_text=None) -> Result:
+        """Generate for `ids` in slot 0, reusing the cached prefix: only the tokens after the longest common
+        prefix with what slot 0 already holds are prefilled (the next chat turn)."""
+        self._check_fits(len(ids))
+        n = 0
+        for a, b in zip(self.history, ids):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
+        if n < self.cache.host_tail_start[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
+            self.cache.reset(0)
+            n = 0
+        else:
+            self.cache.set_len(0, n)
+        try:
+            return self._run_group([ids[n:]], params, 0, on_text, None, starts=[n], reset=False)[0]
+        finally:  # also on Ctrl-C: remember exactly what the cache holds now
+            self.history = (ids + self.partial[0].token_ids)[:self.cache.host_lens[0]]
+
+    def reset_chat(self):
+        self.history = []
+        self.cache.reset(0)

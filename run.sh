@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-command setup: `bash run.sh chat [chat.py args]` or `bash run.sh test [pytest args]`.
+# Creates .venv (Python 3.10+), installs nanodp and its dependencies, fetches the default model, then runs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  # torch is pinned to a release; on a machine without an NVIDIA GPU prefer a CPU-only build if your
+  # index has one (set NANODP_TORCH_SPEC, e.g. "torch==2.13.0+cpu", or install torch yourself first).
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q "${NANODP_TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! "$VPY" -c "import nanodp, triton, tokenizers, gguf, rich, jinja2, pytest, transformers" 2>/dev/null; then
+  "$VPY" -m pip install -q -e ".[test]"
+fi
+cmd=${1:-chat}
+shift || true
+case "$cmd" in
+  chat) "$VPY" weights/fetch_default.py && exec "$VPY" chat.py "$@" ;;
+  test) "$VPY" weights/fetch_default.py && exec "$VPY" -m pytest -q "$@" ;;
+  *) echo "usage: bash run.sh chat|test [args]" >&2; exit 2 ;;
+esac
