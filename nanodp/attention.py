@@ -12,7 +12,7 @@ from .config import SparseConfig
 def _impl(kernels: str):
     if kernels == "triton":
         from .kernels.decode import decode_triton as decode
-        from .kernels.doublep import sparse_triton as sparse
+        from .kernels.doublep_attn import sparse_triton as sparse
         from .kernels.prefill import prefill_triton as prefill
     else:
         from .kernels.decode import decode_ref as decode
@@ -92,7 +92,7 @@ class AttentionContext:
         sp = self.sparse
         if sp.attention == "dense" or layer_idx < sp.dense_layers:
             o = self.decode_fn(q1, layer.k[:q1.shape[0]], layer.v[:q1.shape[0]], self.lens_after,
-                               **({"max_len": self.max_len} if self.kernels == "triton" else {}))
+                               max_len=self.max_len)
             if sp.attention != "dense":
                 self.stats.add(layer_idx, {"exact_tokens": self.lens_after[:, None].expand(-1, layer.k.shape[1])},
                                self.active)

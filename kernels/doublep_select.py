@@ -1,0 +1,195 @@
+"""Double-P decode, stages 1 and 2 as Triton kernels: cluster scoring and the top-p cuts.
+
+_score_kernel   grid (B*Hkv, chunks): z = q.C*scale + ln s for the g query heads of a KV group in one
+                tl.dot (g padded to 16 rows), z kept in fp32 scratch, plus each chunk's softmax max/sum.
+_select_kernel  grid (B*Hkv,): the group distribution G, the two thresholds by bisection (no sort), and
+                the work list the attention kernel reads (see kernels/doublep_attn.py for its layout).
+The definition both follow is the torch twin, kernels/doublep.py.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG = tl.constexpr(-1.0e30)        # "minus infinity" for running maxima: finite, so exp2(NEG - NEG) = 1
+INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf; floats >= 0 order like their int32 bits
+
+
+@triton.jit
+def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
+                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h,
+                  sm_scale, HKV, C, NCS, CHUNK,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
+                  PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    cs = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
+    r = tl.arange(0, GP)
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :],
+                mask=(r < G)[:, None], other=0.0)
+    cbase = c_ptr + b.to(tl.int64) * sc_b + h * sc_h
+    m = tl.full([GP], NEG, tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    lo = cs * CHUNK
+    hi = tl.minimum(lo + CHUNK, ncl)
+    for i0 in range(lo, hi, BLOCK_C):
+        i = i0 + tl.arange(0, BLOCK_C)
+        ok = i < hi
+        c = tl.load(cbase + i[:, None] * sc_c + dd[None, :], mask=ok[:, None], other=0.0)
+        ls = tl.load(ls_ptr + b * sl_b + h * sl_h + i, mask=ok, other=0.0)
+        # stage 1: size-weighted centroid logits, all g heads of the group in one dot
+        z = tl.dot(q, tl.trans(c), input_precision=PREC) * sm_scale + ls[None, :]
+        z = tl.where(ok[None, :], z, float("-inf"))
+        tl.store(z_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
+        # online softmax statistics over this chunk (base 2): m = max, l = sum 2^(z*log2e - m)
+        z2 = z * LOG2E
+        m_new = tl.maximum(m, tl.max(z2, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), 1)
+        m = m_new
+    tl.store(ml_ptr + (bh * NCS + cs) * 2 * GP + r, m)
+    tl.store(ml_ptr + (bh * NCS + cs) * 2 * GP + GP + r, l)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _max_fn(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _bisect2(Gv, w1, tgt1, w2, tgt2):
+    """Two independent searches, one reduction per step: the largest bit pattern x (as a float) with
+    sum(w over Gv >= x) >= tgt. That x is t(p) of the twin: the score at the cut, ties included. If no
+    x qualifies (target never reached), 0 is returned: every valid cluster is kept. tgt <= 0 gives
+    +inf: none is kept. 31 halvings cover [0, INF_BITS]."""
+    zero = tl.program_id(0) * 0
+    lo1 = zero
+    lo2 = zero
+    hi1 = zero + (INF_BITS + 1)
+    hi2 = zero + (INF_BITS + 1)
+    for _ in range(31):
+        mid1 = lo1 + (hi1 - lo1) // 2
+        mid2 = lo2 + (hi2 - lo2) // 2
+        s1, s2 = tl.reduce((tl.where(Gv >= mid1.to(tl.float32, bitcast=True), w1, 0),
+                            tl.where(Gv >= mid2.to(tl.float32, bitcast=True), w2, 0)), 0, _add2)
+        ok1 = s1 >= tgt1
+        ok2 = s2 >= tgt2
+        lo1 = tl.where(ok1, mid1, lo1)
+        hi1 = tl.where(ok1, hi1, mid1)
+        lo2 = tl.where(ok2, mid2, lo2)
+        hi2 = tl.where(ok2, hi2, mid2)
+    return lo1.to(tl.float32, bitcast=True), lo2.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
+                   idx_ptr, pid_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
+                   scs_b, scs_h, sn_b, sn_h,
+                   HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
+                   G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
+                   BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
+    ln = tl.load(lens_ptr + b)
+    ts = tl.load(ts_ptr + b)
+    S = tl.minimum(ts, sinks)
+    cst = cst_ptr + b * scs_b + h * scs_h
+    i = tl.arange(0, CPAD)
+    valid = i < ncl
+
+    # group distribution: per head, the global softmax max/sum combined from the chunk partials
+    s = tl.arange(0, NCSP)
+    Gv = tl.zeros([CPAD], tl.float32)
+    for r in tl.static_range(G):
+        mp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + r, mask=s < NCS, other=NEG)
+        lp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + GP + r, mask=s < NCS, other=0.0)
+        mx = tl.max(mp, 0)
+        tot = tl.sum(lp * tl.exp2(mp - mx), 0)
+        z = tl.load(z_ptr + (bh * G + r) * C + i, mask=valid, other=float("-inf"))
+        P = tl.exp2(z * LOG2E - mx) / tl.maximum(tot, 1e-30)
+        if MAXRULE:
+            Gv = tl.maximum(Gv, P)
+        else:
+            Gv = Gv + P
+    if MAXRULE:
+        Gv = Gv / tl.maximum(tl.sum(tl.where(valid, Gv, 0.0), 0), 1e-30)
+    else:
+        Gv = Gv / G
+    Gv = tl.where(valid, Gv, -1.0)   # invalid slots never pass a threshold >= 0
+    sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - tl.load(cst + i, mask=valid, other=0), 0)
+
+    # the cuts: t2 (exact) and t1 (exact + pseudo)
+    if TOPK:
+        # exact: top clusters until `budget` (= tgt2) tokens; then the next `est` clusters by rank
+        t2, _ = _bisect2(Gv, sz, tgt2, sz, tgt2)
+        n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
+        t1, _ = _bisect2(Gv, valid.to(tl.int32), n1, valid.to(tl.int32), n1)
+    else:
+        t1, t2 = _bisect2(Gv, Gv, tgt1, Gv, tgt2)
+    E = Gv >= t2
+    need = tl.sum(tl.where(E, sz, 0), 0)
+    fb = need > CAP                          # work list too small: this head attends densely
+    kept = tl.where(fb, valid, Gv >= tl.minimum(t1, t2))
+    mass = tl.sum(tl.where(kept, Gv, 0.0), 0)
+    ncx = tl.where(fb, ncl, tl.sum(E.to(tl.int32), 0))
+    nX = tl.where(fb, 0, need)
+    tl.store(g_ptr + bh * C + i, Gv, mask=valid)
+    # marker pass below needs idx[0:nX) zeroed
+    for p0 in range(0, nX, BLK):
+        p = p0 + tl.arange(0, BLK)
+        tl.store(idx_ptr + bh * CAP + p, tl.zeros([BLK], tl.int32), mask=p < nX)
+    tl.debug_barrier()
+
+    # Work list. Exact clusters in storage order get stream offsets o_i (exclusive prefix sum of their
+    # sizes); the token at stream position p of cluster i is cstart_i + (p - o_i) = p + delta_i with
+    # delta_i = cstart_i - o_i, non-decreasing in i. Write delta_i at o_i, then a running max fills it in.
+    carx = tl.program_id(0) * 0
+    carp = carx
+    nlist = tl.where(fb, 0, ncl)           # a fallback head lists nothing
+    for c0 in range(0, nlist, BLK):
+        j = c0 + tl.arange(0, BLK)
+        ok = j < nlist
+        gv = tl.load(g_ptr + bh * C + j, mask=ok, other=-1.0)
+        st = tl.load(cst + j, mask=ok, other=0)
+        n = tl.load(cst + j + 1, mask=ok, other=0) - st
+        ex = ok & (gv >= t2)
+        ps = ok & (gv >= t1) & (gv < t2)
+        xs = tl.where(ex, n, 0)
+        off = tl.cumsum(xs, 0) - xs + carx
+        tl.store(idx_ptr + bh * CAP + off, st - off, mask=ex & (n > 0))
+        pc = ps.to(tl.int32)
+        pos = tl.cumsum(pc, 0) - pc + carp
+        tl.store(pid_ptr + bh * C + pos, j, mask=ps)
+        carx += tl.sum(xs, 0)
+        carp += tl.sum(pc, 0)
+    tl.debug_barrier()
+    run = tl.program_id(0) * 0
+    for p0 in range(0, nX, BLK):
+        p = p0 + tl.arange(0, BLK)
+        dl = tl.maximum(tl.associative_scan(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0, _max_fn), run)
+        tl.store(idx_ptr + bh * CAP + p, p + dl, mask=p < nX)
+        run = tl.max(dl, 0)
+
+    # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
+    S0 = tl.where(fb, ln, S)
+    T0 = tl.where(fb, ln, ts)
+    nP = tl.where(fb, 0, carp)
+    tl.store(meta_ptr + bh * 8 + 0, S0)
+    tl.store(meta_ptr + bh * 8 + 1, T0)
+    tl.store(meta_ptr + bh * 8 + 2, ln)
+    tl.store(meta_ptr + bh * 8 + 3, nX)
+    tl.store(meta_ptr + bh * 8 + 4, nP)
+    tl.store(sti_ptr + bh, S0 + (ln - T0) + nX)       # exact_tokens
+    tl.store(sti_ptr + NBH + bh, nP)                  # pseudo_tokens
+    tl.store(sti_ptr + 2 * NBH + bh, ncx)             # exact_clusters
+    tl.store(sti_ptr + 3 * NBH + bh, need)            # need_tokens
+    tl.store(stf_ptr + bh, mass)                      # est_mass
+    tl.store(stb_ptr + bh, fb.to(tl.uint8))           # fallback

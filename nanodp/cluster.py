@@ -1,0 +1,163 @@
+"""Clustering of the KV cache: batched k-means over post-RoPE keys, then the in-place reorder.
+
+A clustering job takes storage [s, e) of one sequence in every layer and KV head: N = n_layers * Hkv
+independent problems of n = e - s keys each, solved together as one batched [N, n, d] k-means. Each
+problem gets k = n // cluster_size clusters (so the table never overflows: see KVCache), after which
+the tokens of [s, e) are permuted so each cluster is contiguous and the clusters are appended to the
+table (docs/INTERNALS.md, "KV cache" and "Clustering").
+"""
+from typing import NamedTuple
+
+import torch
+
+from nanodp.kernels.kmeans import assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton
+
+MAX_ROWS = 1 << 21  # keys per batched k-means call (N * n); bounds the scratch memory (~0.5 GB at d=128)
+
+
+def _use_triton(x, backend):
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return x.is_cuda if backend == "auto" else backend == "triton"
+
+
+def _counts(assign, k):
+    """[N, n] cluster ids -> [N, k] fp32 member counts."""
+    c = torch.zeros(assign.shape[0], k, dtype=torch.float32, device=assign.device)
+    return c.scatter_add_(1, assign.long(), torch.ones_like(assign, dtype=torch.float32))
+
+
+def kmeans(keys, k, iters, backend="auto"):
+    """keys [N, n, d] -> assign [N, n] int64: `iters` rounds of maximum-inner-product k-means.
+
+    init      c_j = x_{floor(j n / k)}                  (evenly spaced over the segment, j = 0..k-1)
+    assign    a_t = argmax_j x_t . c_j                  (ties -> lowest j; Triton kernel or its twin)
+    update    c_j = mean{x_t : a_t = j}                 (an empty cluster keeps its previous c_j)
+    Round i assigns against the centroids of round i-1; the last round's assignment is returned, and its
+    update (the member means) is what the caller stores as the final centroids.
+    backend: "auto" (Triton on CUDA, torch otherwise), "triton" (also on CPU, in the interpreter), "torch".
+    """
+    N, n, d = keys.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
+    if iters < 1:
+        raise ValueError(f"k-means needs at least one iteration, got {iters}")
+    tri = _use_triton(keys, backend)
+    assign_fn, sums_fn = (assign_triton, cluster_sums_triton) if tri else (assign_ref, cluster_sums_ref)
+    init = torch.arange(k, device=keys.device) * n // k
+    cent = keys[:, init].float()                                          # [N, k, d] fp32
+    for it in range(iters):
+        a = assign_fn(keys, cent.to(keys.dtype))                          # scores in the keys' dtype
+        if it == iters - 1:
+            break
+        cnt = _counts(a, k)[..., None]
+        cent = torch.where(cnt > 0, sums_fn(keys, a, k) / cnt.clamp_min(1), cent)
+    return a.long()
+
+
+class ClusterResult(NamedTuple):
+    perm: torch.Tensor       # [N, n] int64: new row t of the segment is old row perm[t]
+    centroids: torch.Tensor  # [N, k, d] keys' dtype; rows >= nkept are padding (zeros)
+    vmean: torch.Tensor      # [N, k, d]
+    logsize: torch.Tensor    # [N, k] fp32; -inf on padding rows
+    starts: torch.Tensor     # [N, k + 1] int64: cluster i is rows [starts[i], starts[i+1]); = n past nkept
+    nkept: torch.Tensor      # [N] int64: non-empty clusters
+
+
+def cluster_block(keys, values, k, iters, backend="auto"):
+    """Cluster N problems of n tokens: k-means on keys, then the order and the statistics.
+
+    Reorder: a stable sort of the tokens by cluster id, so cluster j's members become contiguous and keep
+    their original order inside it. Empty clusters have zero length in that order; they are moved behind
+    the non-empty ones (whose relative order is kept), so the first nkept rows are the real clusters.
+    Statistics from the stored (model-dtype) rows, summed in fp32: centroid = mean of member keys,
+    vmean = mean of member values, logsize = ln(size).
+    """
+    tri = _use_triton(keys, backend)
+    sums_fn = cluster_sums_triton if tri else cluster_sums_ref
+    a = kmeans(keys, k, iters, backend)
+    perm = torch.sort(a, dim=1, stable=True).indices
+    cnt = _counts(a, k)                                                   # [N, k]
+    div = cnt.clamp_min(1)[..., None]
+    cent = sums_fn(keys, a, k) / div
+    vmean = sums_fn(values, a, k) / div
+    order = torch.sort((cnt == 0).to(torch.int32), dim=1, stable=True).indices   # non-empty first
+    cnt = cnt.gather(1, order)
+    g = order[..., None].expand(-1, -1, keys.shape[2])
+    starts = torch.zeros(cnt.shape[0], k + 1, dtype=torch.int64, device=keys.device)
+    starts[:, 1:] = cnt.long().cumsum(1)                                  # exclusive prefix sum of sizes
+    return ClusterResult(perm, cent.gather(1, g).to(keys.dtype), vmean.gather(1, g).to(values.dtype),
+                         cnt.log(), starts, (cnt > 0).sum(1))
+
+
+class Tables(NamedTuple):
+    """The cache tensors with leading [n_layers, B, Hkv] dims (KVCache's storage, or one layer unsqueezed)."""
+    k: torch.Tensor          # [nl, B, H, L, d]
+    v: torch.Tensor
+    pos: torch.Tensor        # [nl, B, H, L] int32
+    centroids: torch.Tensor  # [nl, B, H, C, d]
+    vmean: torch.Tensor
+    logsize: torch.Tensor    # [nl, B, H, C] fp32
+    cstart: torch.Tensor     # [nl, B, H, C + 1] int32
+    ncl: torch.Tensor        # [nl, B, H] int32
+
+
+def split_segments(lo, hi, cfg):
+    """[lo, hi) -> k-means segments of segment_len tokens; a last piece shorter than cluster_size is
+    merged into the one before it, so every segment has at least one full cluster. [] if hi-lo < cs."""
+    if hi - lo < cfg.cluster_size:
+        return []
+    b = list(range(lo, hi, cfg.segment_len)) + [hi]
+    segs = list(zip(b[:-1], b[1:]))
+    if len(segs) > 1 and segs[-1][1] - segs[-1][0] < cfg.cluster_size:
+        segs[-2:] = [(segs[-2][0], hi)]
+    return segs
+
+
+def cluster_jobs(tab, jobs, cfg, backend="auto"):
+    """Cluster segments jobs = [(b, s, e), ...] (equal lengths, distinct sequences b) of every layer and
+    head of `tab` in one batch, reorder the storage in place and append the clusters. No host sync."""
+    nl, _, H = tab.ncl.shape
+    d = tab.k.shape[-1]
+    n = jobs[0][2] - jobs[0][1]
+    assert all(e - s == n for _, s, e in jobs) and len({b for b, _, _ in jobs}) == len(jobs)
+    J, N, k = len(jobs), len(jobs) * nl * H, n // cfg.cluster_size
+    dev = tab.k.device
+    l3 = torch.arange(nl, device=dev).view(1, nl, 1)
+    h3 = torch.arange(H, device=dev).view(1, 1, H)
+    b3 = torch.tensor([b for b, _, _ in jobs], device=dev).view(J, 1, 1)
+    s3 = torch.tensor([s for _, s, _ in jobs], device=dev).view(J, 1, 1)
+    # Storage rows [s, e) of every (job, layer, head): advanced indices broadcast to [J, nl, H, n].
+    rows = (l3[..., None], b3[..., None], h3[..., None], s3[..., None] + torch.arange(n, device=dev))
+    keys = tab.k[rows].view(N, n, d)
+    vals = tab.v[rows].view(N, n, d)
+    r = cluster_block(keys, vals, k, cfg.kmeans_iters, backend)
+    # Reorder in place: gather into scratch in cluster order, scatter back over the same rows.
+    g = r.perm[..., None].expand(-1, -1, d)
+    tab.k[rows] = keys.gather(1, g).view(J, nl, H, n, d)
+    tab.v[rows] = vals.gather(1, g).view(J, nl, H, n, d)
+    tab.pos[rows] = tab.pos[rows].view(N, n).gather(1, r.perm).view(J, nl, H, n)
+    # Append: problem p's clusters go to table rows ncl[p] .. ncl[p] + k - 1 (rows past nkept are padding
+    # that the next append overwrites); cstart gets the absolute storage offsets s + starts.
+    base = tab.ncl[l3, b3, h3].long()                                     # [J, nl, H]
+    dest = base[..., None] + torch.arange(k + 1, device=dev)              # [J, nl, H, k + 1]
+    idx = (l3[..., None], b3[..., None], h3[..., None])
+    tab.centroids[idx + (dest[..., :k],)] = r.centroids.view(J, nl, H, k, d)
+    tab.vmean[idx + (dest[..., :k],)] = r.vmean.view(J, nl, H, k, d)
+    tab.logsize[idx + (dest[..., :k],)] = r.logsize.view(J, nl, H, k)
+    tab.cstart[idx + (dest,)] = (s3[..., None] + r.starts.view(J, nl, H, k + 1)).to(torch.int32)
+    tab.ncl[l3, b3, h3] = (base + r.nkept.view(J, nl, H)).to(torch.int32)
+
+
+def cluster_range(layer, b, lo, hi, cfg, backend="auto"):
+    """Cluster storage [lo, hi) of sequence b in one layer (any object with LayerCache's tensors), in
+    segments of segment_len. Returns the new tail start (hi, or lo if fewer than cluster_size tokens);
+    moving the cache's tail_start there is the caller's job. Syncs once to check the table capacity."""
+    tab = Tables(*(getattr(layer, f).unsqueeze(0) for f in Tables._fields))
+    segs = split_segments(lo, hi, cfg)
+    need = sum((e - s) // cfg.cluster_size for s, e in segs)
+    if int(tab.ncl[0, b].max()) + need > tab.centroids.shape[3]:
+        raise ValueError(f"cluster table full: {need} more clusters do not fit in C={tab.centroids.shape[3]}")
+    for s, e in segs:
+        cluster_jobs(tab, [(b, s, e)], cfg, backend)
+    return segs[-1][1] if segs else lo
