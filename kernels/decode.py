@@ -30,16 +30,42 @@ def decode_ref(q, k, v, lens, sm_scale=None, max_len=None):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Mp, Lp, Ap, LENS, qk_scale, chunk, n_splits,
-                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+def _combine_head(Mp, Lp, Ap, row0, n_valid, o_ptrs, D: tl.constexpr, S_BLOCK: tl.constexpr):
+    """Log-sum-exp combine of one query head's split partials (m_s, l_s, acc_s), base 2:
+        M = max_s m_s,  w_s = exp2(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
+    over S_BLOCK splits at a time with the same running-max rescaling as the main loop."""
+    offs_s = tl.arange(0, S_BLOCK)
+    offs_d = tl.arange(0, D)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    o_run = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_valid, S_BLOCK):
+        s_ok = s0 + offs_s < n_valid
+        r = row0 + s0 + offs_s
+        m = tl.load(Mp + r, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(Lp + r, mask=s_ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(Ap + r[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        w = tl.where(s_ok, tl.math.exp2(m - m_new), 0.0)
+        alpha = tl.math.exp2(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(l * w, 0)
+        o_run = o_run * alpha + tl.sum(a * w[:, None], 0)
+        m_run = m_new
+    tl.store(o_ptrs, (o_run / l_run).to(o_ptrs.dtype.element_ty))
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, O, Mp, Lp, Ap, CNT, LENS, qk_scale, chunk, n_splits,
+                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sod,
                          HKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_N: tl.constexpr, FUSED: tl.constexpr, S_BLOCK: tl.constexpr,
+                         PREC: tl.constexpr):
     # Program (b*Hkv + kv head, split) owns keys [split*chunk, split*chunk + chunk) of one KV head and
     # all GROUP query heads that share it: each K/V tile is loaded once and serves the whole group.
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // HKV
-    kvh = pid % HKV
+    b = (pid // HKV).to(tl.int64)             # 64-bit offsets: a cache can exceed 2**31 elements
+    kvh = (pid % HKV).to(tl.int64)
     n_len = tl.load(LENS + b)
     start = split * chunk
     if start >= n_len:                         # chunk beyond this sequence's length: nothing to read
@@ -66,10 +92,10 @@ def _decode_split_kernel(Q, K, V, Mp, Lp, Ap, LENS, qk_scale, chunk, n_splits,
         col_ok = cols < end
         kT = tl.load(kT_ptrs + n0 * skt, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_ptrs + n0 * svt, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale                  # [G_PAD, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=PREC)                              # [G_PAD, BLOCK_N]
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))        # finite: every tile holds >= 1 valid key
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)   # finite: every tile holds >= 1 valid key
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
@@ -81,36 +107,31 @@ def _decode_split_kernel(Q, K, V, Mp, Lp, Ap, LENS, qk_scale, chunk, n_splits,
     tl.store(Lp + row, l_i, mask=row_ok)
     tl.store(Ap + row[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
 
+    if FUSED:
+        # The last program of this (b, kv head) to finish combines all its splits (no second launch).
+        # The barrier orders every thread's partial stores before the counter's release; acq_rel makes
+        # them visible to the program that draws the count n_valid - 1.
+        tl.debug_barrier()
+        n_valid = tl.minimum(tl.cdiv(n_len, chunk), n_splits)
+        if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == n_valid - 1:
+            tl.store(CNT + pid, 0)                 # reset for the next launch / CUDA graph replay
+            for r in tl.static_range(GROUP):
+                hr = kvh * GROUP + r
+                _combine_head(Mp, Lp, Ap, (b * HKV * GROUP + hr) * n_splits, n_valid,
+                              O + b * sob + hr * soh + offs_d * sod, D, S_BLOCK)
+
 
 @triton.jit
 def _decode_combine_kernel(Mp, Lp, Ap, O, LENS, chunk, n_splits, sob, soh, sod,
                            HQ: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr):
-    # One program per (b, query head). Only splits s < cdiv(lens[b], chunk) ran; the others wrote nothing
-    # and are never read. Log-sum-exp combine of the partials (m_s, l_s, acc_s), base 2:
-    #   M = max_s m_s,  w_s = exp2(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
-    # computed S_BLOCK splits at a time with the same running-max rescaling as the main loop.
+    # One program per (b, query head). Only splits s < cdiv(lens[b], chunk) ran; the others wrote
+    # nothing and are never read.
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
-    n_valid = tl.cdiv(tl.load(LENS + b), chunk)
-    offs_s = tl.arange(0, S_BLOCK)
-    offs_d = tl.arange(0, D)
-    m_run = tl.full([1], float("-inf"), tl.float32)
-    l_run = tl.zeros([1], tl.float32)
-    o_run = tl.zeros([D], tl.float32)
-    for s0 in range(0, n_valid, S_BLOCK):
-        s_ok = s0 + offs_s < n_valid
-        base = pid * n_splits + s0 + offs_s
-        m = tl.load(Mp + base, mask=s_ok, other=float("-inf"))
-        l = tl.load(Lp + base, mask=s_ok, other=0.0)
-        a = tl.load(Ap + base[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        w = tl.where(s_ok, tl.math.exp2(m - m_new), 0.0)
-        alpha = tl.math.exp2(m_run - m_new)
-        l_run = l_run * alpha + tl.sum(l * w, 0)
-        o_run = o_run * alpha + tl.sum(a * w[:, None], 0)
-        m_run = m_new
-    tl.store(O + b * sob + h * soh + offs_d * sod, (o_run / l_run).to(O.dtype.element_ty))
+    n_valid = tl.minimum(tl.cdiv(tl.load(LENS + b), chunk), n_splits)
+    _combine_head(Mp, Lp, Ap, pid * n_splits, n_valid,
+                  O + b.to(tl.int64) * sob + h * soh + tl.arange(0, D) * sod, D, S_BLOCK)
 
 
 def _interpreting():
@@ -125,37 +146,39 @@ def _num_sms(device):
 
 def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
     """Tiles and splits by rule. Decode is memory bound: each program streams its chunk of K and V once,
-    so the GPU must hold enough programs (bytes in flight) to saturate HBM. Aim for ~4 programs per SM
-    over the whole grid: splits = ceil(4 * SMs / (B * Hkv)), but never chunks shorter than 2 tiles
-    (each split costs a partial write and a combine read). The chunk is a multiple of BLOCK_N, so only
-    the sequence's last tile is ragged."""
+    so the grid must keep enough bytes in flight to saturate HBM while each program stays long enough
+    to amortise its pipeline fill and its partial write. Aim for ~2 programs per SM over the whole grid
+    (measured on H200: 2 beats 4 and 8): splits = ceil(2 * SMs / (B * Hkv)), never chunks shorter than
+    2 tiles. The chunk is a multiple of BLOCK_N, so only a sequence's last tile is ragged."""
     interpret = _interpreting() if interpret is None else interpret
     if interpret:
         block_n, warps, stages, target = 32, 4, 1, 8
     else:
         block_n = 64 if d >= 128 or dtype == torch.float32 else 128
-        warps, stages, target = 4, 3, 4 * _num_sms(device)
+        warps, stages, target = 4, 3, 2 * _num_sms(device)
     n_tiles = max(1, triton.cdiv(max_len, block_n))
     splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(n_tiles, 2)))
     chunk_tiles = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, chunk_tiles)
     return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, splits=splits,
-                chunk=chunk_tiles * block_n)
+                chunk=chunk_tiles * block_n, FUSED=False)
 
 
 _scratch = {}
 
 
-def _get_scratch(device, B, Hq, splits, d):
-    """Partial (m, l, acc) buffers, allocated once per shape and reused (also inside CUDA graphs)."""
-    key = (str(device), B, Hq, splits, d)
+def _get_scratch(device, B, Hkv, Hq, splits, d):
+    """Partial (m, l, acc) buffers and split counters, allocated once per shape and reused (also by
+    CUDA graphs). One stream at a time: concurrent calls of the same shape would share them."""
+    key = (str(device), B, Hkv, Hq, splits, d)
     buf = _scratch.get(key)
     if buf is None:
         if len(_scratch) > 64:
             _scratch.clear()
         ml = torch.empty(2, B * Hq * splits, device=device, dtype=torch.float32)
         acc = torch.empty(B * Hq * splits, d, device=device, dtype=torch.float32)
-        buf = _scratch[key] = (ml[0], ml[1], acc)
+        cnt = torch.zeros(B * Hkv, device=device, dtype=torch.int32)   # the fused combine resets it
+        buf = _scratch[key] = (ml[0], ml[1], acc, cnt)
     return buf
 
 
@@ -170,18 +193,20 @@ def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, config=None):
     max_len = L if max_len is None else int(max_len)
     cfg = dict(config or decode_config(B, Hkv, max_len, d, q.dtype, q.device))
     splits, chunk, block_n = cfg.pop("splits"), cfg.pop("chunk"), cfg.pop("BLOCK_N")
+    fused = cfg.pop("FUSED", False)
     assert chunk % block_n == 0 and splits * chunk >= max_len
     o = torch.empty_like(q)
-    mp, lp, ap = _get_scratch(q.device, B, Hq, splits, d)
+    mp, lp, ap, cnt = _get_scratch(q.device, B, Hkv, Hq, splits, d)
     if lens.dtype != torch.int32 or lens.device != q.device:
         lens = lens.to(device=q.device, dtype=torch.int32)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    s_block = min(32, max(2, triton.next_power_of_2(splits)))
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k, v, mp, lp, ap, lens, sm_scale * LOG2E, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, o, mp, lp, ap, cnt, lens, sm_scale * LOG2E, chunk, splits,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         HKV=Hkv, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, PREC=prec, **cfg)
-    _decode_combine_kernel[(B * Hq,)](
-        mp, lp, ap, o, lens, chunk, splits, *o.stride(),
-        HQ=Hq, D=d, S_BLOCK=min(32, max(2, triton.next_power_of_2(splits))), num_warps=4)
+        BLOCK_N=block_n, FUSED=fused, S_BLOCK=s_block, PREC=prec, **cfg)
+    if not fused:
+        _decode_combine_kernel[(B * Hq,)](mp, lp, ap, o, lens, chunk, splits, *o.stride(),
+                                          HQ=Hq, D=d, S_BLOCK=s_block, num_warps=4)
     return o

@@ -164,6 +164,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     gbuf = torch.empty(BH * C, **f32)
     idx = torch.empty(BH * cap, **i32)
     pid = torch.empty(BH * C, **i32)
+    xd = torch.empty(BH * C, **i32)
     meta = torch.empty(BH * 8, **i32)
     sti = torch.empty(4, B, Hkv, **i32)
     stf = torch.empty(B, Hkv, **f32)
@@ -184,7 +185,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
         tgt1, tgt2, est = [2.0 if p >= 1 else float(p) for p in (p1, p2)] + [0]
     CPAD = max(16, triton.next_power_of_2(C))
     _select_kernel[(BH,)](
-        zbuf, ml, gbuf, cstart, layer.ncl, lens, tail_start, idx, pid, meta, sti, stf, stb,
+        zbuf, ml, gbuf, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, sti, stf, stb,
         cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
         Hkv, C, NCS, cap, BH, int(sinks), tgt1, tgt2, est,
         G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),

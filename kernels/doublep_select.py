@@ -53,18 +53,8 @@ def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
 
 
 @triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
-def _max_fn(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _bisect2(Gv, w1, tgt1, w2, tgt2):
-    """Two independent searches, one reduction per step: the largest bit pattern x (as a float) with
+    """Two independent searches side by side: the largest bit pattern x (as a float) with
     sum(w over Gv >= x) >= tgt. That x is t(p) of the twin: the score at the cut, ties included. If no
     x qualifies (target never reached), 0 is returned: every valid cluster is kept. tgt <= 0 gives
     +inf: none is kept. 31 halvings cover [0, INF_BITS]."""
@@ -76,8 +66,8 @@ def _bisect2(Gv, w1, tgt1, w2, tgt2):
     for _ in range(31):
         mid1 = lo1 + (hi1 - lo1) // 2
         mid2 = lo2 + (hi2 - lo2) // 2
-        s1, s2 = tl.reduce((tl.where(Gv >= mid1.to(tl.float32, bitcast=True), w1, 0),
-                            tl.where(Gv >= mid2.to(tl.float32, bitcast=True), w2, 0)), 0, _add2)
+        s1 = tl.sum(tl.where(Gv >= mid1.to(tl.float32, bitcast=True), w1, 0), 0)
+        s2 = tl.sum(tl.where(Gv >= mid2.to(tl.float32, bitcast=True), w2, 0), 0)
         ok1 = s1 >= tgt1
         ok2 = s2 >= tgt2
         lo1 = tl.where(ok1, mid1, lo1)
@@ -89,7 +79,7 @@ def _bisect2(Gv, w1, tgt1, w2, tgt2):
 
 @triton.jit
 def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
-                   idx_ptr, pid_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
+                   idx_ptr, pid_ptr, xd_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
                    scs_b, scs_h, sn_b, sn_h,
                    HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
                    G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
@@ -148,11 +138,13 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         tl.store(idx_ptr + bh * CAP + p, tl.zeros([BLK], tl.int32), mask=p < nX)
     tl.debug_barrier()
 
-    # Work list. Exact clusters in storage order get stream offsets o_i (exclusive prefix sum of their
-    # sizes); the token at stream position p of cluster i is cstart_i + (p - o_i) = p + delta_i with
-    # delta_i = cstart_i - o_i, non-decreasing in i. Write delta_i at o_i, then a running max fills it in.
+    # Work list. Exact clusters, in storage order, get stream offsets o_i (exclusive prefix sum of
+    # their sizes) and ranks e. The token at stream position p of the cluster of rank e is
+    # p + delta_e, delta_e = cstart_i - o_i. Mark each o_i with a 1: a prefix sum over the stream gives
+    # every position its cluster rank e(p) + 1, then idx[p] = p + delta[e(p)].
     carx = tl.program_id(0) * 0
     carp = carx
+    care = carx
     nlist = tl.where(fb, 0, ncl)           # a fallback head lists nothing
     for c0 in range(0, nlist, BLK):
         j = c0 + tl.arange(0, BLK)
@@ -160,23 +152,27 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         gv = tl.load(g_ptr + bh * C + j, mask=ok, other=-1.0)
         st = tl.load(cst + j, mask=ok, other=0)
         n = tl.load(cst + j + 1, mask=ok, other=0) - st
-        ex = ok & (gv >= t2)
+        ex = ok & (gv >= t2) & (n > 0)
         ps = ok & (gv >= t1) & (gv < t2)
         xs = tl.where(ex, n, 0)
         off = tl.cumsum(xs, 0) - xs + carx
-        tl.store(idx_ptr + bh * CAP + off, st - off, mask=ex & (n > 0))
+        ec = ex.to(tl.int32)
+        rank = tl.cumsum(ec, 0) - ec + care
+        tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
+        tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
         pc = ps.to(tl.int32)
         pos = tl.cumsum(pc, 0) - pc + carp
         tl.store(pid_ptr + bh * C + pos, j, mask=ps)
         carx += tl.sum(xs, 0)
+        care += tl.sum(ec, 0)
         carp += tl.sum(pc, 0)
     tl.debug_barrier()
     run = tl.program_id(0) * 0
     for p0 in range(0, nX, BLK):
         p = p0 + tl.arange(0, BLK)
-        dl = tl.maximum(tl.associative_scan(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0, _max_fn), run)
-        tl.store(idx_ptr + bh * CAP + p, p + dl, mask=p < nX)
-        run = tl.max(dl, 0)
+        e = tl.cumsum(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0) + run
+        tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0), mask=p < nX)
+        run = tl.max(e, 0)
 
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)

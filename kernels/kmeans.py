@@ -57,7 +57,7 @@ def _assign_kernel(X, C, A, n, k, d,
         s = tl.where(offs_c[None, :] < k, s, float("-inf"))
         m = tl.max(s, axis=1)
         j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + c0
-        better = m >= best                      # strict: an earlier chunk keeps its ties
+        better = m > best                      # strict: an earlier chunk keeps its ties
         best = tl.where(better, m, best)
         arg = tl.where(better, j, arg)
     tl.store(A + p * san + offs_t * sat, arg, mask=offs_t < n)

@@ -64,9 +64,11 @@ def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
                 mask=row_ok[:, None], other=0.0)
     # K/V tiles: TMA (descriptors over the cache seen as [B*Hkv*L, D] rows) or pointers, with K read
     # transposed, [D, BLOCK_N], so that q @ kT is a plain dot.
-    kv_row = (b32 * HKV + kvh) * L      # int32 TMA row coordinate
-    kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd
-    v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    if TMA:
+        kv_row = (b32 * HKV + kvh) * L      # int32 row coordinate of key 0 in the [B*Hkv*L, D] view
+    else:
+        kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd
+        v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
 
     # Online softmax per row, fp32, base 2: with t = (q.k) * sm_scale * log2(e), exp(q.k * sm_scale) is
     # exp2(t). m = running max of t, l = running sum of exp2(t - m), acc = running sum of exp2(t - m) v.

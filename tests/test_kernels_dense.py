@@ -98,13 +98,14 @@ def test_prefill_huge_logit(dtype):
     torch.testing.assert_close(o[0, 0, 250].float(), v[0, 0, 5].float(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_prefill_gpu_tiles(d):
-    gen = seeded(f"prefill GPU tile config d={d}")
-    # the tile sizes the GPU uses (BLOCK_M 128, BLOCK_N 64/128), run here through the interpreter
+def test_prefill_gpu_tiles(d, tma):
+    gen = seeded(f"prefill GPU tile config d={d} tma={tma}")
+    # the GPU's tile sizes (BLOCK_M 128), TMA descriptors or pointers, run here through the interpreter
     q, k, v, qs, ql = prefill_case(2, 4, 2, d, [0, 100], [300, 129], 300, torch.float16, gen)
     out = torch.full_like(q, float("nan"))
-    cfg = prefill_config(d, torch.float16, interpret=False)
+    cfg = dict(prefill_config(d, torch.float16, interpret=False), TMA=tma)
     prefill_triton(q, k, v, qs, ql, out=out, config=cfg)
     ref = prefill_ref(q, k, v, qs, ql)
     for b, n in enumerate(ql.tolist()):
@@ -154,15 +155,21 @@ def test_decode_bucket_and_many_splits():
     # a length bucket (max_len < L), and a forced 40-split grid (combine loops over blocks of splits)
     q, k, v, lens = decode_case(2, 4, 1, 64, [200, 33], 640, torch.float32, gen)
     check_decode(q, k, v, lens, torch.float32, max_len=256)
-    cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1, splits=40, chunk=16)
-    check_decode(q, k, v, lens, torch.float32, config=cfg)
+    for fused in (False, True):
+        cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1, splits=40, chunk=16, FUSED=fused)
+        check_decode(q, k, v, lens, torch.float32, config=cfg)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_decode_gpu_tiles(d):
-    gen = seeded(f"decode GPU tile config d={d}")
+def test_decode_gpu_tiles(d, fused):
+    gen = seeded(f"decode GPU tile config d={d} fused={fused}")
+    # the GPU's tiles and split rule, separate combine kernel or last-program combine, twice in a row
+    # (the fused path's split counters must reset themselves)
     q, k, v, lens = decode_case(2, 8, 2, d, [1000, 130], 1000, torch.float16, gen)
-    cfg = decode_config(2, 2, 1000, d, torch.float16, torch.device("cpu"), interpret=False)
+    cfg = dict(decode_config(2, 2, 1000, d, torch.float16, torch.device("cpu"), interpret=False), FUSED=fused)
+    check_decode(q, k, v, lens, torch.float16, config=cfg)
+    lens[0] = 999
     check_decode(q, k, v, lens, torch.float16, config=cfg)
 
 
@@ -194,17 +201,21 @@ def test_gpu_prefill_bf16(Hq, Hkv, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launch", "fused"])
 @pytest.mark.parametrize("Hq,Hkv,d", [(32, 8, 128), (9, 3, 64)], ids=["llama8b", "default"])
-def test_gpu_decode_bf16_and_graph(Hq, Hkv, d):
-    gen = seeded(f"gpu decode Hq={Hq} d={d}")
+def test_gpu_decode_bf16_and_graph(Hq, Hkv, d, fused):
+    gen = seeded(f"gpu decode Hq={Hq} d={d} fused={fused}")
+    cfg = lambda n: dict(decode_config(4, Hkv, n, d, torch.bfloat16, q.device), FUSED=fused)  # noqa: E731
     q, k, v, lens = decode_case(4, Hq, Hkv, d, [40000, 1, 12345, 32768], 40000, torch.bfloat16, gen)
-    check_decode(q, k, v, lens, torch.bfloat16)
+    check_decode(q, k, v, lens, torch.bfloat16, config=cfg(40000))
     # captured once for a length bucket, replayed with other lengths: no host sync in the launch
-    decode_triton(q, k, v, lens, max_len=32768)
+    k, v = torch.nan_to_num(k, nan=0.5), torch.nan_to_num(v, nan=-0.5)
+    lens.copy_(torch.tensor([32768, 2, 30000, 17], dtype=torch.int32))
+    decode_triton(q, k, v, lens, config=cfg(32768))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o = decode_triton(q, k, v, lens, max_len=32768)
-    for new in ([32768, 2, 30000, 17], [5, 32000, 1, 4096]):
+        o = decode_triton(q, k, v, lens, config=cfg(32768))
+    for new in ([32768, 2, 30000, 17], [5, 32000, 1, 4096], [1, 1, 32768, 32768]):
         lens.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()
         torch.testing.assert_close(o.float(), decode_ref(q, k, v, lens).float(), atol=2e-2, rtol=2e-2)
