@@ -14,7 +14,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "${NANODP_TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$VPY" -c "import nanodp, triton, tokenizers, gguf, rich, jinja2, pytest, transformers" 2>/dev/null; then
+if ! "$VPY" -c "import nanodp, triton, tokenizers, gguf, rich, jinja2, pytest, transformers, accelerate" 2>/dev/null; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
 cmd=${1:-chat}

@@ -7,8 +7,8 @@ assign_ref / assign_triton         a[p, t] = argmax_j  x[p, t] . c[p, j]      (m
 cluster_sums_ref / _triton         s[p, j] = sum_{t : a[p, t] = j} x[p, t]     (fp32, a segmented sum)
 
 Tie semantics of the argmax: among equal scores the lowest centroid index wins (torch.argmax returns the
-first maximum; the kernel keeps the first maximum inside a chunk via tl.argmax(tie_break_left=True) and
-only replaces the running best with a strictly larger one from a later chunk). Scores are fp32 dot
+first maximum; the kernel keeps the first maximum per lane across chunks with a strict comparison, then
+takes the smallest index among the lanes that reach the row maximum). Scores are fp32 dot
 products of the inputs as given (the caller passes centroids in the keys' dtype): the twin multiplies in
 fp32, the kernel accumulates in fp32 on tensor cores, so the two can differ only in the summation order,
 i.e. only when two scores are equal to within rounding.
@@ -44,8 +44,10 @@ def _assign_kernel(X, C, A, n, k, d,
     # One tile of points stays resident while all centroids stream past it in chunks of BLOCK_K.
     x = tl.load(X + p * sxn + offs_t[:, None] * sxt + offs_d[None, :] * sxd,
                 mask=(offs_t[:, None] < n) & (offs_d[None, :] < d), other=0.0)
-    best = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    arg = tl.zeros([BLOCK_T], tl.int32)
+    # Running maximum kept per (point, lane): lane j of the chunk loop sees centroids j, j+BLOCK_K, ...
+    # Element-wise updates are cheap; the cross-lane reduction runs once, after the loop.
+    best = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for c0 in range(0, k, BLOCK_K):
         offs_c = c0 + tl.arange(0, BLOCK_K)
         ct = tl.load(C + p * scn + offs_c[None, :] * sck + offs_d[:, None] * scd,   # [BLOCK_D, BLOCK_K]
@@ -54,13 +56,13 @@ def _assign_kernel(X, C, A, n, k, d,
             s = tl.dot(x, ct, input_precision="ieee")
         else:
             s = tl.dot(x, ct)
-        s = tl.where(offs_c[None, :] < k, s, float("-inf"))
-        m = tl.max(s, axis=1)
-        j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + c0
-        better = m > best                      # strict: an earlier chunk keeps its ties
-        best = tl.where(better, m, best)
-        arg = tl.where(better, j, arg)
-    tl.store(A + p * san + offs_t * sat, arg, mask=offs_t < n)
+        better = (s > best) & (offs_c[None, :] < k)   # strict: the earlier centroid keeps a tie
+        best = tl.where(better, s, best)
+        arg = tl.where(better, offs_c[None, :], arg)
+    # Row maximum over lanes; among lanes that reach it the smallest centroid index wins.
+    m = tl.max(best, axis=1)
+    j = tl.min(tl.where(best == m[:, None], arg, 2147483647), axis=1)
+    tl.store(A + p * san + offs_t * sat, j, mask=offs_t < n)
 
 
 def assign_triton(x, c, out=None, block_t=None, block_k=None, num_warps=None):

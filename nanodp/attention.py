@@ -22,25 +22,29 @@ def _impl(kernels: str):
 
 
 class DecodeStats:
-    """Per layer and KV head, summed over decode steps: exact tokens, pseudo-tokens, mass kept, fallbacks."""
+    """Per layer and KV head, summed over decode steps: exact tokens, pseudo-tokens, mass kept, fallbacks.
+    Device buffers updated in place, so a decode step captured in a CUDA graph keeps counting on replay."""
 
-    def __init__(self):
-        self.reset()
+    def __init__(self, n_layers, n_kv, device):
+        self.shape, self.device = (n_layers, n_kv), device
+        self.sums, self.dense_tokens = {}, torch.zeros((), device=device)
 
     def reset(self):
-        self.steps, self.sums, self.dense_tokens = 0, {}, 0.0
+        for t in self.sums.values():
+            t.zero_()
+        self.dense_tokens.zero_()
 
     def add(self, layer_idx, stats: dict, active):
         for key, val in stats.items():
-            val = (val.float() * active[:, None]).sum(0)  # [Hkv], finished sequences excluded
-            acc = self.sums.setdefault(key, {})
-            acc[layer_idx] = acc[layer_idx] + val if layer_idx in acc else val
+            if key not in self.sums:  # first (eager) step allocates; graph captures come later
+                self.sums[key] = torch.zeros(self.shape, device=self.device)
+            self.sums[key][layer_idx].add_((val.float() * active[:, None]).sum(0))  # finished seqs excluded
 
     def summary(self) -> dict:
         """Averages per decode token: fraction of KV tokens read exactly, pseudo-tokens, mass kept."""
         if not self.sums or not float(self.dense_tokens):
             return {}
-        per_layer = {k: torch.stack([v[i] for i in sorted(v)]).cpu() for k, v in self.sums.items()}
+        per_layer = {k: v.cpu() for k, v in self.sums.items()}
         dense = float(self.dense_tokens)
         out = {"kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense}
         if "pseudo_tokens" in per_layer:
@@ -55,7 +59,7 @@ class AttentionContext:
     def __init__(self, cache, sparse: SparseConfig, kernels: str = "torch"):
         self.cache, self.sparse, self.kernels = cache, sparse, kernels
         self.prefill_fn, self.decode_fn, self.sparse_fn = _impl(kernels)
-        self.stats = DecodeStats()
+        self.stats = DecodeStats(len(cache.layers), cache.layers[0].k.shape[1], cache.lens.device)
         self.mode = None
 
     # -- prefill: a padded batch of new chunks, sequence b's chunk goes to storage q_start[b] .. +q_len[b]
@@ -71,7 +75,7 @@ class AttentionContext:
         self.mode, self.slots_t, self.active, self.max_len = "decode", slots, active, max_len
         self.write_at = self.cache.lens[slots].long()
         self.lens_after = (self.write_at + 1).to(torch.int32)
-        self.dense_tokens = self.lens_after.float().mul(active).sum()  # stays on device: no sync per step
+        self.dense_tokens = self.lens_after.float().mul(active).sum()  # stays on device: no sync
 
     def attend(self, layer_idx, q, k, v):
         layer = self.cache.layers[layer_idx]
@@ -105,9 +109,8 @@ class AttentionContext:
         return o[:, None]
 
     def end_decode(self):
-        self.stats.steps += 1
         if self.sparse.attention != "dense":
-            self.stats.dense_tokens += self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1]
+            self.stats.dense_tokens.add_(self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1])
 
     def _slot_view(self, layer):
         # slots of one prefill are 0..B-1 (the engine allocates them so), so a leading slice is a view

@@ -10,6 +10,8 @@ import time
 import torch
 
 from nanodp.cache import ClusterConfig, KVCache
+from nanodp.cluster import cluster_block, kmeans
+from nanodp.kernels.kmeans import assign_triton, cluster_sums_triton
 
 N_LAYERS, HQ, HKV, D = 32, 32, 8, 128
 
@@ -61,6 +63,26 @@ def _dense_prefill_ms(cache, T, reps):
     return _timed(fn, reps) * N_LAYERS, name
 
 
+def _segment_breakdown(cfg, tune=False):
+    """Where one 8K segment of all layers x heads goes: kernel times (triton.testing.do_bench, ms)."""
+    from triton.testing import do_bench
+    N, n, k = N_LAYERS * HKV, cfg.segment_len, cfg.segment_len // cfg.cluster_size
+    topic = torch.randint(0, 64, (n // 32 + 1,), device="cuda").repeat_interleave(32)[:n]
+    x = (torch.randn(N, 64, D, device="cuda")[:, topic] + 0.5 * torch.randn(N, n, D, device="cuda")).bfloat16()
+    c = x[:, :: n // k].contiguous()
+    a = assign_triton(x, c)
+    r = dict(problems=N, n=n, k=k, assign_ms=do_bench(lambda: assign_triton(x, c, out=a)),
+             sums_ms=do_bench(lambda: cluster_sums_triton(x, a, k)),
+             kmeans_ms=do_bench(lambda: kmeans(x, k, cfg.kmeans_iters), rep=200),
+             cluster_block_ms=do_bench(lambda: cluster_block(x, x, k, cfg.kmeans_iters), rep=200))
+    r["assign_tflops"] = 2 * N * n * k * D / r["assign_ms"] / 1e9
+    if tune:
+        for bt, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8), (64, 128, 4)):
+            ms = do_bench(lambda: assign_triton(x, c, out=a, block_t=bt, block_k=bk, num_warps=nw))
+            r[f"assign_ms_bt{bt}_bk{bk}_w{nw}"] = ms
+    return r
+
+
 def bench_cluster(args=None):
     """Print the clustering table and return {"prefill": [...], "recluster": {...}}."""
     if not torch.cuda.is_available():
@@ -93,6 +115,7 @@ def bench_cluster(args=None):
         del cache
         torch.cuda.empty_cache()
 
+    out["segment"] = seg = _segment_breakdown(cfg, tune=bool(getattr(args, "tune", False)))
     print(f"clustering benchmark: {out['shape']}, {cfg}")
     print(f"{'context':>8} {'dense prefill ms':>17} {'clustering ms':>14} {'share':>7}  {'clusters/head':>13}")
     for r in out["prefill"]:
@@ -102,6 +125,12 @@ def bench_cluster(args=None):
     if rc:
         print(f"re-clustering {rc['tokens']} tokens at {rc['T']}: {rc['event_ms']:.2f} ms per event, "
               f"{rc['per_layer_ms'] * 1e3:.0f} us per layer (target < 1000 us)")
+    print(f"one segment ({seg['problems']} problems x {seg['n']} keys, k={seg['k']}): assignment "
+          f"{seg['assign_ms']:.2f} ms ({seg['assign_tflops']:.0f} TFLOP/s), update sums {seg['sums_ms']:.2f} ms, "
+          f"k-means {seg['kmeans_ms']:.1f} ms, k-means + reorder stats {seg['cluster_block_ms']:.1f} ms")
+    for key, val in seg.items():
+        if key.startswith("assign_ms_"):
+            print(f"  {key}: {val:.3f} ms")
     return out
 
 
@@ -109,6 +138,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tune", action="store_true", help="also time a few assignment-kernel tile configs")
     bench_cluster(p.parse_args())
 
 

@@ -40,11 +40,17 @@ class Counters:
 
 class Engine:
     def __init__(self, model=None, device=None, dtype=None, max_batch=8, max_len=None, kernels="auto",
-                 sparse: SparseConfig | None = None, cluster: ClusterConfig | None = None, yarn=None, quiet=False):
+                 sparse: SparseConfig | None = None, cluster: ClusterConfig | None = None, yarn=None, quiet=False,
+                 eager=False):
+        """`model`: a Llama folder, None for the default model, or an already built LlamaForCausalLM (bench)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model_dir = resolve_model_dir(model, quiet=quiet)
-        self.model = load_model(self.model_dir, dtype=dtype, device=self.device, yarn=yarn)
-        self.cfg, self.tok = self.model.cfg, Tokenizer(self.model_dir)
+        if isinstance(model, torch.nn.Module):
+            self.model_dir, self.model, self.tok = None, model, None
+        else:
+            self.model_dir = resolve_model_dir(model, quiet=quiet)
+            self.model = load_model(self.model_dir, dtype=dtype, device=self.device, yarn=yarn)
+            self.tok = Tokenizer(self.model_dir)
+        self.cfg = self.model.cfg
         self.sparse = sparse or SparseConfig()
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" else "torch"
@@ -58,6 +64,9 @@ class Engine:
         self.cluster_enabled = self.sparse.attention != "dense"
         self.ctx = AttentionContext(self.cache, self.sparse, kernels)
         self.counters = Counters()
+        # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
+        self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
+        self.graphs, self.graph_pool = {}, None
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
 
     # -- low level ---------------------------------------------------------------------------------------
@@ -100,11 +109,45 @@ class Engine:
     def decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token per slot 0..B-1 (finished slots recompute in place and are ignored); logits [B, V]."""
         B = tokens.shape[0]
-        slots = torch.arange(B, device=self.device)
-        self.ctx.begin_decode(slots, active.float(), self.max_len)
-        logits = self.model(tokens[:, None], self.cache.lens[:B, None].long(), self.ctx)
+        # the dense kernel sizes its split grid from an upper bound of the lengths: a power-of-two bucket
+        bucket = min(self.max_len, max(1024, 1 << max(self.cache.lens_host[:B]).bit_length()))
+        if not self.use_graphs:
+            return self._step(tokens, active, bucket)
+        g = self.graphs.get((B, bucket))
+        if g is None:
+            g = self.graphs[(B, bucket)] = self._capture(tokens, active, bucket)
+        g["tokens"].copy_(tokens)
+        g["active"].copy_(active)
+        g["graph"].replay()
+        return g["logits"]
+
+    def _step(self, tokens, active, bucket):
+        slots = torch.arange(tokens.shape[0], device=self.device)
+        self.ctx.begin_decode(slots, active.float(), bucket)
+        logits = self.model(tokens[:, None], self.cache.lens[:tokens.shape[0], None].long(), self.ctx)
         self.ctx.end_decode()
         return logits
+
+    def _capture(self, tokens, active, bucket):
+        """Record one decode step in a CUDA graph. Everything it reads lives at fixed addresses: the static
+        token/active buffers, the cache (lens, K/V, cluster tables: updated in place by clustering between
+        steps) and the stats buffers. The warm-up steps recompute the same token, so nothing changes."""
+        st = {"tokens": tokens.clone(), "active": active.clone()}
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # compile Triton kernels and allocate lazily created buffers outside capture
+                self._step(st["tokens"], st["active"], bucket)
+        torch.cuda.current_stream().wait_stream(s)
+        saved = {k: v.clone() for k, v in self.ctx.stats.sums.items()}, self.ctx.stats.dense_tokens.clone()
+        st["graph"] = torch.cuda.CUDAGraph()
+        self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(st["graph"], pool=self.graph_pool):
+            st["logits"] = self._step(st["tokens"], st["active"], bucket)
+        for k, v in saved[0].items():  # warm-up and capture must not count as decoded tokens
+            self.ctx.stats.sums[k].copy_(v)
+        self.ctx.stats.dense_tokens.copy_(saved[1])
+        return st
 
     # -- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:

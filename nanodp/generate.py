@@ -23,6 +23,7 @@ def add_engine_args(ap: argparse.ArgumentParser):
     ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
     ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
     ap.add_argument("--recluster-every", type=int, default=ClusterConfig.recluster_every)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def build_engine(args, max_batch):
@@ -31,7 +32,7 @@ def build_engine(args, max_batch):
                           budget=args.budget, dense_layers=args.dense_layers)
     return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
                   kernels=args.kernels, sparse=sparse, yarn=args.yarn,
-                  cluster=ClusterConfig(recluster_every=args.recluster_every))
+                  cluster=ClusterConfig(recluster_every=args.recluster_every), eager=args.eager)
 
 
 def read_prompts(args) -> list:

