@@ -146,21 +146,24 @@ def _num_sms(device):
 
 def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
     """Tiles and splits by rule. Decode is memory bound: each program streams its chunk of K and V once,
-    so the grid must keep enough bytes in flight to saturate HBM while each program stays long enough
-    to amortise its pipeline fill and its partial write. Aim for ~2 programs per SM over the whole grid
-    (measured on H200: 2 beats 4 and 8): splits = ceil(2 * SMs / (B * Hkv)), never chunks shorter than
-    2 tiles. The chunk is a multiple of BLOCK_N, so only a sequence's last tile is ragged."""
+    so the grid must keep enough bytes in flight to saturate HBM while each program runs long enough to
+    amortise its pipeline fill and partial write. Measured on H200 (bf16): d=128 best with ~2 programs
+    per SM, 64-key tiles, 3 stages; d=64 with ~1 program per SM, 128-key tiles (same 16 KB per tile),
+    4 stages. splits = ceil(k * SMs / (B * Hkv)), never chunks shorter than 2 tiles; the chunk is a
+    multiple of BLOCK_N, so only a sequence's last tile is ragged. The fused last-program combine
+    (FUSED=True) saves a launch but measured slower, so it is off."""
     interpret = _interpreting() if interpret is None else interpret
     if interpret:
-        block_n, warps, stages, target = 32, 4, 1, 8
+        block_n, stages, target = 32, 1, 8
+    elif d >= 128 or dtype == torch.float32:
+        block_n, stages, target = 64, 3, 2 * _num_sms(device)
     else:
-        block_n = 64 if d >= 128 or dtype == torch.float32 else 128
-        warps, stages, target = 4, 3, 2 * _num_sms(device)
+        block_n, stages, target = 128, 4, _num_sms(device)
     n_tiles = max(1, triton.cdiv(max_len, block_n))
     splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(n_tiles, 2)))
     chunk_tiles = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, chunk_tiles)
-    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, splits=splits,
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, splits=splits,
                 chunk=chunk_tiles * block_n, FUSED=False)
 
 

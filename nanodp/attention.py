@@ -61,6 +61,9 @@ class AttentionContext:
         self.prefill_fn, self.decode_fn, self.sparse_fn = _impl(kernels)
         self.stats = DecodeStats(len(cache.layers), cache.layers[0].k.shape[1], cache.lens.device)
         self.mode = None
+        # observer(layer_idx, q, layer, lens, tail_start, o, active) sees every decode attention call
+        # (the evaluation hooks in here for per-layer errors and mass kept; eager mode only)
+        self.observer = None
 
     # -- prefill: a padded batch of new chunks, sequence b's chunk goes to storage q_start[b] .. +q_len[b]
     def begin_prefill(self, slots, q_start, q_len):
@@ -106,6 +109,10 @@ class AttentionContext:
                                    group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
                                    budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity)
             self.stats.add(layer_idx, st, self.active)
+        if self.observer is not None:
+            B = q1.shape[0]
+            self.observer(layer_idx, q1, _SlotLayer(layer, B), self.lens_after, self.cache.tail_start[:B], o,
+                          self.active)
         return o[:, None]
 
     def end_decode(self):

@@ -69,6 +69,13 @@ class Engine:
         self.graphs, self.graph_pool = {}, None
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
 
+    def set_sparse(self, sparse: SparseConfig):
+        """Switch the decode attention (e.g. between methods of an evaluation); takes effect from the next
+        prompt, which is prefilled and clustered afresh."""
+        self.sparse = self.ctx.sparse = sparse
+        self.cluster_enabled = sparse.attention != "dense"
+        self.graphs.clear()
+
     # -- low level ---------------------------------------------------------------------------------------
     def _sync(self):
         if self.device.type == "cuda":
@@ -149,6 +156,12 @@ class Engine:
         self.ctx.stats.dense_tokens.copy_(saved[1])
         return st
 
+    def advance(self, active: torch.Tensor, active_host: list):
+        """After a decode step every unfinished slot holds one more token (one device op, host mirror)."""
+        self.cache.lens[:len(active_host)] += active.to(torch.int32)
+        for b, a in enumerate(active_host):
+            self.cache.lens_host[b] += int(a)
+
     # -- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
@@ -208,9 +221,7 @@ class Engine:
             if all(done):
                 break
             logits = self.decode_step(tok, active)
-            for b in range(B):
-                if not done[b]:
-                    self.cache.set_len(b, self.cache.lens_host[b] + 1)
+            self.advance(active, [not d for d in done])
             self.counters.decode_tokens += B - sum(done)
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))

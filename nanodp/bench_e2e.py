@@ -1,0 +1,190 @@
+"""End-to-end decode benchmark: `python -m nanodp.bench e2e` (GPU).
+
+Per cell (model x batch x context x attention): fill the cache to `context` tokens, then time decode steps
+exactly as generation runs them (CUDA-graph replay, argmax, the host loop, re-clustering every
+`recluster_every` tokens). Reports time per output token, tokens/s, the fraction of KV read, and model
+bandwidth utilisation: (weight bytes + KV bytes actually read per step) / step time / measured copy bandwidth.
+
+Models: `default` = SmolLM2-135M-Instruct with its real weights and a real prose prompt (so Double-P sees
+real attention); `llama8b` = the Llama-3.1-8B shape with random weights and a random-filled cache: fine for
+dense speed, meaningless for sparse decode (random attention is flat), so only dense runs there.
+"""
+import argparse
+import time
+
+import torch
+
+from .bench import _cell, _sizes, common_parser, print_table, require_cuda
+from .config import ModelConfig, SparseConfig
+
+LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+               max_position_embeddings=131072, rms_norm_eps=1e-5)
+
+
+def copy_bandwidth():
+    """Device-to-device copy of 4 GiB: bytes read + written per second (the practical HBM ceiling)."""
+    a = torch.empty(1 << 31, dtype=torch.int16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * a.numel() * 2 * 5 / (time.perf_counter() - t)
+    del a, b
+    return bw
+
+
+def random_llama(cfg: ModelConfig):
+    from .model import LlamaForCausalLM, Rope
+    with torch.device("meta"):
+        m = LlamaForCausalLM(cfg)
+    m = m.to_empty(device="cuda").to(torch.bfloat16)
+    for name, p in m.named_parameters():
+        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
+    m.rope = Rope(cfg, "cuda")
+    return m.eval().requires_grad_(False)
+
+
+def prose(tok, n_tokens, seed):
+    """A long, varied English-like text (no network): sentences built from a seeded vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    subj = ["The old sailor", "A young doctor", "The city council", "My neighbour", "The river", "Our teacher",
+            "The small cat", "A tired engineer", "The garden", "The museum guide"]
+    verb = ["remembered", "described", "repaired", "painted", "visited", "explained", "counted", "followed"]
+    obj = ["the broken bridge", "a quiet morning", "the northern hills", "an unusual letter", "the market",
+           "twelve wooden boats", "the history of the town", "a song about rain", "the last train"]
+    tail = ["before dinner.", "without a word.", "with great care.", "in the spring.", "for the children.",
+            "after the storm.", "near the harbour.", "once again."]
+    words, ids = [], []
+    while len(ids) < n_tokens:
+        for _ in range(64):
+            pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+            words.append(f"{pick(subj)} {pick(verb)} {pick(obj)} {pick(tail)}")
+        ids = tok.encode(" ".join(words))
+    return ids[:n_tokens]
+
+
+def run_cell(eng, B, ctx, steps, real_prompt, seed):
+    """Fill B sequences to ctx tokens, decode `steps` tokens each; returns timings and KV fractions."""
+    for b in range(B):
+        eng.cache.reset(b)
+    eng.counters.__init__()
+    if real_prompt:
+        eng.prefill([prose(eng.tok, ctx, seed + b) for b in range(B)], [0] * B)
+    else:  # random K/V: dense decode speed does not depend on the values
+        for layer in eng.cache.layers:
+            layer.k[:B, :, :ctx].normal_()
+            layer.v[:B, :, :ctx].normal_()
+        for b in range(B):
+            eng.cache.set_len(b, ctx)
+    tok = torch.zeros(B, dtype=torch.long, device="cuda")
+    active = torch.ones(B, dtype=torch.bool, device="cuda")
+    host = [True] * B
+    for _ in range(3):  # capture the graph for this bucket, then measure
+        logits = eng.decode_step(tok, active)
+        tok = logits.argmax(-1)
+        eng.advance(active, host)
+    eng.ctx.stats.reset()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = eng.decode_step(tok, active)
+        tok = logits.argmax(-1)
+        tok.tolist()  # the host reads each token, as generation does (stop checks, streaming)
+        eng.advance(active, host)
+        if eng.cluster_enabled:
+            eng.cache.cluster_pending(range(B))
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    s = eng.ctx.stats.summary()
+    return dict(ms_per_step=dt * 1e3, tok_s=B / dt, kv_read=s.get("kv_read_fraction", 1.0),
+                pseudo=s.get("pseudo_fraction", 0.0), fallbacks=s.get("fallbacks", 0),
+                prefill_s=eng.counters.prefill_s, cluster_s=eng.counters.cluster_s)
+
+
+def bench_e2e(argv):
+    p = argparse.ArgumentParser(prog="python -m nanodp.bench e2e", parents=[common_parser()], description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="default,llama8b")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--contexts", default="8k,32k,128k", help="(the default model runs at most its 8K)")
+    p.add_argument("--attention", default="dense,doublep")
+    p.add_argument("--p1", type=float, default=SparseConfig.p1)
+    p.add_argument("--p2", type=float, default=SparseConfig.p2)
+    p.add_argument("--group-rule", default=SparseConfig.group_rule)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    require_cuda("e2e")
+    from .engine import Engine
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    results, rows = {"copy_tb_s": bw / 1e12, "cells": []}, []
+    for model_name in args.models.split(","):
+        real = model_name == "default"
+        if real:
+            model, ctxs = None, [c for c in _sizes(args.contexts) if c <= 8192]
+        else:
+            model, ctxs = random_llama(ModelConfig(**LLAMA8B)), _sizes(args.contexts)
+        for ctx in ctxs:
+            for B in _sizes(args.batches):
+                for att in args.attention.split(","):
+                    if att != "dense" and not real:
+                        continue  # random weights: flat attention, sparse numbers would mean nothing
+                    max_len = min(ctx, 8192) if real else ctx + args.steps + 64
+                    fill = ctx - args.steps - 8 if real else ctx
+                    sp = SparseConfig(attention=att, p1=args.p1, p2=args.p2, group_rule=args.group_rule)
+
+                    def cell():
+                        eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)
+                        try:
+                            r = run_cell(eng, B, fill, args.steps, real, args.seed)
+                            w = sum(t.numel() * t.element_size() for t in eng.model.parameters())
+                            per_tok = (eng.cfg.num_hidden_layers * eng.cfg.num_key_value_heads * eng.cfg.head_dim
+                                       * 2 * 2)
+                            kv = per_tok * B * (fill + args.steps / 2) * r["kv_read"]
+                            r.update(mbu=(w + kv) / (r["ms_per_step"] / 1e3) / bw, weight_gb=w / 1e9,
+                                     kv_gb_per_step=kv / 1e9)
+                            return r
+                        finally:
+                            del eng
+                    r = dict(model=model_name, B=B, ctx=ctx, attention=att, **_cell(cell))
+                    results["cells"].append(r)
+                    rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
+                                 None if "kv_read" not in r else 100 * r["kv_read"], r.get("mbu"),
+                                 r.get("prefill_s"), r.get("cluster_s"), r.get("skipped", "")])
+        if real and not args.no_transformers:
+            results["transformers"] = _cell(lambda: hf_generate(args, ctxs[-1]))
+        del model
+        torch.cuda.empty_cache()
+    print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
+                "tok/s", "KV read %", "MBU", "prefill s", "cluster s", "note"], rows)
+    if "transformers" in results:
+        print(f"transformers generate, default model, B=1, ctx {ctxs[-1]}: {results['transformers']}")
+    return args, results
+
+
+def hf_generate(args, ctx):
+    """transformers' generate (bf16, SDPA) on the same model and prompt: ms per output token at B=1."""
+    import transformers
+
+    from .loader import resolve_model_dir
+    from .tokenizer import Tokenizer
+    d = resolve_model_dir(None, quiet=True)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").cuda().eval()
+    ids = torch.tensor([prose(Tokenizer(d), ctx - 64, args.seed)], device="cuda")
+    times = {}
+    for n in (4, 36):
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        times[n] = time.perf_counter() - t
+    ms = (times[36] - times[4]) / 32 * 1e3  # prefill cancels out
+    return {"ms_per_token": ms, "tok_s": 1e3 / ms}

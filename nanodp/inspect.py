@@ -1,0 +1,62 @@
+"""Look inside the clustered KV cache: `python -m nanodp.inspect [--prompt-file F | --length N]`.
+
+Prefills one prompt, clusters it, and prints per layer: clusters per KV head, the cluster-size histogram,
+the fraction of the keys' squared norm their centroid explains (1 - sum |k - C|^2 / sum |k|^2) and the
+clustering time, plus the cache's bytes per token (K/V and cluster metadata).
+"""
+import argparse
+import time
+
+import torch
+
+from .bench_e2e import prose
+from .generate import add_engine_args, build_engine
+
+
+def layer_report(layer, b, lo, hi):
+    """Per KV head of sequence b: (clusters, sizes tensor, explained fraction) over storage [lo, hi)."""
+    out = []
+    for h in range(layer.k.shape[1]):
+        n = int(layer.ncl[b, h])
+        st = layer.cstart[b, h, :n + 1].long()
+        sizes = st[1:] - st[:-1]
+        keys = layer.k[b, h, lo:hi].float()
+        owner = torch.repeat_interleave(torch.arange(n, device=keys.device), sizes)
+        resid = keys - layer.centroids[b, h, :n].float()[owner]
+        out.append((n, sizes.cpu(), 1 - float(resid.pow(2).sum() / keys.pow(2).sum().clamp_min(1e-30))))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nanodp.inspect", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-file", help="a text file to prefill (default: generated prose)")
+    ap.add_argument("--length", type=int, default=2048, help="tokens of generated prose when no file is given")
+    add_engine_args(ap)
+    args = ap.parse_args(argv)
+    args.attention = "doublep" if args.attention == "dense" else args.attention
+    eng = build_engine(args, max_batch=1)
+    ids = eng.tok.encode(open(args.prompt_file).read()) if args.prompt_file else prose(eng.tok, args.length, 0)
+    ids = ids[:eng.max_len - 1]
+    eng.prefill([ids], [0])
+    c = eng.counters
+    lo, hi = min(eng.cache.cfg.sinks, eng.cache.tail_host[0]), eng.cache.tail_host[0]
+    kv, meta = eng.cache.bytes_per_token()
+    print(f"{len(ids)} tokens | clustered storage [{lo}, {hi}) | prefill {c.prefill_s * 1e3:.0f} ms, "
+          f"clustering {c.cluster_s * 1e3:.0f} ms ({100 * c.cluster_s / max(c.prefill_s, 1e-9):.0f}% of prefill)")
+    print(f"bytes per token of capacity: K/V {kv:.0f}, cluster metadata {meta:.0f} ({100 * meta / kv:.1f}%)")
+    edges = [1, 2, 4, 8, 16, 32, 64, 1 << 30]
+    print("layer  clusters/head  explained  size histogram " + " ".join(f"<{e}" if e < 1 << 30 else f">={edges[-2]}"
+                                                                         for e in edges[1:]))
+    for i, layer in enumerate(eng.cache.layers):
+        rep = layer_report(layer, 0, lo, hi)
+        sizes = torch.cat([r[1] for r in rep])
+        hist = [int(((sizes >= a) & (sizes < b)).sum()) for a, b in zip(edges, edges[1:])]
+        print(f"{i:5d}  {'/'.join(str(r[0]) for r in rep):>13}  {sum(r[2] for r in rep) / len(rep):9.3f}  "
+              + " ".join(f"{x:>4}" for x in hist))
+
+
+if __name__ == "__main__":
+    t = time.time()
+    main()
+    print(f"({time.time() - t:.1f} s)")
