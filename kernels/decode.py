@@ -4,6 +4,7 @@ Contract (docs/INTERNALS.md, "Dense decode"):
     q [B, Hq, d], k/v [B, Hkv, L, d], lens [B] int32: query head h of sequence b attends keys
     0 .. lens[b]-1 of KV head h // (Hq // Hkv). `max_len` (python int) only sizes the grid.
 """
+import functools
 import math
 import os
 
@@ -138,6 +139,7 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type != "cuda":
         return 132
@@ -147,20 +149,20 @@ def _num_sms(device):
 def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
     """Tiles and splits by rule. Decode is memory bound: each program streams its chunk of K and V once,
     so the grid must keep enough bytes in flight to saturate HBM while each program runs long enough to
-    amortise its pipeline fill and partial write. Measured on H200 (bf16): d=128 best with ~2 programs
-    per SM, 64-key tiles, 3 stages; d=64 with ~1 program per SM, 128-key tiles (same 16 KB per tile),
-    4 stages. splits = ceil(k * SMs / (B * Hkv)), never chunks shorter than 2 tiles; the chunk is a
-    multiple of BLOCK_N, so only a sequence's last tile is ragged. The fused last-program combine
-    (FUSED=True) saves a launch but measured slower, so it is off."""
+    amortise its pipeline fill and partial write. Measured on H200 (bf16, both model shapes, B 1-32,
+    8K-128K): best at about 2 programs per SM, and 10-15% worse when the grid overshoots that by a
+    fraction of a wave, so splits = floor(2 * SMs / (B * Hkv)) (1 when B * Hkv is already >= 2 * SMs),
+    and chunks of at least 4 tiles. Tiles of 16 KB per K or V load (64 keys at d=128, 128 at d=64),
+    3 stages. The chunk is a multiple of BLOCK_N, so only a sequence's last tile is ragged. The fused
+    last-program combine (FUSED=True) saves a launch but measured no faster, so it is off."""
     interpret = _interpreting() if interpret is None else interpret
     if interpret:
-        block_n, stages, target = 32, 1, 8
-    elif d >= 128 or dtype == torch.float32:
-        block_n, stages, target = 64, 3, 2 * _num_sms(device)
+        block_n, stages, target, min_tiles = 32, 1, 8, 2
     else:
-        block_n, stages, target = 128, 4, _num_sms(device)
+        block_n = 64 if d >= 128 or dtype == torch.float32 else 128
+        stages, target, min_tiles = 3, 2 * _num_sms(device), 4
     n_tiles = max(1, triton.cdiv(max_len, block_n))
-    splits = max(1, min(triton.cdiv(target, B * Hkv), triton.cdiv(n_tiles, 2)))
+    splits = max(1, min(target // (B * Hkv), n_tiles // min_tiles))
     chunk_tiles = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, chunk_tiles)
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, splits=splits,
@@ -185,9 +187,10 @@ def _get_scratch(device, B, Hkv, Hq, splits, d):
     return buf
 
 
-def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, config=None):
+def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, out=None, config=None):
     """Split-KV flash decoding; same semantics as decode_ref for lens[b] in [1, max_len]. No host sync:
-    the grid depends only on shapes and max_len, so one launch can be captured per length bucket."""
+    the grid depends only on shapes and max_len, so one launch can be captured per length bucket.
+    `out` (optional, [B, Hq, d]) receives the result; `config` overrides the tile/split rule."""
     B, Hq, d = q.shape
     _, Hkv, L, _ = k.shape
     assert Hq % Hkv == 0 and v.shape == k.shape and k.shape[0] == B and k.shape[-1] == d
@@ -198,12 +201,14 @@ def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, config=None):
     splits, chunk, block_n = cfg.pop("splits"), cfg.pop("chunk"), cfg.pop("BLOCK_N")
     fused = cfg.pop("FUSED", False)
     assert chunk % block_n == 0 and splits * chunk >= max_len
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if out is None else out
     mp, lp, ap, cnt = _get_scratch(q.device, B, Hkv, Hq, splits, d)
     if lens.dtype != torch.int32 or lens.device != q.device:
         lens = lens.to(device=q.device, dtype=torch.int32)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    s_block = min(32, max(2, triton.next_power_of_2(splits)))
+    # splits combined per step: all of them in one step when the [S_BLOCK, d] fp32 tile stays small
+    # (each extra step is a dependent round trip to memory at the very end of the kernel)
+    s_block = min(8192 // d, max(2, triton.next_power_of_2(splits)))
     _decode_split_kernel[(B * Hkv, splits)](
         q, k, v, o, mp, lp, ap, cnt, lens, sm_scale * LOG2E, chunk, splits,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),

@@ -53,32 +53,31 @@ def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
 
 
 @triton.jit
-def _bisect2(Gv, w1, tgt1, w2, tgt2):
-    """Two independent searches side by side: the largest bit pattern x (as a float) with
-    sum(w over Gv >= x) >= tgt. That x is t(p) of the twin: the score at the cut, ties included. If no
-    x qualifies (target never reached), 0 is returned: every valid cluster is kept. tgt <= 0 gives
-    +inf: none is kept. 31 halvings cover [0, INF_BITS]."""
-    zero = tl.program_id(0) * 0
-    lo1 = zero
-    lo2 = zero
-    hi1 = zero + (INF_BITS + 1)
-    hi2 = zero + (INF_BITS + 1)
+def _bisect(Gv, W, tgt, lo0):
+    """Two searches side by side, one reduction per step (rows of W [2, CPAD], tgt [2], lo0 [2]):
+    the largest bit pattern x (as a float) with sum(W[k] over Gv >= x) >= tgt[k]. That x is t(p) of
+    the twin: no element lies in [t, x], so {Gv >= x} = {Gv >= t}, ties included. If no x qualifies
+    (target never reached) the result stays lo0 = 0: every valid cluster is kept; tgt <= 0 gives +inf:
+    none is kept. lo0 may start higher where S(lo0) >= tgt is known; 31 halvings cover [0, INF]."""
+    lo = lo0
+    hi = tl.zeros_like(lo0) + (INF_BITS + 1)
     for _ in range(31):
-        mid1 = lo1 + (hi1 - lo1) // 2
-        mid2 = lo2 + (hi2 - lo2) // 2
-        s1 = tl.sum(tl.where(Gv >= mid1.to(tl.float32, bitcast=True), w1, 0), 0)
-        s2 = tl.sum(tl.where(Gv >= mid2.to(tl.float32, bitcast=True), w2, 0), 0)
-        ok1 = s1 >= tgt1
-        ok2 = s2 >= tgt2
-        lo1 = tl.where(ok1, mid1, lo1)
-        hi1 = tl.where(ok1, hi1, mid1)
-        lo2 = tl.where(ok2, mid2, lo2)
-        hi2 = tl.where(ok2, hi2, mid2)
-    return lo1.to(tl.float32, bitcast=True), lo2.to(tl.float32, bitcast=True)
+        mid = lo + (hi - lo) // 2
+        s = tl.sum(tl.where(Gv[None, :] >= mid.to(tl.float32, bitcast=True)[:, None], W, 0.0), 1)
+        ok = s >= tgt
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
+def _pick(x, k: tl.constexpr):
+    """Element k of a 2-vector, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, 2) == k, x, tl.zeros_like(x)), 0)
+
+
+@triton.jit
+def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                    idx_ptr, pid_ptr, xd_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
                    scs_b, scs_h, sn_b, sn_h,
                    HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
@@ -104,7 +103,7 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         mx = tl.max(mp, 0)
         tot = tl.sum(lp * tl.exp2(mp - mx), 0)
         z = tl.load(z_ptr + (bh * G + r) * C + i, mask=valid, other=float("-inf"))
-        P = tl.exp2(z * LOG2E - mx) / tl.maximum(tot, 1e-30)
+        P = tl.exp2(z * LOG2E - mx) * (1.0 / tl.maximum(tot, 1e-30))   # softmax_i z[r, i]
         if MAXRULE:
             Gv = tl.maximum(Gv, P)
         else:
@@ -114,16 +113,28 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     else:
         Gv = Gv / G
     Gv = tl.where(valid, Gv, -1.0)   # invalid slots never pass a threshold >= 0
-    sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - tl.load(cst + i, mask=valid, other=0), 0)
+    st = tl.load(cst + i, mask=valid, other=0)
+    sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
 
     # the cuts: t2 (exact) and t1 (exact + pseudo)
+    two = tl.arange(0, 2)
+    zero2 = tl.zeros([2], tl.int32)
     if TOPK:
         # exact: top clusters until `budget` (= tgt2) tokens; then the next `est` clusters by rank
-        t2, _ = _bisect2(Gv, sz, tgt2, sz, tgt2)
+        W = tl.zeros([2, CPAD], tl.float32) + sz.to(tl.float32)[None, :]
+        t2 = _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + tgt2, zero2), 0)
         n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
-        t1, _ = _bisect2(Gv, valid.to(tl.int32), n1, valid.to(tl.int32), n1)
+        W = tl.zeros([2, CPAD], tl.float32) + valid.to(tl.float32)[None, :]
+        t1 = _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + n1.to(tl.float32), zero2), 0)
     else:
-        t1, t2 = _bisect2(Gv, Gv, tgt1, Gv, tgt2)
+        # S(v) >= total - ncl * v, so t >= v0 = (total - p) / (2 ncl): start there when safely positive
+        tgt = tl.where(two == 0, tgt1, tgt2)
+        total = tl.sum(tl.where(valid, Gv, 0.0), 0)
+        v0 = (total - tgt) / (2 * tl.maximum(ncl, 1)).to(tl.float32)
+        lo0 = tl.where(total - tgt > 1e-4, v0.to(tl.int32, bitcast=True), 0)
+        t = _bisect(Gv, tl.zeros([2, CPAD], tl.float32) + Gv[None, :], tgt, lo0)
+        t1 = _pick(t, 0)
+        t2 = _pick(t, 1)
     E = Gv >= t2
     need = tl.sum(tl.where(E, sz, 0), 0)
     fb = need > CAP                          # work list too small: this head attends densely
@@ -131,7 +142,6 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     mass = tl.sum(tl.where(kept, Gv, 0.0), 0)
     ncx = tl.where(fb, ncl, tl.sum(E.to(tl.int32), 0))
     nX = tl.where(fb, 0, need)
-    tl.store(g_ptr + bh * C + i, Gv, mask=valid)
     # marker pass below needs idx[0:nX) zeroed
     for p0 in range(0, nX, BLK):
         p = p0 + tl.arange(0, BLK)
@@ -142,30 +152,17 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     # their sizes) and ranks e. The token at stream position p of the cluster of rank e is
     # p + delta_e, delta_e = cstart_i - o_i. Mark each o_i with a 1: a prefix sum over the stream gives
     # every position its cluster rank e(p) + 1, then idx[p] = p + delta[e(p)].
-    carx = tl.program_id(0) * 0
-    carp = carx
-    care = carx
-    nlist = tl.where(fb, 0, ncl)           # a fallback head lists nothing
-    for c0 in range(0, nlist, BLK):
-        j = c0 + tl.arange(0, BLK)
-        ok = j < nlist
-        gv = tl.load(g_ptr + bh * C + j, mask=ok, other=-1.0)
-        st = tl.load(cst + j, mask=ok, other=0)
-        n = tl.load(cst + j + 1, mask=ok, other=0) - st
-        ex = ok & (gv >= t2) & (n > 0)
-        ps = ok & (gv >= t1) & (gv < t2)
-        xs = tl.where(ex, n, 0)
-        off = tl.cumsum(xs, 0) - xs + carx
-        ec = ex.to(tl.int32)
-        rank = tl.cumsum(ec, 0) - ec + care
-        tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
-        tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
-        pc = ps.to(tl.int32)
-        pos = tl.cumsum(pc, 0) - pc + carp
-        tl.store(pid_ptr + bh * C + pos, j, mask=ps)
-        carx += tl.sum(xs, 0)
-        care += tl.sum(ec, 0)
-        carp += tl.sum(pc, 0)
+    lst = i < tl.where(fb, 0, ncl)           # a fallback head lists nothing
+    ex = lst & E & (sz > 0)
+    xs = tl.where(ex, sz, 0)
+    off = tl.cumsum(xs, 0) - xs
+    ec = ex.to(tl.int32)
+    rank = tl.cumsum(ec, 0) - ec
+    tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
+    tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
+    pc = (lst & (Gv >= t1) & (Gv < t2)).to(tl.int32)     # pseudo clusters, compacted
+    tl.store(pid_ptr + bh * C + tl.cumsum(pc, 0) - pc, i, mask=pc > 0)
+    nP = tl.sum(pc, 0)
     tl.debug_barrier()
     run = tl.program_id(0) * 0
     for p0 in range(0, nX, BLK):
@@ -177,7 +174,6 @@ def _select_kernel(z_ptr, ml_ptr, g_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)
     T0 = tl.where(fb, ln, ts)
-    nP = tl.where(fb, 0, carp)
     tl.store(meta_ptr + bh * 8 + 0, S0)
     tl.store(meta_ptr + bh * 8 + 1, T0)
     tl.store(meta_ptr + bh * 8 + 2, ln)

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from nanodp.kernels.kmeans import assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton
+from nanodp.kernels.kmeans import (assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton,
+                                   reorder_rows_ref, reorder_rows_triton)
 
 MAX_ROWS = 1 << 21  # keys per batched k-means call (N * n); bounds the scratch memory (~0.5 GB at d=128)
 
@@ -21,10 +22,30 @@ def _use_triton(x, backend):
     return x.is_cuda if backend == "auto" else backend == "triton"
 
 
-def _counts(assign, k):
+def _counts(a, k):
     """[N, n] cluster ids -> [N, k] fp32 member counts."""
-    c = torch.zeros(assign.shape[0], k, dtype=torch.float32, device=assign.device)
-    return c.scatter_add_(1, assign.long(), torch.ones_like(assign, dtype=torch.float32))
+    c = torch.zeros(a.shape[0], k, dtype=torch.float32, device=a.device)
+    return c.scatter_add_(1, a.long(), torch.ones_like(a, dtype=torch.float32))
+
+
+def _kmeans(keys, k, iters, backend):
+    """kmeans() with the final assignment as int32 [N, n] and its member counts [N, k] (fp32)."""
+    N, n, d = keys.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
+    if iters < 1:
+        raise ValueError(f"k-means needs at least one iteration, got {iters}")
+    tri = _use_triton(keys, backend)
+    assign, sums = (assign_triton, cluster_sums_triton) if tri else (assign_ref, cluster_sums_ref)
+    a = torch.empty(N, n, dtype=torch.int32, device=keys.device)
+    cent = keys[:, torch.arange(k, device=keys.device) * n // k].float()   # evenly spaced init
+    for it in range(iters):
+        assign(keys, cent.to(keys.dtype), out=a)         # nearest centroid by inner product
+        if it == iters - 1:
+            break
+        cnt = _counts(a, k)[..., None]                    # mean of members; empty keeps its centroid
+        cent = torch.where(cnt > 0, sums(keys, a, k) / cnt.clamp_min(1), cent)
+    return a, _counts(a, k)
 
 
 def kmeans(keys, k, iters, backend="auto"):
@@ -37,22 +58,7 @@ def kmeans(keys, k, iters, backend="auto"):
     update (the member means) is what the caller stores as the final centroids.
     backend: "auto" (Triton on CUDA, torch otherwise), "triton" (also on CPU, in the interpreter), "torch".
     """
-    N, n, d = keys.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
-    if iters < 1:
-        raise ValueError(f"k-means needs at least one iteration, got {iters}")
-    tri = _use_triton(keys, backend)
-    assign_fn, sums_fn = (assign_triton, cluster_sums_triton) if tri else (assign_ref, cluster_sums_ref)
-    init = torch.arange(k, device=keys.device) * n // k
-    cent = keys[:, init].float()                                          # [N, k, d] fp32
-    for it in range(iters):
-        a = assign_fn(keys, cent.to(keys.dtype))                          # scores in the keys' dtype
-        if it == iters - 1:
-            break
-        cnt = _counts(a, k)[..., None]
-        cent = torch.where(cnt > 0, sums_fn(keys, a, k) / cnt.clamp_min(1), cent)
-    return a.long()
+    return _kmeans(keys, k, iters, backend)[0].long()
 
 
 class ClusterResult(NamedTuple):
@@ -73,11 +79,9 @@ def cluster_block(keys, values, k, iters, backend="auto"):
     Statistics from the stored (model-dtype) rows, summed in fp32: centroid = mean of member keys,
     vmean = mean of member values, logsize = ln(size).
     """
-    tri = _use_triton(keys, backend)
-    sums_fn = cluster_sums_triton if tri else cluster_sums_ref
-    a = kmeans(keys, k, iters, backend)
+    sums_fn = cluster_sums_triton if _use_triton(keys, backend) else cluster_sums_ref
+    a, cnt = _kmeans(keys, k, iters, backend)
     perm = torch.sort(a, dim=1, stable=True).indices
-    cnt = _counts(a, k)                                                   # [N, k]
     div = cnt.clamp_min(1)[..., None]
     cent = sums_fn(keys, a, k) / div
     vmean = sums_fn(values, a, k) / div
@@ -123,20 +127,22 @@ def cluster_jobs(tab, jobs, cfg, backend="auto"):
     assert all(e - s == n for _, s, e in jobs) and len({b for b, _, _ in jobs}) == len(jobs)
     J, N, k = len(jobs), len(jobs) * nl * H, n // cfg.cluster_size
     dev = tab.k.device
+    reorder = reorder_rows_triton if _use_triton(tab.k, backend) else reorder_rows_ref
+    # Scratch copies of storage [s, e) of every (job, layer, head): problem p = (j * nl + l) * H + h.
+    keys = torch.stack([tab.k[:, b, :, s:e] for b, s, e in jobs]).view(N, n, d)
+    vals = torch.stack([tab.v[:, b, :, s:e] for b, s, e in jobs]).view(N, n, d)
+    pos = torch.stack([tab.pos[:, b, :, s:e] for b, s, e in jobs]).view(N, n)
+    r = cluster_block(keys, vals, k, cfg.kmeans_iters, backend)
+    # Reorder in place: copy the scratch rows back over [s, e) in cluster order.
+    for j, (b, s, e) in enumerate(jobs):
+        p = slice(j * nl * H, (j + 1) * nl * H)
+        reorder(keys[p], r.perm[p], tab.k[:, b, :, s:e])
+        reorder(vals[p], r.perm[p], tab.v[:, b, :, s:e])
+        tab.pos[:, b, :, s:e] = pos[p].gather(1, r.perm[p]).view(nl, H, n)
     l3 = torch.arange(nl, device=dev).view(1, nl, 1)
     h3 = torch.arange(H, device=dev).view(1, 1, H)
     b3 = torch.tensor([b for b, _, _ in jobs], device=dev).view(J, 1, 1)
     s3 = torch.tensor([s for _, s, _ in jobs], device=dev).view(J, 1, 1)
-    # Storage rows [s, e) of every (job, layer, head): advanced indices broadcast to [J, nl, H, n].
-    rows = (l3[..., None], b3[..., None], h3[..., None], s3[..., None] + torch.arange(n, device=dev))
-    keys = tab.k[rows].view(N, n, d)
-    vals = tab.v[rows].view(N, n, d)
-    r = cluster_block(keys, vals, k, cfg.kmeans_iters, backend)
-    # Reorder in place: gather into scratch in cluster order, scatter back over the same rows.
-    g = r.perm[..., None].expand(-1, -1, d)
-    tab.k[rows] = keys.gather(1, g).view(J, nl, H, n, d)
-    tab.v[rows] = vals.gather(1, g).view(J, nl, H, n, d)
-    tab.pos[rows] = tab.pos[rows].view(N, n).gather(1, r.perm).view(J, nl, H, n)
     # Append: problem p's clusters go to table rows ncl[p] .. ncl[p] + k - 1 (rows past nkept are padding
     # that the next append overwrites); cstart gets the absolute storage offsets s + starts.
     base = tab.ncl[l3, b3, h3].long()                                     # [J, nl, H]

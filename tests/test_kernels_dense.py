@@ -134,7 +134,9 @@ def decode_case(B, Hq, Hkv, d, lens, L, dtype, gen):
 
 
 def check_decode(q, k, v, lens, dtype, **kw):
-    o = decode_triton(q, k, v, lens, **kw)
+    out = torch.full_like(q, float("nan"))
+    o = decode_triton(q, k, v, lens, out=out, **kw)
+    assert o is out
     assert torch.isfinite(o).all(), "non-finite decode output (read past lens or unwritten head)"
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(o.float(), decode_ref(q, k, v, lens).float(), atol=atol, rtol=rtol)
@@ -152,11 +154,12 @@ def test_decode_ragged(Hq, Hkv, d, dtype):
 
 def test_decode_bucket_and_many_splits():
     gen = seeded("decode bucket / many splits")
-    # a length bucket (max_len < L), and a forced 40-split grid (combine loops over blocks of splits)
-    q, k, v, lens = decode_case(2, 4, 1, 64, [200, 33], 640, torch.float32, gen)
-    check_decode(q, k, v, lens, torch.float32, max_len=256)
+    # a length bucket (max_len < L), and a forced 80-split grid: the combine takes 64 splits per step
+    # at d=128, so it loops
+    q, k, v, lens = decode_case(2, 4, 1, 128, [1200, 33], 1280, torch.float32, gen)
+    check_decode(q, k, v, lens, torch.float32, max_len=1216)
     for fused in (False, True):
-        cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1, splits=40, chunk=16, FUSED=fused)
+        cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1, splits=80, chunk=16, FUSED=fused)
         check_decode(q, k, v, lens, torch.float32, config=cfg)
 
 
@@ -198,6 +201,16 @@ def test_gpu_prefill_bf16(Hq, Hkv, d):
     q, k, v, qs, ql = prefill_case(3, Hq, Hkv, d, [0, 1000, 3], [2100, 777, 1], 3200, torch.bfloat16, gen,
                                    plant=[(0, 1500, 7, 8.0)])
     check_prefill(q, k, v, qs, ql, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_gpu_other_dtypes(dtype):
+    gen = seeded(f"gpu fp16/fp32 {dtype}")
+    q, k, v, qs, ql = prefill_case(2, 8, 2, 128, [0, 300], [700, 129], 1000, dtype, gen)
+    check_prefill(q, k, v, qs, ql, dtype)
+    q, k, v, lens = decode_case(2, 8, 2, 64, [5000, 77], 5000, dtype, gen)
+    check_decode(q, k, v, lens, dtype)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,391 @@
+"""Accuracy and fidelity of sparse decode against dense on the same prompts, in one run (DESIGN.md section 7).
+
+    python -m nanodp.eval --lengths 1024,2048,4096,8192 --n 2 --seed 1 --topk-match --out runs/dev
+    python -m nanodp.eval --plot-only runs/dev                 # plots from results.json (needs matplotlib)
+
+Methods (--methods, comma separated, all on the same prompts; dense runs first, topk=... last):
+  dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
+  topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
+  topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run
+                        (--topk-match adds one for every doublep method): the same budget, a fixed cut
+Metrics (the layout of --out/results.json is described in nanodp/plots.py):
+  score    per task in [0, 1], RULER string match: the fraction of the expected strings that appear in the
+           first max_new generated tokens (one answer for passkey / single_needle / multi_key).
+  ruler    mean over the RULER-style kinds (everything but passkey) of their mean score.
+  pk lost  passkey cases dense answers and the method does not.
+  KV read  bytes a decode step reads over what dense reads (K and V of every token), all layers and heads:
+           exact tokens (K, V) + pseudo-tokens (V̄ only: the centroid is read by the scan) + the stage-1 scan
+           (every centroid and ln s). exact / pseudo: tokens per step over the context length, per (layer,
+           KV head), with the spread over layers and heads (mean, p10, p90, min, max).
+  Fidelity (--fidelity-n prompts per length, eager): dense's greedy continuation of --teacher-tokens tokens is
+  fed to every method (teacher forcing); per decode step
+  KL       KL(dense || method) of the next-token distributions, nats
+  agree    decode steps until the method's greedy token first differs from dense's (= free-running agreement)
+  err      ||o_method - o_dense|| / ||o_dense|| per layer, query head and step, o_dense over the same cache
+           (dense rows show the floor of the kernels' rounding)
+  mass     dense attention probability, per query head, on the tokens the method reads exactly or through a
+           pseudo-token (steady tokens included); mass_x on exactly read tokens only; dense layers count 1.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import SparseConfig
+from .kernels.doublep import group_scores, select_clusters
+from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, prompts_sha, score
+
+
+class OutOfTime(Exception):
+    """--time-limit reached: stop starting work, report what is done."""
+
+
+def parse_method(spec: str) -> dict:
+    kind, *a = spec.split(":")
+    if spec == "dense":
+        return {"name": spec, "attention": "dense"}
+    if spec.startswith("topk=doublep"):
+        return {"name": spec, "attention": "topk", "match": spec[5:]}
+    if kind in ("doublep", "doublep-max") and len(a) == 2:
+        SparseConfig(p1=float(a[0]), p2=float(a[1]))  # validates
+        return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
+                "group_rule": "max" if kind == "doublep-max" else "mean"}
+    if kind == "topk" and len(a) == 1 and a[0].rstrip("%").replace(".", "", 1).isdigit():
+        return {"name": spec, "attention": "topk", "budget": a[0]}
+    raise ValueError(f"--methods: {spec!r}; use dense, doublep:P1:P2, doublep-max:P1:P2, topk:N, topk:F%, "
+                     "topk=doublep:P1:P2")
+
+
+def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
+    """The SparseConfig of method m for prompts of `length` (mean ntok tokens); ccfg: the cache's ClusterConfig."""
+    if m["attention"] == "dense":
+        return SparseConfig(attention="dense")
+    if m["attention"] == "doublep":
+        return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers)
+    if "match" in m:
+        kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))
+        if kv is None:
+            raise ValueError(f"{m['name']}: {m['match']} was not run at length {length} (add it to --methods)")
+        # topk takes whole clusters until the budget is reached, overshooting by about half a cluster
+        budget = max(0, round(kv["need_mean"] - ccfg.cluster_size / 2))
+    elif m["budget"].endswith("%"):
+        budget = round(float(m["budget"][:-1]) / 100 * max(0, ntok - ccfg.sinks - ccfg.window))
+    else:
+        budget = int(m["budget"])
+    return SparseConfig("topk", budget=budget, dense_layers=args.dense_layers)
+
+
+def spread(x) -> dict:
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    q = torch.quantile(x, torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
+    return {"mean": x.mean().item(), "p10": q[0], "p90": q[1], "min": x.min().item(), "max": x.max().item()}
+
+
+class KVTally:
+    """The engine's decode stats (per layer and KV head, summed over steps) summed over the batches of a length."""
+
+    def __init__(self):
+        self.s, self.dense, self.steps, self.scan, self.dl = {}, 0.0, 0, 0.0, 0
+
+    def add(self, eng, steps):
+        st = eng.ctx.stats
+        if eng.sparse.attention == "dense" or not st.sums:   # dense decode keeps no stats: reads everything
+            return
+        self.dl = eng.sparse.dense_layers
+        for k, v in st.sums.items():
+            self.s[k] = self.s.get(k, 0) + v.double().cpu()
+        self.dense += float(st.dense_tokens)
+        self.steps += sum(steps)
+        ncl = eng.cache.store.ncl[:, :len(steps)].double().cpu()          # [layers, B, Hkv], fixed in decode
+        scan = (ncl * torch.tensor(steps, dtype=torch.float64)[None, :, None]).sum(1)
+        scan[:self.dl] = 0                                                  # dense layers scan nothing
+        self.scan = self.scan + scan
+
+    def summary(self, d, es):
+        if not self.s:
+            return {"kv_bytes": 1.0, "exact": spread([1.0]), "pseudo": spread([0.0])}
+        nl, nh = self.s["exact_tokens"].shape
+        D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
+        ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, self.scan / D
+        kvb = (ex * 2 * d * es + ps * d * es + sc * (d * es + 4)) / (2 * d * es)
+        return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex), "pseudo": spread(ps), "scan": sc.mean().item(),
+                "need_mean": (self.s["need_tokens"][self.dl:].sum() / max(1, self.steps * (nl - self.dl) * nh)).item()
+                if "need_tokens" in self.s else 0.0,
+                "fallbacks": int(self.s["fallback"].sum()) if "fallback" in self.s else 0,
+                "exact_layer_head": ex.tolist()}
+
+
+def _members(cstart, sel, L):
+    """Token mask [B, Hkv, L] of the clusters marked in sel [B, Hkv, C]: cluster i is storage [cstart_i, cstart_i+1)."""
+    cst = cstart.long().clamp(0, L)
+    diff = torch.zeros(*sel.shape[:2], L + 1, device=sel.device)
+    diff.scatter_add_(-1, cst[..., :-1], sel.float())
+    diff.scatter_add_(-1, cst[..., 1:], -sel.float())
+    return diff.cumsum(-1)[..., :L] > 0.5
+
+
+class Observer:
+    """eng.ctx.observer: per layer and query head, sums over steps and sequences of the output's relative error
+    against dense attention over the same cache, the true mass kept and the mass read exactly."""
+
+    def __init__(self, eng):
+        nl, hq = eng.cfg.num_hidden_layers, eng.cfg.num_attention_heads
+        self.eng, z = eng, dict(dtype=torch.float64, device=eng.device)
+        self.err, self.mass, self.mass_x = (torch.zeros(nl, hq, **z) for _ in range(3))
+        self.n = torch.zeros(nl, **z)
+        self.mass_min = torch.ones(nl, hq, **z)
+
+    def __call__(self, li, q, layer, lens, tail_start, o, active):
+        B, Hq, d = q.shape
+        _, Hkv, L, _ = layer.k.shape
+        scale, t = 1.0 / math.sqrt(d), torch.arange(L, device=q.device)
+        live = t[None] < lens.long()[:, None]                                            # [B, L]
+        x = torch.einsum("bhgd,bhld->bhgl", q.float().view(B, Hkv, Hq // Hkv, d), layer.k.float()) * scale
+        p = torch.softmax(x.masked_fill(~live[:, None, None], -math.inf), -1)     # dense attention probabilities
+        od = torch.einsum("bhgl,bhld->bhgd", p, torch.where(live[:, None, :, None], layer.v.float(), 0.0))
+        od = od.reshape(B, Hq, d)                                                 # = decode_ref's output
+        err = (o.float() - od).norm(dim=-1) / od.norm(dim=-1).clamp_min(1e-30)
+        sp = self.eng.sparse
+        if sp.attention == "dense" or li < sp.dense_layers:
+            kept = kept_x = torch.ones(B, Hq, device=q.device)
+        else:  # the method's own selection, recomputed with the twin: exact clusters X, pseudo clusters A
+            z, G, valid = group_scores(q, layer, scale, sp.group_rule)
+            cst = layer.cstart.long()
+            sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
+            ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else
+                                           "doublep", sp.budget, sp.est_clusters)
+            if sp.capacity is not None:                            # over capacity: that head attends densely
+                fb = (sizes * ex).sum(-1) > sp.capacity
+                ex, ps = torch.where(fb[..., None], valid, ex), ps & ~fb[..., None]
+            ts = tail_start.long()[:, None]
+            steady = ((t[None] < ts.clamp(max=self.eng.cache.cfg.sinks)) | ((t[None] >= ts) & live))[:, None]
+            mx = steady | _members(cst, ex, L)
+            kept_x = (p * mx[:, :, None]).sum(-1).reshape(B, Hq)
+            kept = (p * (mx | _members(cst, ps, L))[:, :, None]).sum(-1).reshape(B, Hq)
+        w = active.double()[:, None]
+        self.err[li] += (err * w).sum(0)
+        self.mass[li] += (kept * w).sum(0)
+        self.mass_x[li] += (kept_x * w).sum(0)
+        self.mass_min[li] = torch.minimum(self.mass_min[li], kept.double().masked_fill(w == 0, 1).amin(0))
+        self.n[li] += active.sum()
+
+    def summary(self):
+        n = self.n.clamp_min(1)[:, None].cpu()
+        e, m, mx = self.err.cpu() / n, self.mass.cpu() / n, self.mass_x.cpu() / n
+        return {"err": spread(e), "mass": spread(m), "mass_x": spread(mx), "mass_min": self.mass_min.min().item(),
+                "err_layers": e.mean(1).tolist(), "mass_layers": m.mean(1).tolist(), "mass_x_layers": mx.mean(1).tolist()}
+
+
+@torch.inference_mode()
+def teacher_force(eng, prompts, n, feed=None):
+    """Prefill prompts into slots 0..B-1, then n decode steps (the loop of Engine._run_group) fed feed[:, t]
+    (None: the model's own greedy tokens). Returns (tokens fed [B, n], log-probs of the steps [B, n, V])."""
+    B = len(prompts)
+    for b in range(B):
+        eng.cache.reset(b)
+    logits = eng.prefill(prompts, [0] * B)
+    active = torch.ones(B, dtype=torch.bool, device=eng.device)
+    fed, lps = [], []
+    for t in range(n):
+        tok = logits.argmax(-1) if feed is None else feed[:, t]
+        fed.append(tok)
+        logits = eng.decode_step(tok, active)
+        lps.append(logits.float().log_softmax(-1))
+        for b in range(B):
+            eng.cache.set_len(b, eng.cache.lens_host[b] + 1)
+        if eng.cluster_enabled:
+            eng.cache.cluster_pending(range(B))
+    return torch.stack(fed, 1), torch.stack(lps, 1)
+
+
+def use(eng, cfg):
+    if eng.sparse != cfg:       # set_sparse drops the captured CUDA graphs: only when the method changes
+        eng.set_sparse(cfg)
+
+
+@torch.inference_mode()
+def run_accuracy(eng, m, tasks, args, R, save, tick, deadline):
+    """Greedy answers of one method for every task (batches of one length, similar max_new), scored."""
+    from .sampler import SamplingParams
+    rec, d, es = R["methods"][m["name"]], eng.cfg.head_dim, eng.cache.layers[0].k.element_size()
+    dense_out = R["methods"]["dense"]["outputs"]
+    for length, ts in by_length(tasks):
+        if str(length) in rec["kv"]:                                         # --resume: done before
+            continue
+        ts, tally, t0 = sorted(ts, key=lambda t: t["max_new"]), KVTally(), time.perf_counter()
+        use(eng, sparse_for(m, length, sum(len(t["prompt_ids"]) for t in ts) / len(ts), R, args, eng.cache.cfg))
+        for i in range(0, len(ts), args.batch_size):
+            if time.perf_counter() > deadline:
+                raise OutOfTime
+            chunk = ts[i:i + args.batch_size]
+            eng.ctx.stats.reset()
+            res = eng.generate([t["prompt_ids"] for t in chunk], SamplingParams(
+                temperature=0, max_new_tokens=max(t["max_new"] for t in chunk)), on_done=lambda j, r: tick())
+            tally.add(eng, [len(r.token_ids) - (r.finish_reason != "stop") for r in res])   # decode steps
+            for t, r in zip(chunk, res):
+                ids = (r.token_ids + [-1] * (r.finish_reason == "stop"))[:t["max_new"]]      # -1: EOS
+                text = eng.tok.decode([x for x in ids if x >= 0])
+                ref = dense_out.get(t["id"], {}).get("ids", ids)
+                agree = next((k for k, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+                rec["outputs"][t["id"]] = {"score": score(t, text), "text": text, "ids": ids, "agree": agree}
+            save()
+        rec["kv"][str(length)] = tally.summary(d, es) | {"sparse": eng.sparse.__dict__,
+                                                          "wall_s": time.perf_counter() - t0}
+        save()
+
+
+@torch.inference_mode()
+def run_fidelity(eng, m, tasks, args, R, save, ref, tick, deadline):
+    """Teacher-forced KL and agreement, and the observer's per-layer metrics, on the fidelity subset."""
+    rec, dense = R["methods"][m["name"]], m["name"] == "dense"
+    graphs, eng.use_graphs = eng.use_graphs, False                 # the observer needs eager steps
+    try:
+        for length, ts in by_length(tasks):
+            if str(length) in rec["fidelity"] and (length in ref or not dense):
+                continue
+            if time.perf_counter() > deadline:
+                raise OutOfTime
+            use(eng, sparse_for(m, length, sum(len(t["prompt_ids"]) for t in ts) / len(ts), R, args, eng.cache.cfg))
+            obs = eng.ctx.observer = Observer(eng)
+            feed, lp = teacher_force(eng, [t["prompt_ids"] for t in ts], args.teacher_tokens,
+                                     None if dense else ref[length][0].to(eng.device))
+            if dense:
+                ref[length] = (feed.cpu(), lp)
+            lpd = ref[length][1]
+            kl = (lpd.exp() * (lpd - lp)).sum(-1).clamp_min(0)                              # [B, steps]
+            agree = (lp.argmax(-1) == lpd.argmax(-1)).int().cumprod(1).sum(1).float()       # steps until a miss
+            rec["fidelity"][str(length)] = {"kl": kl.mean().item(), "kl_p90": spread(kl.cpu())["p90"],
+                                            "agree": agree.mean().item(), "n": len(ts)} | obs.summary()
+            for _ in ts:
+                tick()
+            save()
+    finally:
+        eng.ctx.observer, eng.use_graphs = None, graphs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nanodp.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--model", default=None, help="Llama folder (default: SmolLM2-135M-Instruct)")
+    a("--device", default=None)
+    a("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    a("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    a("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
+    a("--lengths", default="1024,2048,4096,8192", help="prompt lengths in tokens")
+    a("--depths", default="0.1,0.5,0.9", help="needle depths (0 = start, 1 = end)")
+    a("--tasks", default="all", help=f"comma list of {', '.join(KINDS)}; or all / ruler")
+    a("--n", type=int, default=2, help="samples per (kind, length, depth); kinds without depth: n x depths")
+    a("--seed", type=int, default=0, help="task seed: choose defaults on one seed, report on another")
+    a("--haystack", default="auto", help="auto, noise, varied or a text file of prose (comma list: all of them)")
+    a("--chat", action="store_true", help="wrap every task in the model's chat template")
+    a("--methods", default="dense,doublep:0.95:0.7,doublep:0.95:0.9,doublep-max:0.95:0.7,doublep-max:0.95:0.9")
+    a("--topk-match", action=argparse.BooleanOptionalAction, default=True,
+      help="add topk=M for every doublep method M: the same mean exact budget, a fixed cut")
+    a("--dense-layers", type=int, default=0, help="sparse methods keep the first N layers dense")
+    a("--fidelity-n", type=int, default=2, help="prompts per length for the fidelity pass (0: none)")
+    a("--teacher-tokens", type=int, default=16, help="teacher-forced decode steps in the fidelity pass")
+    a("--max-new-tokens", type=int, default=None, help="cap the per-kind answer lengths")
+    a("--batch-size", type=int, default=16)
+    a("--time-limit", type=float, default=None, help="seconds: start no new batch after this, report what is done")
+    a("--out", default=None, help="folder: results.json (written as results come) and plots")
+    a("--resume", action="store_true", help="keep what --out/results.json holds for the same prompts")
+    a("--pick-from", default=None, help="folder of a development-seed run: report its pick on this seed")
+    a("--plot-only", default=None, metavar="DIR", help="only make the plots of DIR/results.json")
+    args = ap.parse_args(argv)
+    from . import plots
+    if args.plot_only:
+        files = plots.make_plots(json.loads((Path(args.plot_only) / "results.json").read_text()), args.plot_only)
+        print("\n".join(files) if files else "matplotlib is not installed: pip install matplotlib")
+        return 0
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .config import ModelConfig
+    from .engine import Engine
+    from .loader import resolve_model_dir
+    t0 = time.perf_counter()
+    deadline = t0 + (args.time_limit or math.inf)
+    kinds = list(KINDS) if args.tasks == "all" else list(KINDS[1:]) if args.tasks == "ruler" else args.tasks.split(",")
+    try:
+        names = [s.strip() for s in args.methods.split(",") if s.strip()]
+        names = ["dense"] + [s for s in names if s != "dense"]                    # dense is the reference
+        names += [f"topk={s}" for s in names if s.startswith("doublep") and args.topk_match and f"topk={s}" not in names]
+        methods = sorted([parse_method(s) for s in names], key=lambda m: "match" in m)  # matched topk last
+        lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
+        mdir = resolve_model_dir(args.model, quiet=True)
+        mc = ModelConfig.from_dir(mdir)
+        mc = mc.with_yarn(args.yarn) if args.yarn else mc
+        # room after the prompt for the longest answer / teacher continuation
+        reserve = max([min(MAX_NEW[k], args.max_new_tokens or 10**9) for k in kinds] + [args.teacher_tokens]) + 2
+        max_len = min(mc.max_position_embeddings, max(lengths) + reserve)
+        eng = Engine(mdir, device=args.device, dtype=args.dtype, max_batch=args.batch_size, max_len=max_len,
+                     kernels=args.kernels, yarn=args.yarn, quiet=True)
+        tasks = make_tasks(eng.tok, kinds, lengths, depths, args.n, args.seed, args.haystack.split(","), args.chat,
+                           max_prompt=max_len - reserve)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"nanodp.eval: error: {e}", file=sys.stderr)
+        return 2
+    for t in tasks:
+        t["max_new"] = min(t["max_new"], args.max_new_tokens or t["max_new"])
+    args.fidelity_n = min(args.fidelity_n, args.batch_size)          # one batch per length
+    sha, fid = prompts_sha(tasks), fidelity_subset(tasks, args.fidelity_n)
+    R = {"meta": {"argv": sys.argv[1:] if argv is None else argv, "args": vars(args), "model": str(mdir),
+                  "device": str(eng.device), "dtype": str(eng.cache.dtype), "max_len": max_len, "prompts_sha": sha,
+                  "head_dim": eng.cfg.head_dim, "fidelity_ids": [t["id"] for t in fid]},
+         "tasks": [{k: v for k, v in t.items() if k != "prompt_ids"} | {"tokens": len(t["prompt_ids"])} for t in tasks],
+         "methods": {m["name"]: {"spec": m, "outputs": {}, "kv": {}, "fidelity": {}} for m in methods}}
+    out = Path(args.out) if args.out else None
+    if out and args.resume and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        if old["meta"]["prompts_sha"] == sha:
+            R["methods"] |= {k: v for k, v in old["methods"].items() if k in R["methods"]}
+
+    def save():
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json.tmp").write_text(json.dumps(R))
+            os.replace(out / "results.json.tmp", out / "results.json")
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+    old_term = signal.signal(signal.SIGTERM, on_term)       # `timeout` and schedulers: still print the table
+    print(f"nanodp.eval: {len(tasks)} prompts x {len(methods)} methods, fidelity on {len(fid)}, "
+          f"max_len {max_len}, prompts sha {sha[:12]}", file=sys.stderr)
+    ref = {}
+    try:
+        with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+            job = bar.add_task("", total=(len(tasks) + len(fid)) * len(methods))
+            for m in methods:
+                bar.update(job, description=m["name"])
+                run_accuracy(eng, m, tasks, args, R, save, lambda: bar.advance(job), deadline)
+            for m in methods if fid else []:
+                bar.update(job, description=m["name"] + " fidelity")
+                run_fidelity(eng, m, fid, args, R, save, ref, lambda: bar.advance(job), deadline)
+    except (KeyboardInterrupt, OutOfTime) as e:
+        print(f"nanodp.eval: {'out of time' if isinstance(e, OutOfTime) else 'interrupted'}; reporting what is done",
+              file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    R["meta"]["wall_s"] = time.perf_counter() - t0
+    S = R["summary"] = plots.summarize(R)
+    R["pick"] = plots.pick(S)
+    save()
+    dev = json.loads((Path(args.pick_from) / "results.json").read_text()).get("pick") if args.pick_from else None
+    plots.print_table(R, S, dev)
+    if out:
+        files = plots.make_plots(R, out)
+        print(f"results: {out / 'results.json'}" + (f"; plots: {', '.join(files)}" if files else ""), file=sys.stderr)
+    print(json.dumps(plots.summary_line(R, S, dev)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Reporting for `python -m nanodp.eval`: the per-method summary, the defaults rule, the final table, the one-line
+JSON summary and the plots (matplotlib is optional: `python -m nanodp.eval --plot-only DIR` on any machine that
+has it makes the plots from DIR/results.json afterwards).
+
+Plots: pareto.png (accuracy versus the fraction of KV bytes read, one panel per length), depth.png (accuracy of
+the single-needle kinds over length x depth, per method), exact_heads.png (exact tokens read per step over the
+context length, per layer: mean over KV heads with the min-max band, at the longest length).
+
+results.json (rewritten after every batch, so an interrupted run keeps what it did):
+  meta     argv, args, model, device, dtype, max_len, prompts_sha (hash of every prompt and answer: equal
+           exactly when two runs saw the same prompts), head_dim, fidelity_ids, wall_s
+  tasks    [{id, kind, haystack, length (the label), depth, answers, max_new, tokens (the prompt's real size)}]
+  methods  {name: {spec,
+             outputs:  {task id: {score, text, ids (greedy tokens, -1 = EOS), agree (leading tokens equal to dense's)}},
+             kv:       {length: {kv_bytes (fraction of dense's bytes), kv_bytes_spread, exact, pseudo (tokens per
+                        step / context: mean, p10, p90, min, max over layers x KV heads), scan, need_mean (exact
+                        clustered tokens per head and step), fallbacks, exact_layer_head [layer][KV head],
+                        sparse (the SparseConfig used), wall_s}},
+             fidelity: {length: {kl, kl_p90, agree, n, err / mass / mass_x (spreads over layers x query heads),
+                        mass_min, err_layers, mass_layers, mass_x_layers}}}}
+  summary  per method what the table prints (per kind, ruler, avg, pk_lost/pk_n, per_length, ...); pick
+"""
+from pathlib import Path
+
+from .tasks import DEPTH_KINDS, KINDS
+
+SHORT = {"passkey": "pass", "single_needle": "niah", "multi_key": "mkey", "multi_value": "mval",
+         "multi_query": "mq", "variable_tracking": "vt", "common_words": "cwe"}
+
+
+def summarize(R):
+    """Per method: accuracy per kind, RULER average, passkey losses vs dense, and per-length KV / fidelity."""
+    tasks, S = R["tasks"], {}
+    dense = R["methods"].get("dense", {}).get("outputs", {})
+    for name, rec in R["methods"].items():
+        out = rec["outputs"]
+        done = [t for t in tasks if t["id"] in out]
+        if not done:
+            continue
+        mean = lambda ts: sum(out[t["id"]]["score"] for t in ts) / len(ts) if ts else None  # noqa: E731
+        kinds = {k: mean([t for t in done if t["kind"] == k]) for k in KINDS if any(t["kind"] == k for t in done)}
+        ruler = [v for k, v in kinds.items() if k != "passkey"]
+        pk = [t for t in done if t["kind"] == "passkey"]
+        lost = sum(dense.get(t["id"], {}).get("score", 0) == 1 and out[t["id"]]["score"] < 1 for t in pk)
+        lens = sorted({t["length"] for t in done})
+        per_len = {str(L): {"acc": mean([t for t in done if t["length"] == L]),
+                            "kv_bytes": rec["kv"].get(str(L), {}).get("kv_bytes"),
+                            "exact": rec["kv"].get(str(L), {}).get("exact", {}).get("mean")} for L in lens}
+        fid = list(rec["fidelity"].values())
+        fmean = lambda f: sum(f(x) for x in fid) / len(fid) if fid else None  # noqa: E731
+        top = rec["kv"].get(str(lens[-1]), {})
+        S[name] = {"complete": len(done) == len(tasks) and all(str(n) in rec["kv"] for n in lens), "kinds": kinds, "ruler": sum(ruler) / len(ruler) if ruler else None, "passkey": kinds.get("passkey"),
+                   "pk_lost": lost, "pk_n": len(pk), "avg": sum(kinds.values()) / len(kinds), "per_length": per_len,
+                   "kv_bytes_max_len": top.get("kv_bytes"), "exact_max_len": top.get("exact", {}).get("mean"),
+                   "pseudo_max_len": top.get("pseudo", {}).get("mean"), "max_len": lens[-1],
+                   "agree_gen": sum(out[t["id"]]["agree"] for t in done) / len(done),
+                   "kl": fmean(lambda x: x["kl"]), "agree": fmean(lambda x: x["agree"]),
+                   "err": fmean(lambda x: x["err"]["mean"]), "mass": fmean(lambda x: x["mass"]["mean"]),
+                   "mass_x": fmean(lambda x: x["mass_x"]["mean"])}
+    return S
+
+
+def pick(S):
+    """The defaults rule: the doublep method reading the fewest KV bytes at the longest length that loses at most
+    1 passkey case in 40 against dense and stays within 2 points of dense on the RULER average."""
+    d, ok = S.get("dense"), []
+    for name, s in S.items():
+        if name.startswith("doublep") and d and s["complete"] and s["pk_lost"] * 40 <= max(s["pk_n"], 1) and (
+                s["ruler"] is None or s["ruler"] >= d["ruler"] - 0.02):
+            ok.append((s["kv_bytes_max_len"], name))
+    return min(ok)[1] if ok else None
+
+
+def _f(x, fmt, scale=1.0):
+    return "-" if x is None else format(x * scale, fmt)
+
+
+def print_table(R, S, dev_pick=None):
+    """The final compact tables (what a GPU run's output tail shows)."""
+    from rich.console import Console
+    from rich.table import Table
+    con = Console(width=200)
+    kinds = [k for k in KINDS if any(k in s["kinds"] for s in S.values())]
+    L = max((s["max_len"] for s in S.values()), default=0)
+    tt = R["meta"]["args"]["teacher_tokens"]
+    tab = Table(title=f"nanodp.eval seed {R['meta']['args']['seed']}: accuracy % (RULER string match), KV read at "
+                      f"{L} tokens, fidelity vs dense", box=None, pad_edge=False)
+    for c in ["method"] + [SHORT[k] for k in kinds] + ["ruler", "avg", "pk lost", f"KV@{L}", "exact", "pseudo",
+                                                       "KL", f"agree/{tt}", "err", "mass", "mass_x"]:
+        tab.add_column(c, justify="left" if c == "method" else "right")
+    for name, s in S.items():
+        tab.add_row(name + (" *" if name == R.get("pick") else ""), *[_f(s["kinds"].get(k), ".0f", 100) for k in kinds],
+                    _f(s["ruler"], ".1f", 100), _f(s["avg"], ".1f", 100), f"{s['pk_lost']}/{s['pk_n']}",
+                    _f(s["kv_bytes_max_len"], ".1f", 100) + "%", _f(s["exact_max_len"], ".1f", 100) + "%",
+                    _f(s["pseudo_max_len"], ".1f", 100) + "%", _f(s["kl"], ".4f"), _f(s["agree"], ".1f"),
+                    _f(s["err"], ".3f"), _f(s["mass"], ".3f"), _f(s["mass_x"], ".3f"))
+    con.print(tab)
+    lens = sorted({int(x) for s in S.values() for x in s["per_length"]})
+    tab = Table(title="accuracy % / KV bytes read %, per length", box=None, pad_edge=False)
+    tab.add_column("method")
+    for n in lens:
+        tab.add_column(str(n), justify="right")
+    for name, s in S.items():
+        pl = [s["per_length"].get(str(n), {}) for n in lens]
+        tab.add_row(name, *[f"{_f(p.get('acc'), '.0f', 100)} / {_f(p.get('kv_bytes'), '.1f', 100)}" for p in pl])
+    con.print(tab)
+    con.print(f"pick (this seed's rule: fewest KV bytes at {L} with passkey losses <= 1/40 and RULER >= dense - 2): "
+              f"{R.get('pick')}")
+    if dev_pick:
+        s, d = S.get(dev_pick), S.get("dense")
+        con.print(f"development-seed pick {dev_pick}: " + (f"here passkey lost {s['pk_lost']}/{s['pk_n']}, RULER "
+                  f"{_f(s['ruler'], '.1f', 100)} vs dense {_f(d['ruler'], '.1f', 100)}, KV@{L} "
+                  f"{_f(s['kv_bytes_max_len'], '.1f', 100)}%" if s and d else "not run here"))
+
+
+def summary_line(R, S, dev_pick=None):
+    r = lambda x: None if x is None else round(x, 4)  # noqa: E731
+    keys = ("avg", "ruler", "passkey", "pk_lost", "pk_n", "kv_bytes_max_len", "exact_max_len", "kl", "agree", "err",
+            "mass", "mass_x")
+    return {"eval": {"seed": R["meta"]["args"]["seed"], "prompts_sha": R["meta"]["prompts_sha"][:12],
+                     "pick": R.get("pick"), "dev_pick": dev_pick, "wall_s": r(R["meta"].get("wall_s")),
+                     "methods": {n: {k: r(s[k]) for k in keys} for n, s in S.items()}}}
+
+
+def make_plots(R, out) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out, S, files = Path(out), R.get("summary") or summarize(R), []
+    lens = sorted({int(x) for s in S.values() for x in s["per_length"]})
+    mark = lambda n: "*" if n == "dense" else "^" if n.startswith("topk") else "s" if "max" in n else "o"  # noqa: E731
+    fig, axs = plt.subplots(1, len(lens), figsize=(4.2 * len(lens), 3.8), squeeze=False)
+    for ax, n in zip(axs[0], lens):
+        for name, s in S.items():
+            p = s["per_length"].get(str(n), {})
+            if p.get("kv_bytes") is not None and p.get("acc") is not None:
+                ax.scatter(100 * p["kv_bytes"], 100 * p["acc"], marker=mark(name), s=50, label=name)
+        ax.set(title=f"{n} tokens", xlabel="KV bytes read (% of dense)", ylabel="accuracy (%)", xscale="log")
+        ax.grid(alpha=0.3)
+    axs[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    files.append(_save(fig, out / "pareto.png", plt))
+    tasks = [t for t in R["tasks"] if t["kind"] in DEPTH_KINDS]
+    depths = sorted({t["depth"] for t in tasks})
+    if tasks:
+        names = list(S)
+        fig, axs = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 1, 3.2), squeeze=False)
+        for ax, name in zip(axs[0], names):
+            out_m = R["methods"][name]["outputs"]
+            grid = [[_mean([out_m[t["id"]]["score"] for t in tasks if t["length"] == n and t["depth"] == d
+                            and t["id"] in out_m]) for n in lens] for d in depths]
+            im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
+                           cmap="RdYlGn", aspect="auto")
+            ax.set(title=name, xticks=range(len(lens)), xticklabels=lens, yticks=range(len(depths)),
+                   yticklabels=depths, xlabel="length")
+        axs[0][0].set_ylabel("depth")
+        fig.colorbar(im, ax=axs[0].tolist(), label="accuracy (needle kinds)")
+        files.append(_save(fig, out / "depth.png", plt))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rec in R["methods"].items():
+        lh = rec["kv"].get(str(lens[-1]) if lens else "", {}).get("exact_layer_head")
+        if lh:
+            xs = range(len(lh))
+            ax.plot(xs, [100 * sum(r) / len(r) for r in lh], marker=mark(name), ms=3, label=name)
+            ax.fill_between(xs, [100 * min(r) for r in lh], [100 * max(r) for r in lh], alpha=0.15)
+    ax.set(xlabel="layer", ylabel="exact tokens read (% of context)", yscale="log",
+           title=f"exact tokens per layer at {lens[-1] if lens else '?'} tokens (band: min-max over KV heads)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    files.append(_save(fig, out / "exact_heads.png", plt))
+    return files
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _save(fig, path, plt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,270 @@
+"""Long-context tasks for `python -m nanodp.eval`, generated locally from a seed and sized in tokens.
+
+Kinds (scoring is in nanodp.eval.score):
+  passkey            a 5-digit pass key hidden at `depth` in filler text; the prompt ends "The pass key is"
+  single_needle      RULER niah_single: "One of the special magic numbers for {key} is: {7 digits}."
+  multi_key          the same needle plus 3 distractor needles for other keys (RULER niah_multikey)
+  multi_value        4 numbers for one key, all asked for (niah_multivalue)
+  multi_query        4 keys with a number each, all asked at once (niah_multiquery)
+  variable_tracking  VAR A = 12345. ... VAR B = A. ... (one chain, 4 hops): which names hold 12345?
+  common_words       a numbered list of words; the 10 words repeated most often are asked for (cwe)
+The answer is decoded token by token after an answer prefix, as in RULER.
+
+Haystacks: "noise" (The grass is green. The sky is blue. ...), "varied" (seeded generated sentences) or a
+path to a plain English text file (real prose, sentences from a seeded offset). "auto" gives passkey and variable
+tracking the noise and the other needle tasks the varied sentences. `depth` places the needle: 0 = start, 1 = end of the haystack.
+Kinds without one needle get depth None and n * len(depths) samples per length, so every kind has as many.
+
+Sizing: `length` is the prompt length in tokens of the model's tokenizer (template, question and answer prefix
+included); the haystack is filled to the largest size that fits (within ~1% or one sentence). Every prompt has its
+own random.Random seeded by a string, which is stable across runs, machines and Python versions.
+"""
+import hashlib
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+KINDS = ("passkey", "single_needle", "multi_key", "multi_value", "multi_query", "variable_tracking",
+         "common_words")
+DEPTH_KINDS = ("passkey", "single_needle", "multi_key")
+MAX_NEW = {"passkey": 8, "single_needle": 12, "multi_key": 12, "multi_value": 40, "multi_query": 40,
+           "variable_tracking": 30, "common_words": 64}          # tokens to generate per kind
+NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+ADJ = ("quiet bright ancient narrow golden silver hidden wooden frozen gentle rapid hollow crimson distant "
+       "patient humble rusty clever lonely muddy sturdy velvet bitter polite sleepy windy curious brave "
+       "fragile noisy dusty tidy").split()
+NOUN = ("farmer river lantern harbor teacher garden window sailor meadow bridge painter kettle village "
+        "forest baker candle mountain ribbon doctor orchard pebble castle tailor island engine violin "
+        "market feather captain cottage mirror valley blanket compass library tractor beacon ladder "
+        "pilot basket canyon drummer jacket orchid saddle tunnel miller parrot").split()
+VERB = ("carried painted repaired followed admired noticed borrowed cleaned watched visited measured "
+        "described opened counted remembered ignored polished gathered crossed discovered").split()
+PLACE = ("near the old mill", "before the first snow", "behind the station", "at the edge of town",
+         "after the long rain", "under a pale moon", "beside the harbor wall", "in the early morning",
+         "across the wide field", "during the summer fair", "on the hill road", "inside the quiet hall")
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+INTRO_NIAH = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+              "I will quiz you about the numbers afterwards.")
+
+
+def varied_sentence(rng: random.Random) -> str:
+    """One generated sentence of ordinary English, e.g. 'The rusty lantern watched the pilot near the old mill.'"""
+    a, n, n2, v, p = (rng.choice(ADJ), rng.choice(NOUN), rng.choice(NOUN), rng.choice(VERB), rng.choice(PLACE))
+    t = rng.randrange(4)
+    if t == 0:
+        return f"The {a} {n} {v} the {n2} {p}."
+    if t == 1:
+        return f"Every {rng.choice(DAYS)} a {n} {v} a {a} {n2}."
+    if t == 2:
+        return f"Nobody knew why the {n} looked so {a} {p}."
+    return f"{p[0].upper() + p[1:]}, the {n2} {v} a {a} {n} and went home."
+
+
+def read_prose(path) -> list:
+    """Sentences of a plain text file (whitespace normalised)."""
+    text = " ".join(Path(path).read_text(encoding="utf-8", errors="replace").split())
+    sents = [s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    if len(sents) < 2:
+        raise ValueError(f"--haystack {path}: needs plain text with several sentences")
+    return sents
+
+
+class Haystack:
+    """The first k filler sentences of one prompt (the same list for every k, so sizing can search k)."""
+
+    def __init__(self, name, rng, prose=None):
+        self.name, self.rng, self.prose, self.items = name, random.Random(rng.random()), prose, []
+        self.off = rng.randrange(len(prose)) if prose else 0
+
+    def take(self, k):
+        while len(self.items) < k:
+            i = len(self.items)
+            self.items.append(NOISE[i % len(NOISE)] if self.name == "noise" else varied_sentence(self.rng)
+                              if self.name == "varied" else self.prose[(self.off + i) % len(self.prose)])
+        return self.items[:k]
+
+
+def _key(rng, taken):
+    while True:  # RULER-style keys: two words joined by a hyphen, distinct within a prompt
+        k = f"{rng.choice(ADJ)}-{rng.choice(NOUN)}"
+        if k not in taken:
+            taken.add(k)
+            return k
+
+
+def _numbers(rng, count, digits):
+    out = []
+    while len(out) < count:
+        x = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _needle_spec(kind, rng, depth):
+    """(intro, [(depth, sentence)], question, answer prefix, answers) of one needle-in-a-haystack prompt."""
+    magic = "One of the special magic numbers for {} is: {}."
+    if kind == "passkey":
+        k = _numbers(rng, 1, 5)[0]
+        return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.",
+                [(depth, f"The pass key is {k}. Remember it. {k} is the pass key.")],
+                "What is the pass key?", "The pass key is", [k])
+    if kind == "variable_tracking":
+        names, value = [], _numbers(rng, 1, 5)[0]
+        while len(names) < 5:
+            nm = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+            names += [nm] if nm not in names else []
+        lines = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]
+        return ("Memorize and track the chain(s) of variable assignment hidden in the following text.",
+                list(zip(sorted(rng.random() for _ in lines), lines)),
+                f"Question: Find all variables that are assigned the value {value} in the text above.",
+                "Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
+                f"assigned the value {value}, they are:", names)
+    taken = set()
+    if kind in ("single_needle", "multi_key"):
+        keys, vals = [_key(rng, taken) for _ in range(4 if kind == "multi_key" else 1)], None
+        vals = _numbers(rng, len(keys), 7)
+        needles = [(depth, magic.format(keys[0], vals[0]))] + [
+            (rng.random(), magic.format(k, v)) for k, v in zip(keys[1:], vals[1:])]   # distractors
+        q = f"the special magic number for {keys[0]} mentioned in the provided text"
+        return INTRO_NIAH, needles, f"What is {q}?", f"The {q[4:]} is", vals[:1]
+    if kind == "multi_value":
+        key, vals = _key(rng, taken), _numbers(rng, 4, 7)
+        needles, keys = [(rng.random(), magic.format(key, v)) for v in vals], key
+    elif kind == "multi_query":
+        ks, vals = [_key(rng, taken) for _ in range(4)], _numbers(rng, 4, 7)
+        needles, keys = [(rng.random(), magic.format(k, v)) for k, v in zip(ks, vals)], ", ".join(ks[:-1]) + \
+            f", and {ks[-1]}"
+    else:
+        raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
+    q = f"the special magic numbers for {keys} mentioned in the provided text"
+    return INTRO_NIAH, needles, f"What are all {q}?", f"The {q[4:]} are", vals
+
+
+def _cwe_items(base, k):
+    """k numbered-list entries: 10 common words repeated f times, the others f // 10 times (at least 1)."""
+    words = [f"{a}-{n}" for a in ADJ for n in NOUN]
+    random.Random(base).shuffle(words)                  # the same words for every k
+    rng = random.Random(f"{base}|{k}")
+    fc = min(30, max(2, k // 40))
+    fu = max(1, fc // 10)
+    common, rare = words[:10], words[10:10 + max(0, (k - 10 * fc) // fu)]
+    items = common * fc + rare * fu
+    rng.shuffle(items)
+    return items, common
+
+
+def _render(tok, body, prefix, chat):
+    if chat:  # the model's own chat template around the task; the answer prefix opens the assistant turn
+        return tok.encode(tok.render_chat([{"role": "user", "content": body}]) + prefix, add_special_tokens=False)
+    return tok.encode(f"{body} {prefix}")
+
+
+def _fit(build, target):
+    """The largest count k whose prompt build(k) has at most `target` tokens: proportional guesses from the
+    fixed part's size and the per-unit size (each step one encode), clamped into the bracket found so far."""
+    fixed = len(build(0))
+    if fixed > target:
+        raise ValueError(f"a prompt length of {target} tokens is too short for this task ({fixed} without filler)")
+    lo, hi, best = 0, None, None
+    k = max(1, (target - fixed) // 8)
+    while True:
+        ids = build(k)
+        if len(ids) <= target:
+            lo, best = k, ids
+            if len(ids) >= target - max(3, target // 100):
+                return best
+        else:
+            hi = k
+        if hi is not None and hi - lo <= 1:
+            return best if best is not None else build(0)
+        per = max(1e-3, (len(ids) - fixed) / k)
+        guess = int((target - fixed) / per)
+        k = min(max(guess, lo + 1), hi - 1 if hi is not None else max(guess, lo + 1))
+
+
+def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False, prose=None, max_prompt=None):
+    hay = haystack if haystack != "auto" else ("noise" if kind in ("passkey", "variable_tracking") else "varied")
+    hname = hay if hay in ("noise", "varied") else "prose-" + Path(hay).stem
+    base = f"{seed}|{kind}|{hname}|{length}|{depth}|{index}"
+    rng = random.Random(base)
+    target = min(length, max_prompt or length)
+    if kind == "common_words":
+        def build(k):
+            items, _ = _cwe_items(base, k)
+            body = ("Below is a numbered list of words. In these words, some appear more often than others. "
+                    "Memorize the ones that appear most often.\n" + "\n".join(f"{i + 1}. {w}" for i, w in
+                                                                            enumerate(items)) +
+                    "\nQuestion: What are the 10 most common words in the above list?")
+            return _render(tok, body, "Answer: The top 10 words that appear most often in the list are:", chat)
+        ids = _fit(build, target)
+        answers, hname = _cwe_items(base, 0)[1], "list"
+    else:
+        intro, needles, question, prefix, answers = _needle_spec(kind, rng, depth)
+        stack = Haystack(hname, rng, prose)
+
+        def build(k):
+            parts = list(stack.take(k))
+            at = sorted(((round(d * k), i) for i, (d, _) in enumerate(needles)), reverse=True)
+            for pos, i in at:  # the deepest first, so earlier insertions do not shift later positions
+                parts.insert(pos, needles[i][1])
+            return _render(tok, f"{intro}\n\n{' '.join(parts)}\n\n{question}", prefix, chat)
+        ids = _fit(build, target)
+    dtag = "" if depth is None else f"-d{depth:g}"
+    return {"id": f"{kind}-{hname}-{length}{dtag}-{index}", "kind": kind, "haystack": hname, "length": length,
+            "depth": depth, "prompt_ids": ids, "answers": answers,
+            "max_new": MAX_NEW[kind]}
+
+
+def make_tasks(tok, kinds, lengths, depths, n, seed, haystack=None, chat=False, max_prompt=None) -> list:
+    """Every (kind, haystack, length, depth, sample) prompt: list of dict(id, kind, haystack, length, depth,
+    prompt_ids, answers, max_new). `haystack`: None/"auto", "noise", "varied", a file path, or a list of them.
+    `max_prompt` caps the prompt tokens (room for the answer in the context); `length` stays the label."""
+    hays = haystack if isinstance(haystack, (list, tuple)) else [haystack or "auto"]
+    prose = {h: read_prose(h) for h in hays if h not in ("auto", "noise", "varied")}
+    out = []
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
+        for hay in hays if kind != "common_words" else hays[:1]:
+            for length in lengths:
+                grid = [(d, i) for d in depths for i in range(n)] if kind in DEPTH_KINDS else \
+                    [(None, i) for i in range(n * len(depths))]
+                out += [make_task(tok, kind, length, d, i, seed, hay, chat, prose.get(hay), max_prompt)
+                        for d, i in grid]
+    return out
+
+
+def by_length(tasks):
+    """[(length, tasks of that length)], shortest first."""
+    out = {}
+    for t in tasks:
+        out.setdefault(t["length"], []).append(t)
+    return sorted(out.items())
+
+
+def fidelity_subset(tasks, k):
+    """Per length, k tasks taken from the kinds in turn (the first of each kind, then the second, ...)."""
+    out = []
+    for _, ts in by_length(tasks):
+        seen, keyed = {}, []
+        for i, t in enumerate(ts):
+            seen[t["kind"]] = seen.get(t["kind"], 0) + 1
+            keyed.append((seen[t["kind"]], i))
+        out += [ts[i] for _, i in sorted(keyed)[:k]]
+    return out
+
+
+def prompts_sha(tasks) -> str:
+    """One hash of every prompt and answer: equal across runs exactly when the prompts are."""
+    return hashlib.sha256(json.dumps([(t["id"], t["prompt_ids"], t["answers"]) for t in tasks]).encode()).hexdigest()
+
+
+def score(task, text) -> float:
+    """RULER's string match: the fraction of the expected strings in the output (case-insensitive); passkey,
+    single_needle and multi_key expect one string, so they score 0 or 1."""
+    t = text.lower()
+    return sum(a.lower() in t for a in task["answers"]) / len(task["answers"])

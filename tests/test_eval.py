@@ -1,0 +1,95 @@
+"""The evaluation harness cannot silently break: task generators (sizes, answers, determinism) and a tiny
+`python -m nanodp.eval` run on the CPU (dense answers a passkey; every metric is there and sane)."""
+import json
+
+import pytest
+
+from nanodp import eval as ev
+from nanodp.tasks import KINDS, make_tasks
+from nanodp.tokenizer import Tokenizer
+
+PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
+         "cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, had been "
+         "tacked to the wall. Outside, even through the shut window-pane, the world looked cold. ") * 3
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    return Tokenizer(default_model)
+
+
+def test_tasks_sized_answered_and_deterministic(tok, tmp_path):
+    prose = tmp_path / "prose.txt"
+    prose.write_text(PROSE)
+    kw = dict(kinds=KINDS, lengths=[400, 1500], depths=[0.0, 0.5, 1.0], n=1)
+    a = make_tasks(tok, seed=3, **kw)
+    assert a == make_tasks(tok, seed=3, **kw), "same seed, different prompts"
+    b = make_tasks(tok, seed=4, **kw)
+    assert [t["prompt_ids"] for t in a] != [t["prompt_ids"] for t in b]
+    assert len({t["id"] for t in a}) == len(a) == len(KINDS) * 2 * 3
+    for t in a + make_tasks(tok, ["passkey", "multi_query"], [600], [0.3], 2, 5, haystack=str(prose), chat=True):
+        n = len(t["prompt_ids"])
+        assert 0.95 * t["length"] <= n <= t["length"], (t["id"], n)
+        text = tok.decode(t["prompt_ids"])
+        assert t["answers"] and all(ans in text for ans in t["answers"]), t["id"]
+    deep = [t for t in a if t["kind"] == "passkey" and t["length"] == 1500]
+    pos = [tok.decode(t["prompt_ids"]).find(t["answers"][0]) for t in deep]
+    assert pos == sorted(pos), "depth 0 -> 0.5 -> 1 moves the needle towards the end"
+    chat = make_tasks(tok, ["passkey"], [600], [0.3], 1, 5, chat=True)[0]
+    assert tok.decode(chat["prompt_ids"], skip_special_tokens=False).startswith("<|im_start|>")
+    capped = make_tasks(tok, ["single_needle"], [600], [0.5], 1, 5, max_prompt=500)[0]
+    assert capped["length"] == 600 and len(capped["prompt_ids"]) <= 500
+
+
+def test_methods_parse_and_score():
+    assert ev.parse_method("doublep-max:0.95:0.7")["group_rule"] == "max"
+    assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
+    assert ev.parse_method("topk:5%")["budget"] == "5%"
+    for bad in ("doublep:0.5:0.9", "topk", "sparse"):
+        with pytest.raises(ValueError):
+            ev.parse_method(bad)
+    task = {"answers": ["123", "456"]}
+    assert ev.score(task, "It is 123 and 45") == 0.5 and ev.score(task, "456, 123.") == 1.0
+
+
+def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--lengths", "300", "--tasks", "passkey,single_needle", "--n", "1", "--depths", "0.5",
+            "--max-new-tokens", "10", "--methods", "dense,doublep:0.95:0.7", "--topk-match", "--fidelity-n", "1",
+            "--teacher-tokens", "3", "--batch-size", "2", "--out", str(out)]
+    assert ev.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
+    R = json.loads((out / "results.json").read_text())
+    assert set(R["methods"]) == {"dense", "doublep:0.95:0.7", "topk=doublep:0.95:0.7"}
+    pk = next(t for t in R["tasks"] if t["kind"] == "passkey")
+    assert R["methods"]["dense"]["outputs"][pk["id"]]["score"] == 1.0, "dense must find the passkey at 300 tokens"
+    d, s = line["methods"]["dense"], line["methods"]["doublep:0.95:0.7"]
+    assert d["kv_bytes_max_len"] == 1.0 and d["kl"] == 0 and d["mass"] == 1.0 and d["agree"] == 3
+    assert 0 < s["kv_bytes_max_len"] < 1 and 0 < s["exact_max_len"] < 1 and s["kl"] >= 0
+    assert 0.3 < s["mass"] <= 1.0 + 1e-6 and s["mass_x"] <= s["mass"] + 1e-9 and s["err"] > 0
+    fid = R["methods"]["doublep:0.95:0.7"]["fidelity"]["300"]
+    assert len(fid["err_layers"]) == 30 and fid["n"] == 1
+    kv = R["methods"]["topk=doublep:0.95:0.7"]["kv"]["300"]
+    assert kv["sparse"]["attention"] == "topk" and kv["sparse"]["budget"] > 0
+    # the same command gives the same prompts and scores; --resume keeps what a run already did
+    short = argv[:-2] + ["--methods", "dense", "--fidelity-n", "0", "--out"]
+    assert ev.main(short + [str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["meta"]["prompts_sha"] == R["meta"]["prompts_sha"]
+    assert again["methods"]["dense"]["outputs"] == R["methods"]["dense"]["outputs"]
+    assert ev.main(short + [str(out), "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"]["dense"] == R["methods"]["dense"]
+
+
+def test_plot_only(tmp_path):
+    pytest.importorskip("matplotlib")
+    from nanodp import plots
+    tasks = [{"id": f"passkey-noise-{n}-d{d}-0", "kind": "passkey", "length": n, "depth": d} for n in (300, 600)
+             for d in (0.1, 0.9)]
+    out = {t["id"]: {"score": 1.0, "agree": 3} for t in tasks}
+    kv = {"kv_bytes": 0.3, "exact": {"mean": 0.2}, "pseudo": {"mean": 0.01}, "exact_layer_head": [[0.2, 0.3]] * 4}
+    R = {"meta": {"args": {"seed": 0, "teacher_tokens": 3}}, "tasks": tasks,
+         "methods": {m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}} for m in ("dense", "doublep:1:1")}}
+    (tmp_path / "results.json").write_text(json.dumps(R))
+    assert ev.main(["--plot-only", str(tmp_path)]) == 0
+    assert all((tmp_path / f).is_file() for f in ("pareto.png", "depth.png", "exact_heads.png"))
