@@ -100,7 +100,6 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
     Returns (o [B, Hq, d] in q.dtype, stats: dict of [B, Hkv] tensors, see _STAT_KEYS)."""
     B, Hq, d = q.shape
     _, Hkv, L, _ = layer.k.shape
-    C = layer.centroids.shape[2]
     g = Hq // Hkv
     dev = q.device
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -150,3 +149,10 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
         "need_tokens": need.int(),                               # exact clustered tokens asked for
     }
     return o.reshape(B, Hq, d).to(q.dtype), stats
+
+
+def sparse_triton(*args, **kwargs):
+    """The Triton version (kernels/doublep_attn.py), same signature; imported lazily so that the twin
+    works where Triton is not installed."""
+    from .doublep_attn import sparse_triton as _impl
+    return _impl(*args, **kwargs)

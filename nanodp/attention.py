@@ -29,6 +29,7 @@ class DecodeStats:
         self.shape, self.device = (n_layers, n_kv), device
         self.sums, self.dense_tokens = {}, torch.zeros((), device=device)
 
+    @torch.inference_mode()
     def reset(self):
         for t in self.sums.values():
             t.zero_()

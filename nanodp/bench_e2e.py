@@ -80,15 +80,17 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
             layer.v[:B, :, :ctx].normal_()
         for b in range(B):
             eng.cache.set_len(b, ctx)
-    tok = torch.zeros(B, dtype=torch.long, device="cuda")
-    active = torch.ones(B, dtype=torch.bool, device="cuda")
+    dev = eng.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tok = torch.zeros(B, dtype=torch.long, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
     host = [True] * B
     for _ in range(3):  # capture the graph for this bucket, then measure
         logits = eng.decode_step(tok, active)
         tok = logits.argmax(-1)
         eng.advance(active, host)
     eng.ctx.stats.reset()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         logits = eng.decode_step(tok, active)
@@ -97,7 +99,7 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
         eng.advance(active, host)
         if eng.cluster_enabled:
             eng.cache.cluster_pending(range(B))
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / steps
     s = eng.ctx.stats.summary()
     return dict(ms_per_step=dt * 1e3, tok_s=B / dt, kv_read=s.get("kv_read_fraction", 1.0),

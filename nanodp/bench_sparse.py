@@ -169,7 +169,7 @@ def bench_sparse(args=None):
                       f"{t_eager:>9.1f}", flush=True)
                 if "kernels_us" in row:
                     print("   per kernel (us):", ", ".join(f"{n[:24]} {t:.1f}" for n, t in row["kernels_us"].items()))
-                del q, layer, lens, ts
+                q = layer = lens = ts = None
                 torch.cuda.empty_cache()
     print("dense = decode_triton if importable else SDPA; x = dense / sparse; eager = doublep without a graph;"
           " topk at the mean exact clustered-token count of doublep")

@@ -27,13 +27,10 @@ Metrics (the layout of --out/results.json is described in nanodp/plots.py):
            pseudo-token (steady tokens included); mass_x on exactly read tokens only; dense layers count 1.
 """
 import argparse
-import json
 import math
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -114,9 +111,10 @@ class KVTally:
         D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
         ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, self.scan / D
         kvb = (ex * 2 * d * es + ps * d * es + sc * (d * es + 4)) / (2 * d * es)
-        return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex), "pseudo": spread(ps), "scan": sc.mean().item(),
-                "need_mean": (self.s["need_tokens"][self.dl:].sum() / max(1, self.steps * (nl - self.dl) * nh)).item()
-                if "need_tokens" in self.s else 0.0,
+        need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl:].sum()  # exact clustered tokens asked for
+        return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex),
+                "pseudo": spread(ps), "scan": sc.mean().item(),
+                "need_mean": need.item() / max(1, self.steps * (nl - self.dl) * nh),   # per head and step
                 "fallbacks": int(self.s["fallback"].sum()) if "fallback" in self.s else 0,
                 "exact_layer_head": ex.tolist()}
 
@@ -128,6 +126,24 @@ def _members(cstart, sel, L):
     diff.scatter_add_(-1, cst[..., :-1], sel.float())
     diff.scatter_add_(-1, cst[..., 1:], -sel.float())
     return diff.cumsum(-1)[..., :L] > 0.5
+
+
+def read_masks(q, layer, lens, tail_start, sp: SparseConfig, sinks):
+    """The method's selection recomputed with the twin, as token masks [B, Hkv, L] over storage: (exact, kept).
+    exact = steady tokens + tokens of the exact clusters X; kept = exact + tokens of the pseudo clusters A."""
+    L = layer.k.shape[2]
+    z, G, valid = group_scores(q, layer, 1.0 / math.sqrt(q.shape[-1]), sp.group_rule)
+    cst = layer.cstart.long()
+    sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
+    ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else "doublep",
+                                   sp.budget, sp.est_clusters)
+    if sp.capacity is not None:                                    # over capacity: that head attends densely
+        fb = (sizes * ex).sum(-1) > sp.capacity
+        ex, ps = torch.where(fb[..., None], valid, ex), ps & ~fb[..., None]
+    t, ts = torch.arange(L, device=q.device)[None], tail_start.long()[:, None]
+    steady = ((t < ts.clamp(max=sinks)) | ((t >= ts) & (t < lens.long()[:, None])))[:, None]
+    exact = steady | _members(cst, ex, L)
+    return exact, exact | _members(cst, ps, L)
 
 
 class Observer:
@@ -154,20 +170,10 @@ class Observer:
         sp = self.eng.sparse
         if sp.attention == "dense" or li < sp.dense_layers:
             kept = kept_x = torch.ones(B, Hq, device=q.device)
-        else:  # the method's own selection, recomputed with the twin: exact clusters X, pseudo clusters A
-            z, G, valid = group_scores(q, layer, scale, sp.group_rule)
-            cst = layer.cstart.long()
-            sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
-            ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else
-                                           "doublep", sp.budget, sp.est_clusters)
-            if sp.capacity is not None:                            # over capacity: that head attends densely
-                fb = (sizes * ex).sum(-1) > sp.capacity
-                ex, ps = torch.where(fb[..., None], valid, ex), ps & ~fb[..., None]
-            ts = tail_start.long()[:, None]
-            steady = ((t[None] < ts.clamp(max=self.eng.cache.cfg.sinks)) | ((t[None] >= ts) & live))[:, None]
-            mx = steady | _members(cst, ex, L)
+        else:
+            mx, mk = read_masks(q, layer, lens, tail_start, sp, self.eng.cache.cfg.sinks)
             kept_x = (p * mx[:, :, None]).sum(-1).reshape(B, Hq)
-            kept = (p * (mx | _members(cst, ps, L))[:, :, None]).sum(-1).reshape(B, Hq)
+            kept = (p * mk[:, :, None]).sum(-1).reshape(B, Hq)
         w = active.double()[:, None]
         self.err[li] += (err * w).sum(0)
         self.mass[li] += (kept * w).sum(0)
@@ -179,7 +185,8 @@ class Observer:
         n = self.n.clamp_min(1)[:, None].cpu()
         e, m, mx = self.err.cpu() / n, self.mass.cpu() / n, self.mass_x.cpu() / n
         return {"err": spread(e), "mass": spread(m), "mass_x": spread(mx), "mass_min": self.mass_min.min().item(),
-                "err_layers": e.mean(1).tolist(), "mass_layers": m.mean(1).tolist(), "mass_x_layers": mx.mean(1).tolist()}
+                "err_layers": e.mean(1).tolist(), "mass_layers": m.mean(1).tolist(),
+                "mass_x_layers": mx.mean(1).tolist()}
 
 
 @torch.inference_mode()
@@ -301,7 +308,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from . import plots
     if args.plot_only:
-        files = plots.make_plots(json.loads((Path(args.plot_only) / "results.json").read_text()), args.plot_only)
+        files = plots.make_plots(plots.load(args.plot_only), args.plot_only)
         print("\n".join(files) if files else "matplotlib is not installed: pip install matplotlib")
         return 0
     from rich.console import Console
@@ -316,8 +323,14 @@ def main(argv=None):
     try:
         names = [s.strip() for s in args.methods.split(",") if s.strip()]
         names = ["dense"] + [s for s in names if s != "dense"]                    # dense is the reference
-        names += [f"topk={s}" for s in names if s.startswith("doublep") and args.topk_match and f"topk={s}" not in names]
-        methods = sorted([parse_method(s) for s in names], key=lambda m: "match" in m)  # matched topk last
+        if args.topk_match:
+            names += [f"topk={s}" for s in names if s.startswith("doublep") and f"topk={s}" not in names]
+        for s in names:
+            if s.startswith("topk=") and s[5:] not in names:
+                raise ValueError(f"--methods: {s} needs {s[5:]} in the same run")
+        # each topk=M right after M, so that --time-limit cuts whole comparisons; fixed-budget topk last
+        base = sorted([parse_method(s) for s in names if not s.startswith("topk=")], key=lambda m: m["attention"] == "topk")
+        methods = [x for m in base for x in [m] + [parse_method(s) for s in names if s == f"topk={m['name']}"]]
         lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
         mdir = resolve_model_dir(args.model, quiet=True)
         mc = ModelConfig.from_dir(mdir)
@@ -341,17 +354,9 @@ def main(argv=None):
                   "head_dim": eng.cfg.head_dim, "fidelity_ids": [t["id"] for t in fid]},
          "tasks": [{k: v for k, v in t.items() if k != "prompt_ids"} | {"tokens": len(t["prompt_ids"])} for t in tasks],
          "methods": {m["name"]: {"spec": m, "outputs": {}, "kv": {}, "fidelity": {}} for m in methods}}
-    out = Path(args.out) if args.out else None
-    if out and args.resume and (out / "results.json").is_file():
-        old = json.loads((out / "results.json").read_text())
-        if old["meta"]["prompts_sha"] == sha:
-            R["methods"] |= {k: v for k, v in old["methods"].items() if k in R["methods"]}
-
-    def save():
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json.tmp").write_text(json.dumps(R))
-            os.replace(out / "results.json.tmp", out / "results.json")
+    if args.resume:
+        plots.resume(R, args.out)
+    save = lambda: plots.save(R, args.out)  # noqa: E731
 
     def on_term(*_):
         raise KeyboardInterrupt
@@ -363,27 +368,18 @@ def main(argv=None):
         with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=Console(stderr=True)) as bar:
             job = bar.add_task("", total=(len(tasks) + len(fid)) * len(methods))
-            for m in methods:
+            for m in methods:                       # accuracy, then fidelity, method by method (dense first)
                 bar.update(job, description=m["name"])
                 run_accuracy(eng, m, tasks, args, R, save, lambda: bar.advance(job), deadline)
-            for m in methods if fid else []:
-                bar.update(job, description=m["name"] + " fidelity")
-                run_fidelity(eng, m, fid, args, R, save, ref, lambda: bar.advance(job), deadline)
+                if fid:
+                    run_fidelity(eng, m, fid, args, R, save, ref, lambda: bar.advance(job), deadline)
     except (KeyboardInterrupt, OutOfTime) as e:
         print(f"nanodp.eval: {'out of time' if isinstance(e, OutOfTime) else 'interrupted'}; reporting what is done",
               file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, old_term)
     R["meta"]["wall_s"] = time.perf_counter() - t0
-    S = R["summary"] = plots.summarize(R)
-    R["pick"] = plots.pick(S)
-    save()
-    dev = json.loads((Path(args.pick_from) / "results.json").read_text()).get("pick") if args.pick_from else None
-    plots.print_table(R, S, dev)
-    if out:
-        files = plots.make_plots(R, out)
-        print(f"results: {out / 'results.json'}" + (f"; plots: {', '.join(files)}" if files else ""), file=sys.stderr)
-    print(json.dumps(plots.summary_line(R, S, dev)))
+    plots.report(R, args.out, args.pick_from)
     return 0
 
 

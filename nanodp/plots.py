@@ -20,12 +20,50 @@ results.json (rewritten after every batch, so an interrupted run keeps what it d
                         mass_min, err_layers, mass_layers, mass_x_layers}}}}
   summary  per method what the table prints (per kind, ruler, avg, pk_lost/pk_n, per_length, ...); pick
 """
+import json
+import os
+import sys
 from pathlib import Path
 
 from .tasks import DEPTH_KINDS, KINDS
 
 SHORT = {"passkey": "pass", "single_needle": "niah", "multi_key": "mkey", "multi_value": "mval",
          "multi_query": "mq", "variable_tracking": "vt", "common_words": "cwe"}
+
+
+def load(folder) -> dict:
+    return json.loads((Path(folder) / "results.json").read_text())
+
+
+def save(R, folder):
+    """Write folder/results.json atomically (a reader or an interruption never sees half a file)."""
+    if folder:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json.tmp").write_text(json.dumps(R))
+        os.replace(out / "results.json.tmp", out / "results.json")
+
+
+def resume(R, folder):
+    """Take over the methods' results of an earlier run into the same folder when it saw the same prompts."""
+    if folder and (Path(folder) / "results.json").is_file():
+        old = load(folder)
+        if old["meta"]["prompts_sha"] == R["meta"]["prompts_sha"]:
+            R["methods"] |= {k: v for k, v in old["methods"].items() if k in R["methods"]}
+
+
+def report(R, folder=None, pick_from=None):
+    """The end of a run: summary and pick into R, saved; the tables; the plots; the one-line JSON summary."""
+    S = R["summary"] = summarize(R)
+    R["pick"] = pick(S)
+    save(R, folder)
+    dev = load(pick_from).get("pick") if pick_from else None
+    print_table(R, S, dev)
+    if folder:
+        files = make_plots(R, folder)
+        print(f"results: {Path(folder) / 'results.json'}" + (f"; plots: {', '.join(files)}" if files else ""),
+              file=sys.stderr)
+    print(json.dumps(summary_line(R, S, dev)))
 
 
 def summarize(R):
@@ -49,7 +87,8 @@ def summarize(R):
         fid = list(rec["fidelity"].values())
         fmean = lambda f: sum(f(x) for x in fid) / len(fid) if fid else None  # noqa: E731
         top = rec["kv"].get(str(lens[-1]), {})
-        S[name] = {"complete": len(done) == len(tasks) and all(str(n) in rec["kv"] for n in lens), "kinds": kinds, "ruler": sum(ruler) / len(ruler) if ruler else None, "passkey": kinds.get("passkey"),
+        S[name] = {"complete": len(done) == len(tasks) and all(str(n) in rec["kv"] for n in lens), "kinds": kinds,
+                   "ruler": sum(ruler) / len(ruler) if ruler else None, "passkey": kinds.get("passkey"),
                    "pk_lost": lost, "pk_n": len(pk), "avg": sum(kinds.values()) / len(kinds), "per_length": per_len,
                    "kv_bytes_max_len": top.get("kv_bytes"), "exact_max_len": top.get("exact", {}).get("mean"),
                    "pseudo_max_len": top.get("pseudo", {}).get("mean"), "max_len": lens[-1],

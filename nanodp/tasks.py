@@ -1,6 +1,6 @@
 """Long-context tasks for `python -m nanodp.eval`, generated locally from a seed and sized in tokens.
 
-Kinds (scoring is in nanodp.eval.score):
+Kinds (scored by `score` at the end of this file):
   passkey            a 5-digit pass key hidden at `depth` in filler text; the prompt ends "The pass key is"
   single_needle      RULER niah_single: "One of the special magic numbers for {key} is: {7 digits}."
   multi_key          the same needle plus 3 distractor needles for other keys (RULER niah_multikey)
@@ -11,8 +11,9 @@ Kinds (scoring is in nanodp.eval.score):
 The answer is decoded token by token after an answer prefix, as in RULER.
 
 Haystacks: "noise" (The grass is green. The sky is blue. ...), "varied" (seeded generated sentences) or a
-path to a plain English text file (real prose, sentences from a seeded offset). "auto" gives passkey and variable
-tracking the noise and the other needle tasks the varied sentences. `depth` places the needle: 0 = start, 1 = end of the haystack.
+path to a plain English text file (real prose, sentences from a seeded offset). "auto" gives passkey and
+variable tracking the noise and the other needle tasks the varied sentences. `depth` places the needle:
+0 = start, 1 = end of the haystack.
 Kinds without one needle get depth None and n * len(depths) samples per length, so every kind has as many.
 
 Sizing: `length` is the prompt length in tokens of the model's tokenizer (template, question and answer prefix

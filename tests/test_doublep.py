@@ -1,6 +1,6 @@
 """Double-P decode: the twin against the definition, and the Triton kernels against the twin."""
 import math
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import pytest
 import torch
@@ -10,19 +10,12 @@ from nanodp.kernels.doublep import group_scores, select_clusters, sparse_ref
 KEYS = ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens", "fallback")
 
 
-@dataclass
-class Layer:
-    k: torch.Tensor
-    v: torch.Tensor
-    centroids: torch.Tensor
-    vmean: torch.Tensor
-    logsize: torch.Tensor
-    cstart: torch.Tensor
-    ncl: torch.Tensor
+# the attributes of the real cache layer (nanodp/cache.py) that Double-P reads
+Layer = make_dataclass("Layer", ["k", "v", "centroids", "vmean", "logsize", "cstart", "ncl"])
 
 
 def make_case(B=2, Hkv=2, g=4, d=64, lens=(200, 150), tail=(170, 0), sinks=4, dtype=torch.float32,
-              style="skewed", max_size=32, needles=2, dup=0, seed=None, device="cpu"):
+              style="skewed", max_size=32, needles=2, dup=0, seed=None):
     """Random cache with contiguous clusters made directly: random sizes 1..max_size over
     [S, tail_start), centroid / vmean = exact member means, logsize = ln size. Slots past len / ncl
     hold NaN garbage (the kernels must never read them). style: "skewed" keys around a few directions
@@ -81,9 +74,8 @@ def make_case(B=2, Hkv=2, g=4, d=64, lens=(200, 150), tail=(170, 0), sinks=4, dt
     for b in range(B):
         k[b, :, lens[b]:] = nan
         v[b, :, lens[b]:] = nan
-    layer = Layer(k.to(device), v.to(device), cent.to(dtype).to(device), vmean.to(dtype).to(device),
-                  logsize.to(device), cstart.to(device), ncl.to(device))
-    return q.to(dtype).to(device), layer, lens_t.to(device), ts_t.to(device), sinks
+    layer = Layer(k, v, cent.to(dtype), vmean.to(dtype), logsize, cstart, ncl)
+    return q.to(dtype), layer, lens_t, ts_t, sinks
 
 
 def dense(q, layer, lens):
@@ -306,17 +298,12 @@ def test_kernel_topk(est):
     q, layer, lens, ts, sinks = make_case(g=4, d=64, **RAGGED)
     o1, st1, o2, st2 = run_both(q, layer, lens, ts, sinks, 1.0, 1.0, mode="topk", budget=40, est_clusters=est)
     check(o1, st1, o2, st2, 1e-4, f"topk est {est}")
-    cl = st1["need_tokens"][layer.ncl > 0]
-    assert (cl >= 40).all() or (cl > 0).all()
+    assert ((st1["need_tokens"] >= 40) | (st1["exact_clusters"] == layer.ncl)).all()   # budget reached
 
 
 def test_kernel_max_rule():
     q, layer, lens, ts, sinks = make_case(g=8, d=64, **RAGGED)
-    _, G, valid = group_scores(q, layer, group_rule="max")
-    p1, p2 = 0.9, 0.6
-    cum = G.clamp_min(0).sort(-1, descending=True).values.cumsum(-1)
-    while (cum - p2).abs().min() < 2e-5 or (cum - p1).abs().min() < 2e-5:
-        p1, p2 = p1 - 0.011, p2 - 0.013
+    p1, p2 = safe_p(q, layer, 0.9, 0.6, group_rule="max")
     check(*run_both(q, layer, lens, ts, sinks, p1, p2, group_rule="max"), 1e-4, "max rule")
 
 

@@ -83,13 +83,38 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
 
 def test_plot_only(tmp_path):
     pytest.importorskip("matplotlib")
-    from nanodp import plots
     tasks = [{"id": f"passkey-noise-{n}-d{d}-0", "kind": "passkey", "length": n, "depth": d} for n in (300, 600)
              for d in (0.1, 0.9)]
     out = {t["id"]: {"score": 1.0, "agree": 3} for t in tasks}
     kv = {"kv_bytes": 0.3, "exact": {"mean": 0.2}, "pseudo": {"mean": 0.01}, "exact_layer_head": [[0.2, 0.3]] * 4}
     R = {"meta": {"args": {"seed": 0, "teacher_tokens": 3}}, "tasks": tasks,
-         "methods": {m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}} for m in ("dense", "doublep:1:1")}}
+         "methods": {m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}}
+                     for m in ("dense", "doublep:1:1")}}
     (tmp_path / "results.json").write_text(json.dumps(R))
     assert ev.main(["--plot-only", str(tmp_path)]) == 0
     assert all((tmp_path / f).is_file() for f in ("pareto.png", "depth.png", "exact_heads.png"))
+
+
+def test_read_masks_match_the_kernel_selection():
+    """The fidelity pass's masks are the twin's own selection: same exact-token counts, and with no pseudo-tokens
+    the method's output is dense attention renormalised over the exact mask."""
+    import math
+
+    import torch
+
+    from nanodp.bench_sparse import make_synthetic
+    from nanodp.config import SparseConfig
+    from nanodp.kernels.doublep import sparse_ref
+    torch.manual_seed(0)
+    q, layer, lens, tail = make_synthetic(2, 6, 2, 32, 700, device="cpu", dtype=torch.float32, rel_frac=0.1, boost=2.0)
+    lens = lens - torch.tensor([0, 50], dtype=torch.int32)
+    for sp in (SparseConfig("doublep", 0.8, 0.8), SparseConfig("doublep", 0.8, 0.8, "max"),
+               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6)):
+        o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget)
+        exact, kept = ev.read_masks(q, layer, lens, tail, sp, 4)
+        assert torch.equal(exact.sum(-1).int(), st["exact_tokens"])
+        assert bool((kept.sum(-1) > exact.sum(-1)).any()) == bool(st["pseudo_tokens"].sum() > 0)
+        if sp.p1 == sp.p2:
+            x = torch.einsum("bhgd,bhld->bhgl", q.view(2, 2, 3, 32), layer.k) / math.sqrt(32)
+            ref = torch.einsum("bhgl,bhld->bhgd", x.masked_fill(~exact[:, :, None], -math.inf).softmax(-1), layer.v)
+            assert torch.allclose(ref.reshape(o.shape), o, atol=1e-5)
