@@ -112,7 +112,7 @@ def bench_cluster(args=None):
             cache.cluster_pending()                    # warm-up (new shapes: n = 256)
             ms = _timed(lambda: cache.cluster_pending(), reps, setup=step)
             out["recluster"] = dict(T=T, tokens=cfg.recluster_every, event_ms=ms, per_layer_ms=ms / N_LAYERS)
-        del cache
+        cache = None                                   # free the GPU memory before the next length
         torch.cuda.empty_cache()
 
     out["segment"] = seg = _segment_breakdown(cfg, tune=bool(getattr(args, "tune", False)))
