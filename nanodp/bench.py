@@ -20,6 +20,9 @@ import torch
 
 SECTIONS = {
     "kernels": "nanodp.bench:bench_kernels",
+    "cluster": "nanodp.bench:section_cluster",
+    "sparse": "nanodp.bench:section_sparse",
+    "e2e": "nanodp.bench_e2e:bench_e2e",
 }
 SHAPES = {"llama8b": (32, 8, 128), "default": (9, 3, 64)}   # (Hq, Hkv, d)
 
@@ -223,6 +226,34 @@ def bench_kernels(argv):
     print(f"kernels section done in {time.time() - t0:.0f} s; rel err = |ours - sdpa| / |sdpa| on the timed "
           f"inputs (bf16: expect < 1e-2); speed vs sdpa > 1 means ours is faster.")
     return args, results
+
+
+def section_cluster(argv):
+    """Clustering time vs dense prefill (32 layers x 8 KV heads, d=128) and one re-clustering event."""
+    p = argparse.ArgumentParser(prog="python -m nanodp.bench cluster", parents=[common_parser()])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tune", action="store_true")
+    args = p.parse_args(argv)
+    require_cuda("cluster")
+    from nanodp.bench_cluster import bench_cluster
+    return args, bench_cluster(args)
+
+
+def section_sparse(argv):
+    """Double-P attention step (score + cut + attention + combine) vs the dense decode kernel."""
+    p = argparse.ArgumentParser(prog="python -m nanodp.bench sparse", parents=[common_parser()])
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--contexts", type=int, nargs="+")
+    p.add_argument("--shapes", nargs="+")
+    p.add_argument("--p1", type=float)
+    p.add_argument("--p2", type=float)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+    require_cuda("sparse")
+    from nanodp.bench_sparse import bench_sparse
+    return args, bench_sparse(args)
 
 
 def main(argv=None):
