@@ -105,14 +105,14 @@ class AttentionContext:
                 self.stats.add(layer_idx, {"exact_tokens": self.lens_after[:, None].expand(-1, layer.k.shape[1])},
                                self.active)
         else:
-            o, st = self.sparse_fn(q1, _SlotLayer(layer, q1.shape[0]), self.lens_after,
+            o, st = self.sparse_fn(q1, _SlotLayer(layer, q1.shape[0], self.max_len), self.lens_after,
                                    self.cache.tail_start[:q1.shape[0]], self.cache.cfg.sinks, sp.p1, sp.p2,
                                    group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
                                    budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity)
             self.stats.add(layer_idx, st, self.active)
         if self.observer is not None:
             B = q1.shape[0]
-            self.observer(layer_idx, q1, _SlotLayer(layer, B), self.lens_after, self.cache.tail_start[:B], o,
+            self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,
                           self.active)
         return o[:, None]
 
@@ -128,8 +128,11 @@ class AttentionContext:
 
 
 class _SlotLayer:
-    """The first `n` batch slots of a layer cache, as views (decode runs slots 0..n-1)."""
+    """The first `n` batch slots of a layer cache, as views (decode runs slots 0..n-1); K/V cut to the first
+    `upto` tokens (an upper bound of the lengths), so the torch twin never scans the unused capacity."""
 
-    def __init__(self, layer, n):
+    def __init__(self, layer, n, upto=None):
         for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl"):
             setattr(self, name, getattr(layer, name)[:n])
+        if upto is not None:
+            self.k, self.v = self.k[:, :, :upto], self.v[:, :, :upto]

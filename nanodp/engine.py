@@ -188,7 +188,10 @@ class Engine:
         t0 = time.perf_counter()
         while True:
             tok = sampler(logits)
-            tok_host = tok.tolist()
+            tok_host = tok.tolist()  # waits for the step: the decode clock is exact here
+            now = time.perf_counter()
+            self.counters.decode_s += now - t0
+            t0 = now
             for b in range(B):
                 if done[b]:
                     continue
@@ -225,8 +228,6 @@ class Engine:
             self.counters.decode_tokens += B - sum(done)
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))
-        self._sync()
-        self.counters.decode_s += time.perf_counter() - t0
         return res
 
     def _stop_string(self, r: Result, params):

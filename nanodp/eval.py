@@ -281,7 +281,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", default=None, help="Llama folder (default: SmolLM2-135M-Instruct)")
-    a("--device", default=None)
+    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
     a("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     a("--kernels", default="auto", choices=["auto", "triton", "torch"])
     a("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
@@ -292,7 +292,8 @@ def main(argv=None):
     a("--seed", type=int, default=0, help="task seed: choose defaults on one seed, report on another")
     a("--haystack", default="auto", help="auto, noise, varied or a text file of prose (comma list: all of them)")
     a("--chat", action="store_true", help="wrap every task in the model's chat template")
-    a("--methods", default="dense,doublep:0.95:0.7,doublep:0.95:0.9,doublep-max:0.95:0.7,doublep-max:0.95:0.9")
+    a("--methods", default="dense,doublep:0.95:0.7,doublep:0.95:0.9,doublep-max:0.95:0.7,doublep-max:0.95:0.9",
+      help="comma list, see above")
     a("--topk-match", action=argparse.BooleanOptionalAction, default=True,
       help="add topk=M for every doublep method M: the same mean exact budget, a fixed cut")
     a("--dense-layers", type=int, default=0, help="sparse methods keep the first N layers dense")
@@ -329,7 +330,8 @@ def main(argv=None):
             if s.startswith("topk=") and s[5:] not in names:
                 raise ValueError(f"--methods: {s} needs {s[5:]} in the same run")
         # each topk=M right after M, so that --time-limit cuts whole comparisons; fixed-budget topk last
-        base = sorted([parse_method(s) for s in names if not s.startswith("topk=")], key=lambda m: m["attention"] == "topk")
+        base = sorted([parse_method(s) for s in names if not s.startswith("topk=")],
+                      key=lambda m: m["attention"] == "topk")
         methods = [x for m in base for x in [m] + [parse_method(s) for s in names if s == f"topk={m['name']}"]]
         lengths, depths = [int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")]
         mdir = resolve_model_dir(args.model, quiet=True)

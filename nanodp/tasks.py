@@ -126,7 +126,7 @@ def _needle_spec(kind, rng, depth):
                 f"assigned the value {value}, they are:", names)
     taken = set()
     if kind in ("single_needle", "multi_key"):
-        keys, vals = [_key(rng, taken) for _ in range(4 if kind == "multi_key" else 1)], None
+        keys = [_key(rng, taken) for _ in range(4 if kind == "multi_key" else 1)]
         vals = _numbers(rng, len(keys), 7)
         needles = [(depth, magic.format(keys[0], vals[0]))] + [
             (rng.random(), magic.format(k, v)) for k, v in zip(keys[1:], vals[1:])]   # distractors
@@ -172,7 +172,7 @@ def _fit(build, target):
         raise ValueError(f"a prompt length of {target} tokens is too short for this task ({fixed} without filler)")
     lo, hi, best = 0, None, None
     k = max(1, (target - fixed) // 8)
-    while True:
+    for _ in range(40):   # a few steps in practice; the bound only stops filler that cannot grow (cwe's words)
         ids = build(k)
         if len(ids) <= target:
             lo, best = k, ids
@@ -185,11 +185,12 @@ def _fit(build, target):
         per = max(1e-3, (len(ids) - fixed) / k)
         guess = int((target - fixed) / per)
         k = min(max(guess, lo + 1), hi - 1 if hi is not None else max(guess, lo + 1))
+    return best
 
 
 def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False, prose=None, max_prompt=None):
     hay = haystack if haystack != "auto" else ("noise" if kind in ("passkey", "variable_tracking") else "varied")
-    hname = hay if hay in ("noise", "varied") else "prose-" + Path(hay).stem
+    hname = "list" if kind == "common_words" else hay if hay in ("noise", "varied") else "prose-" + Path(hay).stem
     base = f"{seed}|{kind}|{hname}|{length}|{depth}|{index}"
     rng = random.Random(base)
     target = min(length, max_prompt or length)
@@ -202,7 +203,7 @@ def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False
                     "\nQuestion: What are the 10 most common words in the above list?")
             return _render(tok, body, "Answer: The top 10 words that appear most often in the list are:", chat)
         ids = _fit(build, target)
-        answers, hname = _cwe_items(base, 0)[1], "list"
+        answers = _cwe_items(base, 0)[1]
     else:
         intro, needles, question, prefix, answers = _needle_spec(kind, rng, depth)
         stack = Haystack(hname, rng, prose)

@@ -79,6 +79,10 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert again["methods"]["dense"]["outputs"] == R["methods"]["dense"]["outputs"]
     assert ev.main(short + [str(out), "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["methods"]["dense"] == R["methods"]["dense"]
+    # out of time before the first batch: no results, but still a table and the JSON line
+    capsys.readouterr()
+    assert ev.main(short + [str(tmp_path / "none"), "--time-limit", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"] == {}
 
 
 def test_plot_only(tmp_path):
