@@ -17,6 +17,9 @@ fi
 if ! "$VPY" -c "import nanodp, triton, tokenizers, gguf, rich, jinja2, pytest, transformers, accelerate" 2>/dev/null; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
+# Many tiny CPU ops (decode of a small model, the torch twins) are dominated by OpenMP thread wake-ups on
+# small VMs; one thread was 2x faster for the test suite on a 2-core machine. Override by setting it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cmd=${1:-chat}
 shift || true
 case "$cmd" in

@@ -1,9 +1,12 @@
 """Accuracy and fidelity of sparse decode against dense on the same prompts, in one run (DESIGN.md section 7).
 
-    python -m nanodp.eval --lengths 1024,2048,4096,8192 --n 2 --seed 1 --topk-match --out runs/dev
-    python -m nanodp.eval --plot-only runs/dev                 # plots from results.json (needs matplotlib)
+    python -m nanodp.eval --seed 1 --out runs/dev                      # development seed: a (p1, p2) grid
+    python -m nanodp.eval --seed 2 --pick-from runs/dev --out runs/report   # report seed, + the dev pick
+    python -m nanodp.eval --plot-only runs/report          # plots from results.json (needs matplotlib)
+Results are saved after every batch; --time-limit stops starting new work and still prints the tables, and
+--resume continues a run in the same --out folder.
 
-Methods (--methods, comma separated, all on the same prompts; dense runs first, topk=... last):
+Methods (--methods, comma separated, all on the same prompts; dense first, each topk=M right after M):
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run
@@ -110,6 +113,8 @@ class KVTally:
         nl, nh = self.s["exact_tokens"].shape
         D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
         ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, self.scan / D
+        # bytes over dense's (K and V of every token): an exact token reads K and V, a pseudo-token its V̄ (its
+        # centroid was read by the scan), the stage-1 scan every centroid and its ln s (fp32)
         kvb = (ex * 2 * d * es + ps * d * es + sc * (d * es + 4)) / (2 * d * es)
         need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl:].sum()  # exact clustered tokens asked for
         return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex),
@@ -304,7 +309,7 @@ def main(argv=None):
     a("--time-limit", type=float, default=None, help="seconds: start no new batch after this, report what is done")
     a("--out", default=None, help="folder: results.json (written as results come) and plots")
     a("--resume", action="store_true", help="keep what --out/results.json holds for the same prompts")
-    a("--pick-from", default=None, help="folder of a development-seed run: report its pick on this seed")
+    a("--pick-from", default=None, help="folder of a development-seed run: add its picked method, report it here")
     a("--plot-only", default=None, metavar="DIR", help="only make the plots of DIR/results.json")
     args = ap.parse_args(argv)
     from . import plots
@@ -319,11 +324,14 @@ def main(argv=None):
     from .engine import Engine
     from .loader import resolve_model_dir
     t0 = time.perf_counter()
-    deadline = t0 + (args.time_limit or math.inf)
+    deadline = t0 + (math.inf if args.time_limit is None else args.time_limit)
     kinds = list(KINDS) if args.tasks == "all" else list(KINDS[1:]) if args.tasks == "ruler" else args.tasks.split(",")
     try:
+        if set(kinds) - set(KINDS):
+            raise ValueError(f"--tasks: unknown {sorted(set(kinds) - set(KINDS))}; known: {', '.join(KINDS)}")
         names = [s.strip() for s in args.methods.split(",") if s.strip()]
-        names = ["dense"] + [s for s in names if s != "dense"]                    # dense is the reference
+        dev = plots.load(args.pick_from).get("pick") if args.pick_from else None
+        names = ["dense"] + [s for s in names if s != "dense"] + ([dev] if dev and dev not in names else [])
         if args.topk_match:
             names += [f"topk={s}" for s in names if s.startswith("doublep") and f"topk={s}" not in names]
         for s in names:
@@ -381,7 +389,7 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, old_term)
     R["meta"]["wall_s"] = time.perf_counter() - t0
-    plots.report(R, args.out, args.pick_from)
+    plots.report(R, args.out, dev)
     return 0
 
 

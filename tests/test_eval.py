@@ -71,14 +71,17 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert len(fid["err_layers"]) == 30 and fid["n"] == 1
     kv = R["methods"]["topk=doublep:0.95:0.7"]["kv"]["300"]
     assert kv["sparse"]["attention"] == "topk" and kv["sparse"]["budget"] > 0
-    # the same command gives the same prompts and scores; --resume keeps what a run already did
-    short = argv[:-2] + ["--methods", "dense", "--fidelity-n", "0", "--out"]
-    assert ev.main(short + [str(tmp_path / "again")]) == 0
+    assert R["pick"] == "doublep:0.95:0.7"               # the only candidate: picked, passing the targets or not
+    # the same command and seed give the same prompts and scores; --pick-from adds the development run's pick
+    short = argv[:-2] + ["--methods", "dense", "--no-topk-match", "--fidelity-n", "0", "--out"]
+    assert ev.main(short[:-1] + ["--pick-from", str(out), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["meta"]["prompts_sha"] == R["meta"]["prompts_sha"]
-    assert again["methods"]["dense"]["outputs"] == R["methods"]["dense"]["outputs"]
+    for m in ("dense", "doublep:0.95:0.7"):
+        assert again["methods"][m]["outputs"] == R["methods"][m]["outputs"]
+    # --resume keeps what a run already did (also the methods it is not asked for this time)
     assert ev.main(short + [str(out), "--resume"]) == 0
-    assert json.loads((out / "results.json").read_text())["methods"]["dense"] == R["methods"]["dense"]
+    assert json.loads((out / "results.json").read_text())["methods"] == R["methods"]
     # out of time before the first batch: no results, but still a table and the JSON line
     capsys.readouterr()
     assert ev.main(short + [str(tmp_path / "none"), "--time-limit", "0"]) == 0
