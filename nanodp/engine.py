@@ -1,4 +1,5 @@
 """The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters."""
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -56,11 +57,17 @@ class Engine:
             kernels = "triton" if self.device.type == "cuda" else "torch"
         if kernels not in ("triton", "torch"):
             raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
-        self.max_len = int(max_len or self.cfg.max_position_embeddings)
         self.max_batch = max_batch
         dt = self.model.model.embed_tokens.weight.dtype
+        cluster = cluster or ClusterConfig()
+        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
+                                                        self.cfg.head_dim, dt, cluster)
+        self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
         self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
-                             self.cfg.head_dim, dt, self.device, cluster or ClusterConfig(), backend=kernels)
+                             self.cfg.head_dim, dt, self.device, cluster, backend=kernels)
+        if not quiet:
+            print(f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
+                  f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)", file=sys.stderr)
         self.cluster_enabled = self.sparse.attention != "dense"
         self.ctx = AttentionContext(self.cache, self.sparse, kernels)
         self.counters = Counters()
@@ -75,6 +82,18 @@ class Engine:
         self.sparse = self.ctx.sparse = sparse
         self.cluster_enabled = sparse.attention != "dense"
         self.graphs.clear()
+
+    def _fit_len(self, bytes_per_token) -> int:
+        """The model's context, capped (on GPU) so max_batch sequences fit in 85% of the free memory, leaving
+        the rest for activations and CUDA graphs."""
+        n = self.cfg.max_position_embeddings
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            n = min(n, int(0.85 * free / (self.max_batch * bytes_per_token)) // 256 * 256)
+            if n < 256:
+                raise MemoryError(f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
+                                  f"{self.max_batch} sequences; lower --batch-size or pass --max-len")
+        return n
 
     # -- low level ---------------------------------------------------------------------------------------
     def _sync(self):

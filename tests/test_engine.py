@@ -46,6 +46,17 @@ def test_logits_and_greedy_equal_transformers(eng, hf):
     assert "Paris" in res[0].text
 
 
+def test_stop_strings_and_streaming(eng):
+    ids = eng.tok.encode("One, two, three, four,")
+    pieces = []
+    full = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert " six" in full.text
+    r = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=12, stop=[" six"]),
+                     on_text=lambda i, p: pieces.append(p))[0]
+    assert r.finish_reason == "stop" and r.text == full.text[:full.text.index(" six")]
+    assert "".join(pieces).startswith(r.text)
+
+
 def test_chat_turns_reuse_the_cache(eng):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     sp = SamplingParams(temperature=0, max_new_tokens=16)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nanodp import eval as ev
+from nanodp import eval_metrics
 from nanodp.tasks import KINDS, make_tasks
 from nanodp.tokenizer import Tokenizer
 
@@ -118,7 +119,7 @@ def test_read_masks_match_the_kernel_selection():
     for sp in (SparseConfig("doublep", 0.8, 0.8), SparseConfig("doublep", 0.8, 0.8, "max"),
                SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6)):
         o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget)
-        exact, kept = ev.read_masks(q, layer, lens, tail, sp, 4)
+        exact, kept = eval_metrics.read_masks(q, layer, lens, tail, sp, 4)
         assert torch.equal(exact.sum(-1).int(), st["exact_tokens"])
         assert bool((kept.sum(-1) > exact.sum(-1)).any()) == bool(st["pseudo_tokens"].sum() > 0)
         if sp.p1 == sp.p2:
