@@ -66,6 +66,24 @@ def input_sets(make, set_bytes, max_sets=32):
     return [make() for _ in range(n)]
 
 
+def graphed(fn):
+    """`fn` recorded in a CUDA graph (warmed up on a side stream first); `fn` itself if it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+    except Exception as e:  # noqa: BLE001 - not capturable: time eager launches instead
+        print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eagerly)", file=sys.stderr)
+        torch.cuda.synchronize()
+        return fn
+
+
 def time_cuda(fn, sets=((),), warmup=3, reps=20, graph=True):
     """Median ms of one fn(*s) call. All sets run back to back per repetition, captured in one CUDA
     graph when possible (no launch gaps, as the engine runs), else launched eagerly."""
@@ -74,18 +92,7 @@ def time_cuda(fn, sets=((),), warmup=3, reps=20, graph=True):
     torch.cuda.synchronize()
     run = lambda: [fn(*s) for s in sets]   # noqa: E731
     if graph:
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            run = g.replay
-        except Exception:       # not capturable: time eager launches instead
-            torch.cuda.synchronize()
+        run = graphed(run)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in ev:
         a.record()

@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
+from nanodp.bench import graphed
+
 SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}   # (query heads, KV heads, head dim)
 SINKS, WINDOW, CSIZE = 4, 64, 16
 
@@ -69,21 +71,7 @@ def time_us(fn, reps=30, graph=True):
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     fn()
     torch.cuda.synchronize()
-    run = fn
-    if graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                fn()
-            run = gr.replay
-        except Exception as e:  # pragma: no cover - depends on the kernel under test
-            print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eagerly)", file=sys.stderr)
-            torch.cuda.synchronize()
+    run = graphed(fn) if graph else fn
     times = []
     for _ in range(reps):
         flush.zero_()
