@@ -100,8 +100,11 @@ class ModelConfig:
 
 @dataclass
 class SparseConfig:
-    """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget)."""
-    attention: str = "doublep"
+    """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget).
+
+    The default is `dense` because nanodp's own evaluation (README "Accuracy", docs/results/cpu-eval-*) found
+    every Double-P setting tried losing answers on the default model; switch with --attention doublep."""
+    attention: str = "dense"
     p1: float = 0.95
     p2: float = 0.7
     group_rule: str = "mean"

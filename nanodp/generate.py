@@ -14,7 +14,8 @@ def add_engine_args(ap: argparse.ArgumentParser):
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    ap.add_argument("--attention", default="doublep", choices=["doublep", "dense", "topk"])
+    ap.add_argument("--attention", default=SparseConfig.attention, choices=["doublep", "dense", "topk"],
+                    help="decode attention (default dense: see README, Accuracy)")
     ap.add_argument("--p1", type=float, default=SparseConfig.p1)
     ap.add_argument("--p2", type=float, default=SparseConfig.p2)
     ap.add_argument("--group-rule", default=SparseConfig.group_rule, choices=["mean", "max"])
