@@ -76,7 +76,7 @@ def main(argv=None):
         con.print()
         messages.append({"role": "assistant", "content": reply})
         kv = eng.ctx.stats.summary().get("kv_read_fraction")
-        con.print(f"[dim]{eng.counters.line(kv)}{note}[/dim]")
+        con.print(f"{eng.counters.line(kv)}{note}", style="dim", markup=False)
     con.print("[dim]bye[/dim]")
     return 0
 
