@@ -7,6 +7,7 @@ import sys
 
 from rich.console import Console
 
+from nanodp.engine import Counters
 from nanodp.generate import add_engine_args, build_engine
 from nanodp.sampler import SamplingParams
 
@@ -65,7 +66,7 @@ def main(argv=None):
             continue
         messages.append({"role": "user", "content": text})
         con.print("[bold blue]bot>[/bold blue] ", end="")
-        eng.counters.__init__()
+        eng.counters = Counters()
         eng.ctx.stats.reset()
         try:
             r = eng.stream(ids, params, on_text=lambda i, piece: con.print(piece, end="", markup=False))

@@ -88,14 +88,12 @@ class AttentionContext:
                 s, n = self.q_start_list[i], self.q_len_list[i]
                 layer.k[slot, :, s:s + n] = k[i, :n].transpose(0, 1)
                 layer.v[slot, :, s:s + n] = v[i, :n].transpose(0, 1)
-                layer.pos[slot, :, s:s + n] = torch.arange(s, s + n, device=k.device, dtype=layer.pos.dtype)
             kv = self._slot_view(layer)
             o = self.prefill_fn(q.transpose(1, 2), kv[0], kv[1], self.q_start, self.q_len)
             return o.transpose(1, 2)
         slots, at = self.slots_t, self.write_at
         layer.k[slots, :, at] = k[:, 0]
         layer.v[slots, :, at] = v[:, 0]
-        layer.pos[slots, :, at] = at.to(layer.pos.dtype)[:, None]
         q1 = q[:, 0]  # [B, Hq, d]
         sp = self.sparse
         if sp.attention == "dense" or layer_idx < sp.dense_layers:

@@ -16,6 +16,7 @@ import torch
 
 from .bench import _cell, _sizes, common_parser, print_table, require_cuda
 from .config import ModelConfig, SparseConfig
+from .engine import Counters, Engine
 
 LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
@@ -71,7 +72,7 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
     """Fill B sequences to ctx tokens, decode `steps` tokens each; returns timings and KV fractions."""
     for b in range(B):
         eng.cache.reset(b)
-    eng.counters.__init__()
+    eng.counters = Counters()
     if real_prompt:
         eng.prefill([prose(eng.tok, ctx, seed + b) for b in range(B)], [0] * B)
     else:  # random K/V: dense decode speed does not depend on the values
@@ -84,11 +85,10 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tok = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
-    host = [True] * B
     for _ in range(3):  # capture the graph for this bucket, then measure
         logits = eng.decode_step(tok, active)
         tok = logits.argmax(-1)
-        eng.advance(active, host)
+        eng.cache.advance(range(B), active=active)
     eng.ctx.stats.reset()
     sync()
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
         logits = eng.decode_step(tok, active)
         tok = logits.argmax(-1)
         tok.tolist()  # the host reads each token, as generation does (stop checks, streaming)
-        eng.advance(active, host)
+        eng.cache.advance(range(B), active=active)
         if eng.cluster_enabled:
             eng.cache.cluster_pending(range(B))
     sync()
@@ -122,7 +122,6 @@ def bench_e2e(argv):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     require_cuda("e2e")
-    from .engine import Engine
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     results, rows = {"copy_tb_s": bw / 1e12, "cells": []}, []
@@ -161,7 +160,7 @@ def bench_e2e(argv):
                                  r.get("prefill_s"), r.get("cluster_s"), r.get("skipped", "")])
         if real and not args.no_transformers:
             results["transformers"] = _cell(lambda: hf_generate(args, ctxs[-1]))
-        del model
+        model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
     print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
                 "tok/s", "KV read %", "MBU", "prefill s", "cluster s", "note"], rows)

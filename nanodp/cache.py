@@ -122,14 +122,17 @@ class KVCache:
         self.lens_host[slot] = n
         self.lens[slot] = n
 
-    def advance(self, slots, n=1):
-        """Each slot in `slots` (ints) gained n tokens (one decode step: n=1)."""
+    def advance(self, slots, n=1, active=None):
+        """Each slot in `slots` (ints) gained n tokens (one decode step: n=1). `active`, a device bool tensor
+        over slots 0..k-1 that is True exactly at `slots`, lets the device update skip copying indices."""
         slots = list(slots)
         for b in slots:
             if self.lens_host[b] + n > self.max_len:
                 raise ValueError(f"slot {b} is full ({self.max_len} tokens)")
             self.lens_host[b] += n
-        if slots:
+        if active is not None:
+            self.lens[:active.numel()] += active.to(torch.int32) * n
+        elif slots:
             self.lens[torch.tensor(slots, device=self.device)] += n
 
     def reset(self, slot):

@@ -175,12 +175,6 @@ class Engine:
         self.ctx.stats.dense_tokens.copy_(saved[1])
         return st
 
-    def advance(self, active: torch.Tensor, active_host: list):
-        """After a decode step every unfinished slot holds one more token (one device op, host mirror)."""
-        self.cache.lens[:len(active_host)] += active.to(torch.int32)
-        for b, a in enumerate(active_host):
-            self.cache.lens_host[b] += int(a)
-
     # -- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
@@ -243,7 +237,7 @@ class Engine:
             if all(done):
                 break
             logits = self.decode_step(tok, active)
-            self.advance(active, [not d for d in done])
+            self.cache.advance([b for b in range(B) if not done[b]], active=active)
             self.counters.decode_tokens += B - sum(done)
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))

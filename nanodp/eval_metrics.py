@@ -136,8 +136,7 @@ def teacher_force(eng, prompts, n, feed=None):
         fed.append(tok)
         logits = eng.decode_step(tok, active)
         lps.append(logits.float().log_softmax(-1))
-        for b in range(B):
-            eng.cache.set_len(b, eng.cache.lens_host[b] + 1)
+        eng.cache.advance(range(B), active=active)
         if eng.cluster_enabled:
             eng.cache.cluster_pending(range(B))
     return torch.stack(fed, 1), torch.stack(lps, 1)

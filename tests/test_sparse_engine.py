@@ -1,7 +1,6 @@
 """Engine-level equivalences on the default model: clustering and Double-P at p=1 change nothing; the
 Triton kernels (interpreter on CPU) give the torch twins' tokens."""
 import pytest
-import torch
 
 from nanodp.cache import ClusterConfig
 from nanodp.config import SparseConfig
