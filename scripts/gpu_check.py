@@ -57,3 +57,25 @@ for kernels in ("torch", "triton"):
     agree = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
     print(f"greedy {kernels}: agrees with transformers for {agree}/24 tokens: {eng.tok.decode(got)!r}")
 print("transformers:", repr(eng.tok.decode(ref)))
+
+# 4. the GPU test sequence (graph engines first, then torch vs triton logits), watching for later corruption
+from nanodp.sampler import SamplingParams  # noqa: E402,F811
+for attention in ("dense", "doublep", "topk"):
+    for eager in (True, False):
+        e = Engine(None, device="cuda", max_batch=2, max_len=2048, eager=eager,
+                   sparse=SparseConfig(attention=attention, budget=256), quiet=True)
+        e.generate([e.tok.encode(TEXT), e.tok.encode(TEXT[100:])], SamplingParams(temperature=0, max_new_tokens=300))
+        del e
+saved = []
+for kernels in ("torch", "triton"):
+    e = Engine(None, device="cuda", max_batch=1, max_len=2048, kernels=kernels, eager=True,
+               sparse=SparseConfig(attention="dense"), quiet=True)
+    first = e.prefill([ids], [0])
+    keep = first.clone()
+    dec = e.decode_step(first.argmax(-1), torch.ones(1, dtype=torch.bool, device="cuda"))
+    saved.append((first, keep, dec))
+    print(f"{kernels}: prefill logits changed by the decode step: {(first - keep).abs().max().item():.3f}; "
+          f"vs transformers {(hl - keep[0]).abs().max().item():.3f}; argmax {keep.argmax().item()} (hf {hl.argmax().item()})")
+print("after both: torch first changed by", (saved[0][0] - saved[0][1]).abs().max().item(),
+      "| triton vs torch prefill", (saved[0][1] - saved[1][1]).abs().max().item(),
+      "| decode", (saved[0][2] - saved[1][2]).abs().max().item())
