@@ -174,12 +174,11 @@ _scratch = {}
 
 def _get_scratch(device, B, Hkv, Hq, splits, d):
     """Partial (m, l, acc) buffers and split counters, allocated once per shape and reused (also by
-    CUDA graphs). One stream at a time: concurrent calls of the same shape would share them."""
+    CUDA graphs, which keep their addresses: so they are never freed). One stream at a time: concurrent
+    calls of the same shape would share them."""
     key = (str(device), B, Hkv, Hq, splits, d)
     buf = _scratch.get(key)
     if buf is None:
-        if len(_scratch) > 64:
-            _scratch.clear()
         ml = torch.empty(2, B * Hq * splits, device=device, dtype=torch.float32)
         acc = torch.empty(B * Hq * splits, d, device=device, dtype=torch.float32)
         cnt = torch.zeros(B * Hkv, device=device, dtype=torch.int32)   # the fused combine resets it
