@@ -1,12 +1,12 @@
 """GPU: the Double-P select-kernel variants (kernels/doublep_select_fast.py) against the base kernel and
 the torch twin, and their times. One GPU call, well under 3 minutes:
 
-    PYTHONPATH=. python scripts/bench_select.py            # --budget-s 150: skips what is left after that
+    PYTHONPATH=. python scripts/bench_select.py        # --budget-s 140: skips what is left after that
 
-Cases: llama8b (32 q heads, 8 KV heads, d 128) and smollm (9, 3, 64) at 128K then 32K context, batch 1
-and 8, p1 = 0.95, p2 = 0.7. Inputs: nanodp.bench_sparse.make_synthetic (16-token clusters, 2.5% of them
-on the query's topic direction; the exact / pseudo fractions it produces are printed per case, about
-1% / 0.9% of tokens at 128K).
+Cases: llama8b (32 q heads, 8 KV heads, d 128) and smollm (9, 3, 64); 128K at batch 1, 8, 32, then 32K
+at batch 1, 8, in that order; p1 = 0.95, p2 = 0.7. Inputs: nanodp.bench_sparse.make_synthetic (16-token
+clusters, 2.5% of them on the query's topic direction; the exact / pseudo fractions it produces are
+printed per case: about 1.0% / 0.9% of tokens at 128K in h200-sparse-128k.log).
 
 Check, per case and variant, per (sequence, KV head): the work list (meta, idx[:nX], pid[:nP]) must equal
 the base kernel's bitwise, and the twin's selection (group_scores + select_clusters) turned into the same
@@ -76,72 +76,77 @@ def configs(shape, ctx, B):
     """(variant, num_warps or None = default, ablation stop) to run for one case, the most telling first."""
     out = [(v, None, 0) for v in ("base", "bisect", "contract")]
     if ctx >= 131072 and B == 1:
-        out += [("bisect", 8, 0), ("contract", 8, 0), ("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2),
-                ("contract", None, 2)]
+        out += [("bisect", 8, 0), ("contract", 8, 0)]
         if shape == "llama8b":
-            out += [("kary4", None, 0), ("contract-l1", None, 0), ("contract-l0", None, 0), ("bisect", 4, 0),
-                    ("bisect", 32, 0)]
+            out += [("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2), ("contract", None, 2),
+                    ("kary4", None, 0), ("contract-l1", None, 0), ("contract-l0", None, 0)]
     return out
+
+
+def check_line(got, base_lists, want, near):
+    """Work list vs the base kernel's (meta included) and vs the twin's; returns (text, BAD heads)."""
+    e1, n1, b1 = compare(got, base_lists, near, True)
+    e2, n2, b2 = compare(got, want, near, False)
+    text = (f"base {e1}/{len(got)}" + (f" near {n1}" if n1 else "") + (f" BAD {b1}" if b1 else "")
+            + f", twin {e2}/{len(got)}" + (f" near {n2}" if n2 else "") + (f" BAD {b2}" if b2 else ""))
+    return text, b1 + b2
+
+
+def run_case(shape, ctx, B, reps, deadline, rows):
+    """Every config of one case; appends table rows, returns the number of BAD head lists."""
+    Hq, Hkv, d = SHAPES[shape]
+    q, layer, lens, ts = make_synthetic(B, Hq, Hkv, d, ctx)
+    C = layer.centroids.shape[2]
+    want, near = twin_lists(q, layer)
+    dense = min(_dense_fns(q, layer, lens, ctx).items(), key=lambda kv: kv[0] != "decode_triton")[1]
+    t_dense = time_us(dense, reps)
+    base_lists, bad = None, 0
+    step = lambda: da.sparse_triton(q, layer, lens, ts, SINKS, P1, P2)   # noqa: E731
+    for var, nw, stop in configs(shape, ctx, B):
+        if time.time() > deadline:
+            break
+        da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP = var, nw, stop
+        da.PLAN_SINK = []
+        _, st = step()
+        got = kernel_lists(da.PLAN_SINK[0], C)
+        da.PLAN_SINK = None
+        base_lists = base_lists or got          # configs() puts the base kernel first
+        check, b = ("(ablation)", 0) if stop else check_line(got, base_lists, want, near)
+        bad += b
+        ks = kernel_breakdown(step)
+        sel = sum(t for k, t in ks.items() if "select" in k)
+        t_step = time_us(step, reps)
+        ex = st["exact_tokens"].float().mean().item() / ctx
+        ps = st["pseudo_tokens"].float().mean().item() / ctx
+        tag = var + (f" w{nw}" if nw else "") + {0: "", 1: " stop=G", 2: " stop=cuts"}[stop]
+        rows.append((shape, B, ctx, tag, sel, t_step, t_dense, ex, ps, check))
+        print(f"  {shape} B={B} ctx={ctx} {tag}: sel {sel:.1f} us, step {t_step:.1f} us, {check}", flush=True)
+    return bad
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=150.0)
+    ap.add_argument("--budget-s", type=float, default=140.0)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     t_start = time.time()
-    rows, bad_total = [], 0
-    for ctx in (131072, 32768):
+    default = (da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP)
+    rows, bad = [], 0
+    for ctx, B in ((131072, 1), (131072, 8), (131072, 32), (32768, 1), (32768, 8)):
         for shape in ("llama8b", "smollm"):
-            Hq, Hkv, d = SHAPES[shape]
-            for B in (1, 8):
-                if time.time() - t_start > args.budget_s:
-                    print(f"skipped {shape} B={B} ctx={ctx}: time budget", flush=True)
-                    continue
-                q, layer, lens, ts = make_synthetic(B, Hq, Hkv, d, ctx)
-                C = layer.centroids.shape[2]
-                want, near = twin_lists(q, layer)
-                dense = min(_dense_fns(q, layer, lens, ctx).items(), key=lambda kv: kv[0] != "decode_triton")[1]
-                t_dense = time_us(dense, args.reps)
-                base_lists = None
-                for var, nw, stop in configs(shape, ctx, B):
-                    if time.time() - t_start > args.budget_s:
-                        break
-                    da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP = var, nw, stop
-                    step = lambda: da.sparse_triton(q, layer, lens, ts, SINKS, P1, P2)   # noqa: E731
-                    da.PLAN_SINK = []
-                    _, st = step()
-                    got = kernel_lists(da.PLAN_SINK[0], C)
-                    da.PLAN_SINK = None
-                    if stop:
-                        check = "(ablation)"
-                    else:
-                        if base_lists is None:
-                            base_lists = got
-                        e1, n1, b1 = compare(got, base_lists, near, True)
-                        e2, n2, b2 = compare(got, want, near, False)
-                        bad_total += b1 + b2
-                        check = (f"base {e1}/{len(got)}" + (f" near {n1}" if n1 else "") + (f" BAD {b1}" if b1 else "")
-                                 + f", twin {e2}/{len(got)}" + (f" near {n2}" if n2 else "") + (f" BAD {b2}" if b2 else ""))
-                    ks = kernel_breakdown(step)
-                    sel = sum(t for k, t in ks.items() if "select" in k)
-                    t_step = time_us(step, args.reps)
-                    ex = st["exact_tokens"].float().mean().item() / ctx
-                    ps = st["pseudo_tokens"].float().mean().item() / ctx
-                    tag = var + (f" w{nw}" if nw else "") + {0: "", 1: " stop=G", 2: " stop=cuts"}[stop]
-                    rows.append((shape, B, ctx, tag, sel, t_step, t_dense, ex, ps, check))
-                    print(f"  {shape} B={B} ctx={ctx} {tag}: sel {sel:.1f} us, step {t_step:.1f} us, {check}",
-                          flush=True)
-                da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP = "base", None, 0
-                q = layer = None
-                torch.cuda.empty_cache()
+            if time.time() - t_start > args.budget_s:
+                print(f"skipped {shape} B={B} ctx={ctx}: time budget", flush=True)
+                continue
+            bad += run_case(shape, ctx, B, args.reps, t_start + args.budget_s, rows)
+            da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP = default
+            torch.cuda.empty_cache()
     print(f"\nselect-kernel variants (p1={P1} p2={P2}; us; x = dense / step; {time.time() - t_start:.0f} s)")
     print(f"{'shape':8} {'B':>2} {'ctx':>6} {'variant':24} {'sel':>6} {'step':>6} {'dense':>6} {'x':>5} "
           f"{'exact%':>6} {'pseu%':>6}  check (heads equal / near a cut / BAD)")
     for shape, B, ctx, tag, sel, t_step, t_dense, ex, ps, check in rows:
         print(f"{shape:8} {B:>2} {ctx // 1024:>5}K {tag:24} {sel:6.1f} {t_step:6.1f} {t_dense:6.1f} "
               f"{t_dense / t_step:5.1f} {100 * ex:6.2f} {100 * ps:6.2f}  {check}")
-    print("ALL WORK LISTS MATCH" if bad_total == 0 else f"MISMATCHES: {bad_total} head lists differ away from a cut")
+    print("ALL WORK LISTS MATCH" if bad == 0 else f"MISMATCHES: {bad} head lists differ away from a cut")
 
 
 if __name__ == "__main__":
