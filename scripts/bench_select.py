@@ -76,7 +76,7 @@ def configs(shape, ctx, B):
     """(variant, num_warps or None = default, ablation stop) to run for one case, the most telling first."""
     out = [(v, None, 0) for v in ("base", "bisect", "contract")]
     if ctx >= 131072 and B == 1:
-        out += [("bisect", 8, 0), ("contract", 8, 0)]
+        out += [("bisect", 8, 0), ("contract", 8, 0), ("bisect", 4, 0)]
         if shape == "llama8b":
             out += [("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2), ("contract", None, 2),
                     ("kary4", None, 0), ("contract-l1", None, 0), ("contract-l0", None, 0)]

@@ -368,6 +368,7 @@ def test_kernel_long_clusters_many_blocks():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])
 def test_gpu_bf16(g, d):
     seed = torch.seed() % 2**31
