@@ -1,7 +1,7 @@
 """GPU: the Double-P select-kernel variants (kernels/doublep_select_fast.py) against the base kernel and
 the torch twin, and their times. One GPU call, well under 3 minutes:
 
-    PYTHONPATH=. python scripts/bench_select.py        # --budget-s 140: skips what is left after that
+    PYTHONPATH=. python scripts/bench_select.py        # --budget-s 130: skips what is left after that
 
 Cases: llama8b (32 q heads, 8 KV heads, d 128) and smollm (9, 3, 64); 128K at batch 1, 8, 32, then 32K
 at batch 1, 8, in that order; p1 = 0.95, p2 = 0.7. Inputs: nanodp.bench_sparse.make_synthetic (16-token
@@ -126,7 +126,7 @@ def run_case(shape, ctx, B, reps, deadline, rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=140.0)
+    ap.add_argument("--budget-s", type=float, default=130.0)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     t_start = time.time()
