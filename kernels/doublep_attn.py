@@ -17,6 +17,17 @@ import triton
 import triton.language as tl
 
 from .doublep_select import LOG2E, NEG, _score_kernel, _select_kernel
+from .doublep_select_fast import VARIANTS, _select_fast_kernel
+
+# The select kernel sparse_triton launches: "base" (_select_kernel) or a name in VARIANTS (same output,
+# kernels/doublep_select_fast.py); SELECT_WARPS None = the default warp count. scripts/bench_select.py
+# times them all; tests/test_doublep.py runs every kernel test under each. "bisect" is the default on
+# static evidence (about 40% fewer instructions per thread than "base", no register spills), not yet
+# on a measurement: bench_select decides.
+SELECT_VARIANT = "bisect"
+SELECT_WARPS = None
+SELECT_STOP = 0          # ablation timing only (bench_select): 1 = stop after G, 2 = after the cuts
+PLAN_SINK = None         # a list: each call appends its work list (idx, pid, meta, cap) for inspection
 
 
 @triton.jit
@@ -183,13 +194,23 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     else:  # p >= 1 -> a target no sum reaches: keep all; p <= 0 -> keep none
         tgt1, tgt2, est = [2.0 if p >= 1 else float(p) for p in (p1, p2)] + [0]
     CPAD = max(16, triton.next_power_of_2(C))
-    _select_kernel[(BH,)](
-        zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, sti, stf, stb,
-        cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-        Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est,
-        G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),
-        MAXRULE=group_rule == "max", TOPK=mode == "topk",
-        num_warps=max(4, min(16, CPAD // 512)))
+    nw = SELECT_WARPS or max(4, min(16, CPAD // 512))
+    args = (cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
+            Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est)
+    consts = dict(G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),
+                  MAXRULE=group_rule == "max", TOPK=mode == "topk", num_warps=nw)
+    if SELECT_VARIANT == "base":
+        _select_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, sti, stf, stb,
+                              *args, **consts)
+    else:
+        xo = torch.empty(BH * C, **i32)
+        var = dict(VARIANTS[SELECT_VARIANT])
+        if var["LIST"] == 2 and C >= 65536:      # 16-bit packed ranks would overflow
+            var["LIST"] = 1
+        _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, sti,
+                                   stf, stb, *args, **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP)
+    if PLAN_SINK is not None:
+        PLAN_SINK.append((idx, pid, meta, cap))
 
     BLOCK_N = 64 if dev.type == "cuda" else 16
     _attn_kernel[(BH, NS)](

@@ -77,6 +77,32 @@ def _pick(x, k: tl.constexpr):
 
 
 @triton.jit
+def _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G: tl.constexpr, GP: tl.constexpr,
+                NCSP: tl.constexpr, MAXRULE: tl.constexpr):
+    """The group distribution G over clusters i: per head, P_r = softmax_i z[r, i] with the global
+    max / sum combined from the score kernel's chunk partials; mean over heads (or renormalised max).
+    Invalid slots get -1, so they never pass a threshold >= 0."""
+    s = tl.arange(0, NCSP)
+    Gv = tl.zeros(i.shape, tl.float32)
+    for r in tl.static_range(G):
+        mp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + r, mask=s < NCS, other=NEG)
+        lp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + GP + r, mask=s < NCS, other=0.0)
+        mx = tl.max(mp, 0)
+        tot = tl.sum(lp * tl.exp2(mp - mx), 0)
+        z = tl.load(z_ptr + (bh * G + r) * C + i, mask=valid, other=float("-inf"))
+        P = tl.exp2(z * LOG2E - mx) * (1.0 / tl.maximum(tot, 1e-30))   # softmax_i z[r, i]
+        if MAXRULE:
+            Gv = tl.maximum(Gv, P)
+        else:
+            Gv = Gv + P
+    if MAXRULE:
+        Gv = Gv / tl.maximum(tl.sum(tl.where(valid, Gv, 0.0), 0), 1e-30)
+    else:
+        Gv = Gv / G
+    return tl.where(valid, Gv, -1.0)   # never -0.0 (sums and maxima of exp2 >= +0): floats >= 0 order like bits
+
+
+@triton.jit
 def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                    idx_ptr, pid_ptr, xd_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
                    scs_b, scs_h, sn_b, sn_h,
@@ -94,25 +120,7 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     i = tl.arange(0, CPAD)
     valid = i < ncl
 
-    # group distribution: per head, the global softmax max/sum combined from the chunk partials
-    s = tl.arange(0, NCSP)
-    Gv = tl.zeros([CPAD], tl.float32)
-    for r in tl.static_range(G):
-        mp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + r, mask=s < NCS, other=NEG)
-        lp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + GP + r, mask=s < NCS, other=0.0)
-        mx = tl.max(mp, 0)
-        tot = tl.sum(lp * tl.exp2(mp - mx), 0)
-        z = tl.load(z_ptr + (bh * G + r) * C + i, mask=valid, other=float("-inf"))
-        P = tl.exp2(z * LOG2E - mx) * (1.0 / tl.maximum(tot, 1e-30))   # softmax_i z[r, i]
-        if MAXRULE:
-            Gv = tl.maximum(Gv, P)
-        else:
-            Gv = Gv + P
-    if MAXRULE:
-        Gv = Gv / tl.maximum(tl.sum(tl.where(valid, Gv, 0.0), 0), 1e-30)
-    else:
-        Gv = Gv / G
-    Gv = tl.where(valid, Gv, -1.0)   # invalid slots never pass a threshold >= 0
+    Gv = _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G, GP, NCSP, MAXRULE)
     st = tl.load(cst + i, mask=valid, other=0)
     sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
 
@@ -171,6 +179,11 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0), mask=p < nX)
         run = tl.max(e, 0)
 
+    _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
+
+
+@triton.jit
+def _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass):
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)
     T0 = tl.where(fb, ln, ts)

@@ -147,6 +147,23 @@ def tri(q, layer, lens, ts, *args, **kw):
 
 RAGGED = dict(B=3, lens=(300, 90, 47), tail=(236, 90, 0))   # normal; empty tail; ncl = 0 (all tail)
 
+try:   # the select-kernel variants (kernels/doublep_select_fast.py): every kernel test runs under each
+    from nanodp.kernels.doublep_select_fast import VARIANTS
+    SELECT_VARIANTS = ["base", *VARIANTS]
+except ImportError:   # no Triton: the kernel tests skip anyway
+    SELECT_VARIANTS = ["base"]
+
+
+@pytest.fixture(params=SELECT_VARIANTS)
+def variant(request):
+    """Run the test with sparse_triton launching this select kernel."""
+    pytest.importorskip("triton")
+    from nanodp.kernels import doublep_attn
+    old = doublep_attn.SELECT_VARIANT
+    doublep_attn.SELECT_VARIANT = request.param
+    yield request.param
+    doublep_attn.SELECT_VARIANT = old
+
 
 # ---------------------------------------------------------------- the twin against the definition
 @pytest.mark.parametrize("g,d,style", [(1, 64, "skewed"), (4, 128, "flat"), (3, 64, "skewed")])
@@ -245,6 +262,7 @@ def run_both(q, layer, lens, ts, sinks, p1, p2, **kw):
     return o1, st1, o2, st2
 
 
+@pytest.mark.usefixtures("variant")
 def test_kernel_all_exact_is_dense_and_all_centroid():
     q, layer, lens, ts, sinks = make_case(g=4, d=64, **RAGGED)
     o, st = tri(q, layer, lens, ts, sinks, 1.0, 1.0)
@@ -263,11 +281,21 @@ def test_kernel_matches_twin(g, d, dtype, style):
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = make_case(g=g, d=d, dtype=dtype, style=style, seed=seed, **RAGGED)
     atol = 1e-4 if dtype == torch.float32 else 1e-2
-    for p1, p2 in [(0.95, 0.7), (0.6, 0.25)]:
-        p1, p2 = safe_p(q, layer, p1, p2)
-        check(*run_both(q, layer, lens, ts, sinks, p1, p2), atol, f"seed {seed} p {p1} {p2}")
+    pytest.importorskip("triton")
+    from nanodp.kernels import doublep_attn
+    fast = SELECT_VARIANTS[1 + (g * 7 + d + len(style)) % (len(SELECT_VARIANTS) - 1)] if len(SELECT_VARIANTS) > 1 else "base"
+    old = doublep_attn.SELECT_VARIANT
+    for var in ("base", fast):        # every case on the base select kernel and one rotating variant
+        doublep_attn.SELECT_VARIANT = var
+        try:
+            for p1, p2 in [(0.95, 0.7), (0.6, 0.25)]:
+                p1, p2 = safe_p(q, layer, p1, p2)
+                check(*run_both(q, layer, lens, ts, sinks, p1, p2), atol, f"{var} seed {seed} p {p1} {p2}")
+        finally:
+            doublep_attn.SELECT_VARIANT = old
 
 
+@pytest.mark.usefixtures("variant")
 def test_kernel_planted_ties_at_the_cut():
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = make_case(g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3,
@@ -281,6 +309,7 @@ def test_kernel_planted_ties_at_the_cut():
     assert (st1["exact_clusters"] >= 3).all()           # the whole tie block is exact
 
 
+@pytest.mark.usefixtures("variant")
 def test_kernel_edge_cases():
     # clusters of size 1, an empty tail, a sequence with nothing clustered, fp16
     q, layer, lens, ts, sinks = make_case(g=3, d=64, B=3, lens=(100, 64, 33), tail=(100, 40, 0),
@@ -294,6 +323,7 @@ def test_kernel_edge_cases():
 
 
 @pytest.mark.parametrize("est", [0, 3])
+@pytest.mark.usefixtures("variant")
 def test_kernel_topk(est):
     q, layer, lens, ts, sinks = make_case(g=4, d=64, **RAGGED)
     o1, st1, o2, st2 = run_both(q, layer, lens, ts, sinks, 1.0, 1.0, mode="topk", budget=40, est_clusters=est)
@@ -301,12 +331,14 @@ def test_kernel_topk(est):
     assert ((st1["need_tokens"] >= 40) | (st1["exact_clusters"] == layer.ncl)).all()   # budget reached
 
 
+@pytest.mark.usefixtures("variant")
 def test_kernel_max_rule():
     q, layer, lens, ts, sinks = make_case(g=8, d=64, **RAGGED)
     p1, p2 = safe_p(q, layer, 0.9, 0.6, group_rule="max")
     check(*run_both(q, layer, lens, ts, sinks, p1, p2, group_rule="max"), 1e-4, "max rule")
 
 
+@pytest.mark.usefixtures("variant")
 def test_kernel_capacity_fallback():
     q, layer, lens, ts, sinks = make_case(g=4, d=64, style="flat", **RAGGED)
     p1, p2 = safe_p(q, layer, 0.95, 0.9)
@@ -317,7 +349,26 @@ def test_kernel_capacity_fallback():
     assert (o2 - dense(q, layer, lens))[fb].abs().max() < 1e-5
 
 
+@pytest.mark.usefixtures("variant")
+def test_kernel_long_clusters_many_blocks():
+    # nearly every cluster exact: more than one 64-cluster block of the compacted list, clusters longer
+    # than a 32-token tile, a cluster count that is no multiple of either, and p1 = p2 (no pseudo)
+    q, layer, lens, ts, sinks = make_case(g=2, d=64, B=2, Hkv=1, lens=(1900, 700), tail=(1880, 650),
+                                          max_size=45, style="flat", seed=7)
+    assert int(layer.ncl[0, 0]) > 64 and int(layer.ncl[0, 0]) % 64 and max(
+        int(x) for x in (layer.cstart[0, 0, 1:65] - layer.cstart[0, 0, :64])) > 32
+    for p1, p2 in [(0.999, 0.998), (0.8, 0.8), (0.0, 0.0)]:
+        p1, p2 = safe_p(q, layer, p1, p2) if p1 > 0 else (p1, p2)
+        o1, st1, o2, st2 = run_both(q, layer, lens, ts, sinks, p1, p2)
+        check(o1, st1, o2, st2, 1e-4, f"p {p1} {p2}")
+        if p1 > 0.99:
+            assert (st1["exact_clusters"][0] > 64).all()
+        if p1 == 0:
+            assert (st1["exact_clusters"] == 0).all() and (st1["pseudo_tokens"] == 0).all()
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])
 def test_gpu_bf16(g, d):
     seed = torch.seed() % 2**31

@@ -1,0 +1,223 @@
+"""Double-P stage 2, faster variants of `_select_kernel` (kernels/doublep_select.py) with the same output.
+
+Same grid (one program per (sequence, KV head)), same group distribution, same work list, stats and
+fallback. What differs (constexpr switches, so scripts/bench_select.py can time each):
+
+  SEARCH  how t(p) = the largest bit pattern x with S(x) = sum(W_i : G_i >= x) >= tgt is found.
+          Every variant keeps the invariant S(lo) >= tgt > S(hi) (or the base's special cases: lo = 0
+          when tgt is never reached, +inf when tgt <= 0) and stops at hi = lo + 1, so it returns the
+          base's x exactly; they differ in how many dependent block reductions that takes:
+    0  bisection on bits as the base, but only while some interval is wider than one pattern, and
+       from hi = bits(max G) + 1 instead of +inf (about 26 steps instead of 31).
+    1  contracting bisection: each step also finds the data values next to mid (smallest G >= mid,
+       largest G < mid) and moves the bound onto them. The interval halves at least, and whenever it
+       holds few data values it jumps past the empty gaps: about log2(#values near the cut) + a few.
+    2  KARY-ary search: KARY thresholds per row in one reduction, log2(KARY + 1) bits per step.
+  LIST    how the exact-token list idx[0:nX) is written (the three prefix sums over all CPAD slots
+          are the base's largest block of straight-line code).
+    0  as the base: zero idx, mark each cluster start, prefix-sum the stream, gather the offsets (the
+       three full-length prefix sums fused into one tuple scan).
+    1  one tuple scan; compacted exact clusters (stream offset, delta) to scratch, then [TILE_R, TILE_J]
+       store tiles (TILE_R clusters x TILE_J tokens): no zeroing pass, no second scan over the stream.
+    2  one int32 scan for both ranks (exact in the low 16 bits, pseudo above; C < 65536, else the
+       launcher uses 1); stream offsets by a prefix sum over the short compacted list only.
+  STOP    ablation timing only: 1 stop after G, 2 after the cuts, writing a dense-fallback plan.
+"""
+import triton
+import triton.language as tl
+
+from .doublep_select import INF_BITS, _group_dist, _pick, _write_plan
+
+BIG = tl.constexpr(0x7FFFFFFF)
+
+
+@triton.jit
+def _search(Gb, W, tgt, lo0, SEARCH: tl.constexpr, KARY: tl.constexpr):
+    """Rows k = 0, 1 side by side: the largest x with sum(W over Gb >= x) >= tgt[k] (bit patterns; Gb
+    the int32 bits of G, negative for invalid slots). Returns x as a float [2]."""
+    hi = tl.where(tgt > 0, tl.maximum(tl.max(Gb, 0), 0) + 1, INF_BITS + 1)   # S(hi) = 0 < tgt
+    lo = tl.minimum(lo0, hi - 1)
+    while tl.max(hi - lo, 0) > 1:
+        if SEARCH == 2:
+            # KARY candidates per row at lo + (hi - lo) * (j + 1) / (KARY + 1); S is non-increasing,
+            # so lo moves to the largest candidate that reaches tgt, hi to the smallest that does not
+            j = tl.arange(0, KARY)
+            w = (hi - lo).to(tl.int64)
+            m = lo[:, None] + ((w[:, None] * (j[None, :] + 1)) // (KARY + 1)).to(tl.int32)   # [2, KARY]
+            s = tl.sum(tl.where(Gb[None, None, :] >= m[:, :, None], W[None, None, :], 0.0), 2)
+            ok = s >= tgt[:, None]
+            lo = tl.maximum(lo, tl.max(tl.where(ok, m, 0), 1))
+            hi = tl.minimum(hi, tl.min(tl.where(ok, BIG, m), 1))
+        else:
+            mid = lo + (hi - lo) // 2      # a row already at hi = lo + 1 re-tests lo and stays put
+            up = Gb[None, :] >= mid[:, None]
+            if SEARCH == 1:
+                # one reduction also gives a = smallest value >= mid: S(a) = S(mid), so lo may jump to
+                # it (BIG if none: only when tgt <= 0, then lo -> hi - 1), and c = largest value < mid:
+                # S(c + 1) = S(mid), so hi may drop to c + 1; c < lo only when S(lo) = S(mid) < tgt
+                # (tgt never reached): stop there
+                s, a, c = tl.reduce((tl.where(up, W[None, :], 0.0), tl.where(up, Gb[None, :], BIG),
+                                     tl.where(up, -1, Gb[None, :])), 1, _sum_min_max)
+                ok = s >= tgt
+                lo = tl.where(ok, tl.minimum(a, hi - 1), lo)
+                hi = tl.where(ok, hi, tl.maximum(c + 1, lo + 1))
+            else:
+                ok = tl.sum(tl.where(up, W[None, :], 0.0), 1) >= tgt
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+    return lo.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sum_min_max(s0, a0, c0, s1, a1, c1):
+    return s0 + s1, tl.minimum(a0, a1), tl.maximum(c0, c1)
+
+
+@triton.jit
+def _sum_max(a0, a1, b0, b1):
+    return a0 + b0, tl.maximum(a1, b1)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
+                        idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
+                        scs_b, scs_h, sn_b, sn_h,
+                        HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
+                        G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
+                        BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr,
+                        SEARCH: tl.constexpr, KARY: tl.constexpr, LIST: tl.constexpr,
+                        TILE_R: tl.constexpr, TILE_J: tl.constexpr, STOP: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
+    ln = tl.load(lens_ptr + b)
+    ts = tl.load(ts_ptr + b)
+    S = tl.minimum(ts, sinks)
+    cst = cst_ptr + b * scs_b + h * scs_h
+    i = tl.arange(0, CPAD)
+    valid = i < ncl
+    Gv = _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G, GP, NCSP, MAXRULE)
+    Gb = Gv.to(tl.int32, bitcast=True)
+    if STOP == 1:   # a dense plan (safe for the attention kernel) and a value that needs G
+        _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, tl.sum(Gv, 0))
+        return
+
+    two = tl.arange(0, 2)
+    zero2 = tl.zeros([2], tl.int32)
+    if TOPK:
+        # exact: top clusters until `budget` (= tgt2) tokens; then the next `est` clusters by rank
+        st = tl.load(cst + i, mask=valid, other=0)
+        sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
+        t2 = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + tgt2, zero2, SEARCH, KARY), 0)
+        n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
+        t1 = _pick(_search(Gb, valid.to(tl.float32), tl.zeros([2], tl.float32) + n1.to(tl.float32), zero2,
+                           SEARCH, KARY), 0)
+    else:
+        # S(v) >= total - ncl * v, so t >= v0 = (total - p) / (2 ncl): start there when safely positive
+        tgt = tl.where(two == 0, tgt1, tgt2)
+        total = tl.sum(tl.where(valid, Gv, 0.0), 0)
+        v0 = (total - tgt) / (2 * tl.maximum(ncl, 1)).to(tl.float32)
+        lo0 = tl.where(total - tgt > 1e-4, v0.to(tl.int32, bitcast=True), 0)
+        t = _search(Gb, Gv, tgt, lo0, SEARCH, KARY)
+        t1 = _pick(t, 0)
+        t2 = _pick(t, 1)
+        st = tl.load(cst + i, mask=valid, other=0)
+        sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
+    if STOP == 2:
+        _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, t1 + t2)
+        return
+
+    E = Gv >= t2
+    need, msz = tl.reduce((tl.where(E, sz, 0), tl.where(E, sz, 0)), 0, _sum_max)   # msz: longest exact
+    fb = need > CAP                          # work list too small: this head attends densely
+    nX = tl.where(fb, 0, need)
+    lst = i < tl.where(fb, 0, ncl)           # a fallback head lists nothing
+    ex = lst & E & (sz > 0)
+    xs = tl.where(ex, sz, 0)
+    ec = ex.to(tl.int32)
+    pc = (lst & (Gv >= t1) & (Gv < t2)).to(tl.int32)     # pseudo clusters, compacted
+    if LIST == 2:
+        # exact ranks in the low 16 bits, pseudo ranks above: one int32 scan (needs C < 65536)
+        pk = tl.cumsum(ec + (pc << 16), 0)
+        rank = (pk & 0xFFFF) - ec
+        prk = ((pk >> 16) & 0xFFFF) - pc
+    else:
+        # one scan for three prefix sums: stream offsets, exact ranks, pseudo ranks (exclusive)
+        off, rank, prk = tl.associative_scan((xs, ec, pc), 0, _add3)
+        off, rank, prk = off - xs, rank - ec, prk - pc
+    tl.store(pid_ptr + bh * C + prk, i, mask=pc > 0)
+    # one reduction for the counts: exact clusters, pseudo clusters, kept mass, listed exact clusters
+    kept = tl.where(fb, valid, Gv >= tl.minimum(t1, t2))
+    ncx, nP, mass, nxc = tl.reduce((E.to(tl.int32), pc, tl.where(kept, Gv, 0.0), ec), 0, _add4)
+    ncx = tl.where(fb, ncl, ncx)
+
+    if LIST == 0:
+        for p0 in range(0, nX, BLK):
+            p = p0 + tl.arange(0, BLK)
+            tl.store(idx_ptr + bh * CAP + p, tl.zeros([BLK], tl.int32), mask=p < nX)
+        tl.debug_barrier()
+        tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
+        tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
+        tl.debug_barrier()
+        run = tl.program_id(0) * 0
+        for p0 in range(0, nX, BLK):
+            p = p0 + tl.arange(0, BLK)
+            e = tl.cumsum(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0) + run
+            tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0),
+                     mask=p < nX)
+            run = tl.max(e, 0)
+    elif LIST == 1:
+        # exact cluster of rank e covers stream positions [o_e, o_e+1) (o_ncx = nX) and its token at
+        # position p is storage index p + delta_e, delta_e = cstart - o_e
+        tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
+        tl.store(xo_ptr + bh * C + rank, off, mask=ex)
+        tl.debug_barrier()
+        for e0 in range(0, nxc, TILE_R):
+            e = e0 + tl.arange(0, TILE_R)
+            oke = e < nxc
+            o = tl.load(xo_ptr + bh * C + e, mask=oke, other=0)
+            o_next = tl.load(xo_ptr + bh * C + e + 1, mask=e + 1 < nxc, other=nX)
+            dl = tl.load(xd_ptr + bh * C + e, mask=oke, other=0)
+            for j0 in range(0, msz, TILE_J):
+                p = o[:, None] + j0 + tl.arange(0, TILE_J)[None, :]
+                tl.store(idx_ptr + bh * CAP + p, p + dl[:, None], mask=oke[:, None] & (p < o_next[:, None]))
+    else:
+        # compacted exact clusters (cstart, size); their stream offsets are a prefix sum over the short
+        # compacted list, block by block, and cluster e's j-th token goes to idx[o_e + j] = cstart_e + j
+        tl.store(xd_ptr + bh * C + rank, st, mask=ex)
+        tl.store(xo_ptr + bh * C + rank, sz, mask=ex)
+        tl.debug_barrier()
+        run = nxc * 0
+        for e0 in range(0, nxc, TILE_R):
+            e = e0 + tl.arange(0, TILE_R)
+            n_e = tl.load(xo_ptr + bh * C + e, mask=e < nxc, other=0)
+            s_e = tl.load(xd_ptr + bh * C + e, mask=e < nxc, other=0)
+            o = tl.cumsum(n_e, 0) - n_e + run
+            run += tl.sum(n_e, 0)
+            for j0 in range(0, msz, TILE_J):
+                j = j0 + tl.arange(0, TILE_J)
+                tl.store(idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :],
+                         mask=j[None, :] < n_e[:, None])
+
+    _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
+
+
+# name -> constexpr switches; "base" is kernels/doublep_select._select_kernel itself
+VARIANTS = {
+    "bisect": dict(SEARCH=0, KARY=2, LIST=2),
+    "contract": dict(SEARCH=1, KARY=2, LIST=2),
+    "kary4": dict(SEARCH=2, KARY=4, LIST=2),
+    "contract-l1": dict(SEARCH=1, KARY=2, LIST=1),
+    "contract-l0": dict(SEARCH=1, KARY=2, LIST=0),
+}
