@@ -35,7 +35,10 @@ class Rope:
     def cos_sin(self, positions, dtype):
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., d/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:  # YaRN's attention factor (skipped otherwise: two launches per decode step)
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 class Attention(nn.Module):
@@ -92,7 +95,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, cos, sin, ctx):
-        """x: the previous block's output, not yet added to the residual stream (None before layer 0)."""
+        """x: the previous block's output (layer 0: the embeddings), not yet added to `residual`, the residual
+        stream (None at layer 0). Returns this layer's (MLP output, residual stream)."""
         h, residual = self.input_layernorm(x, residual, ctx)
         h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual, ctx)
         return self.mlp(h, ctx), residual
