@@ -1,15 +1,19 @@
-"""Attention dispatch: store new K/V in the cache, then run the prefill or decode backend.
+"""Attention dispatch: rotate q and k and store new K/V in the cache (one fused op), then run the prefill or
+decode backend. The context also carries the model's fused elementwise ops (`ctx.ops`).
 
 Backends (DESIGN.md section 4): prefill is always dense causal flash attention; decode is `dense`,
 `doublep` or `topk`. Each has a torch twin (CPU, the oracle) and a Triton kernel (GPU); `kernels`
 picks which implementation runs.
 """
+from types import SimpleNamespace
+
 import torch
 
 from .config import SparseConfig
 
 
 def _impl(kernels: str):
+    from .kernels import fused
     if kernels == "triton":
         from .kernels.decode import decode_triton as decode
         from .kernels.doublep_attn import sparse_triton as sparse
@@ -18,7 +22,9 @@ def _impl(kernels: str):
         from .kernels.decode import decode_ref as decode
         from .kernels.doublep import sparse_ref as sparse
         from .kernels.prefill import prefill_ref as prefill
-    return prefill, decode, sparse
+    suffix = "_triton" if kernels == "triton" else "_ref"
+    ops = SimpleNamespace(**{op: getattr(fused, op + suffix) for op in ("add_rmsnorm", "silu_mul", "rope_store")})
+    return prefill, decode, sparse, ops
 
 
 class DecodeStats:
@@ -59,7 +65,7 @@ class DecodeStats:
 class AttentionContext:
     def __init__(self, cache, sparse: SparseConfig, kernels: str = "torch"):
         self.cache, self.sparse, self.kernels = cache, sparse, kernels
-        self.prefill_fn, self.decode_fn, self.sparse_fn = _impl(kernels)
+        self.prefill_fn, self.decode_fn, self.sparse_fn, self.ops = _impl(kernels)
         self.stats = DecodeStats(len(cache.layers), cache.layers[0].k.shape[1], cache.lens.device)
         self.mode = None
         # observer(layer_idx, q, layer, lens, tail_start, o, active) sees every decode attention call
@@ -79,22 +85,20 @@ class AttentionContext:
         self.mode, self.slots_t, self.active, self.max_len = "decode", slots, active, max_len
         self.write_at = self.cache.lens[slots].long()
         self.lens_after = (self.write_at + 1).to(torch.int32)
-        self.dense_tokens = self.lens_after.float().mul(active).sum()  # stays on device: no sync
+        if self.sparse.attention != "dense":  # the denominator of the sparse stats (on device: no sync)
+            self.dense_tokens = self.lens_after.float().mul(active).sum()
 
-    def attend(self, layer_idx, q, k, v):
+    def attend(self, layer_idx, q, k, v, cos, sin):
+        """q [B, T, Hq, d], k/v [B, T, Hkv, d] before RoPE, cos/sin [B, T, d] -> o [B, T, Hq, d]."""
         layer = self.cache.layers[layer_idx]
         if self.mode == "prefill":
-            for i, slot in enumerate(self.slots):
-                s, n = self.q_start_list[i], self.q_len_list[i]
-                layer.k[slot, :, s:s + n] = k[i, :n].transpose(0, 1)
-                layer.v[slot, :, s:s + n] = v[i, :n].transpose(0, 1)
             kv = self._slot_view(layer)
+            q = self.ops.rope_store(q, k, v, cos, sin, kv[0], kv[1], self.q_start, self.q_len)
             o = self.prefill_fn(q.transpose(1, 2), kv[0], kv[1], self.q_start, self.q_len)
             return o.transpose(1, 2)
-        slots, at = self.slots_t, self.write_at
-        layer.k[slots, :, at] = k[:, 0]
-        layer.v[slots, :, at] = v[:, 0]
-        q1 = q[:, 0]  # [B, Hq, d]
+        # decode slots are 0..B-1 (the engine runs them so): token b goes to storage write_at[b] of slot b
+        B = q.shape[0]
+        q1 = self.ops.rope_store(q, k, v, cos, sin, layer.k[:B], layer.v[:B], self.write_at)[:, 0]  # [B, Hq, d]
         sp = self.sparse
         if sp.attention == "dense" or layer_idx < sp.dense_layers:
             o = self.decode_fn(q1, layer.k[:q1.shape[0]], layer.v[:q1.shape[0]], self.lens_after,

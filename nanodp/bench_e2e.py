@@ -46,7 +46,7 @@ def random_llama(cfg: ModelConfig):
     for name, p in m.named_parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
     m.rope = Rope(cfg, "cuda")
-    return m.eval().requires_grad_(False)
+    return m.fuse_projections().eval().requires_grad_(False)
 
 
 def prose(tok, n_tokens, seed):

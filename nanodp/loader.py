@@ -97,8 +97,11 @@ def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausal
             raise WeightsError(f"{model_dir}: {name} has shape {tuple(t.shape)}, config.json implies "
                                f"{tuple(model.state_dict()[name].shape)}")
     model.load_state_dict(sd, assign=True)
-    if cfg.tie_word_embeddings or "lm_head.weight" not in sd:
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
+    del sd  # the model holds the only references now, so fusing frees each original as it goes
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.fuse_projections()
     model.rope = Rope(cfg, device)
     return model.eval().requires_grad_(False)
 

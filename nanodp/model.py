@@ -1,10 +1,11 @@
 """Llama, wired from small layers with Hugging Face parameter names (so checkpoints load without renaming).
 
-Attention itself is not here: each layer hands its post-RoPE q, k, v to an attention context
-(nanodp/attention.py) that stores k, v in the KV cache and runs the selected backend.
+After loading, `fuse_projections()` concatenates q/k/v and gate/up into one GEMM each. The elementwise work
+between the GEMMs runs as fused kernels chosen by the forward context `ctx` (nanodp/attention.py: Triton on
+CUDA, torch twins on CPU): residual add + RMSNorm, SiLU * up, and, inside `ctx.attend`, RoPE + the KV-cache
+store. The residual stream is carried beside the activations so each add fuses into the next norm.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, rope_tables
@@ -16,15 +17,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 like Hugging Face
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x, residual, ctx):
+        """r = x + residual (x alone when residual is None); returns (w * r / sqrt(mean(r^2) + eps), r),
+        normalised in fp32 like Hugging Face (kernels/fused.py add_rmsnorm_ref)."""
+        return ctx.ops.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class Rope:
-    """cos/sin tables indexed by position; q and k are rotated in halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    """cos/sin tables indexed by position; q and k are rotated in halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+    (kernels/fused.py rope_ref)."""
 
     def __init__(self, cfg: ModelConfig, device):
         self.inv_freq, self.scale = rope_tables(cfg)
@@ -34,13 +35,10 @@ class Rope:
     def cos_sin(self, positions, dtype):
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., d/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
-
-    @staticmethod
-    def apply(x, cos, sin):  # x [B, T, H, d]; cos/sin [B, T, d]
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return x * cos[:, :, None] + rotated * sin[:, :, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:  # YaRN's attention factor (skipped otherwise: two launches per decode step)
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 class Attention(nn.Module):
@@ -52,12 +50,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
 
+    def fuse(self):
+        self.qkv_proj = _cat_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x, cos, sin, ctx):
         B, T, _ = x.shape
-        q = Rope.apply(self.q_proj(x).view(B, T, self.hq, self.d), cos, sin)
-        k = Rope.apply(self.k_proj(x).view(B, T, self.hkv, self.d), cos, sin)
-        v = self.v_proj(x).view(B, T, self.hkv, self.d)
-        o = ctx.attend(self.layer_idx, q, k, v)  # [B, T, Hq, d]
+        qkv = self.qkv_proj(x).view(B, T, self.hq + 2 * self.hkv, self.d)
+        q, k, v = qkv.split([self.hq, self.hkv, self.hkv], dim=2)  # views, pre-RoPE
+        o = ctx.attend(self.layer_idx, q, k, v, cos, sin)  # rotates q, k; stores k, v; [B, T, Hq, d]
         return self.o_proj(o.reshape(B, T, self.hq * self.d))
 
 
@@ -68,8 +69,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):  # SwiGLU
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self):
+        self.gate_up_proj = _cat_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x, ctx):  # SwiGLU: down(silu(gate x) * up x)
+        return self.down_proj(ctx.ops.silu_mul(self.gate_up_proj(x)))
+
+
+def _cat_linear(*linears):
+    """One bias-free Linear whose output is the concatenation of the given ones' outputs."""
+    w = torch.cat([lin.weight for lin in linears])
+    with torch.device("meta"):
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -80,9 +94,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, ctx):
+        """x: the previous block's output (layer 0: the embeddings), not yet added to `residual`, the residual
+        stream (None at layer 0). Returns this layer's (MLP output, residual stream)."""
+        h, residual = self.input_layernorm(x, residual, ctx)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual, ctx)
+        return self.mlp(h, ctx), residual
 
 
 class LlamaBody(nn.Module):
@@ -101,14 +118,23 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = None  # set by the loader once the device is known
 
+    def fuse_projections(self):
+        """q/k/v -> qkv_proj and gate/up -> gate_up_proj, one GEMM each (the loader calls this). Layer by layer,
+        dropping the originals, so at most one layer's projections exist twice."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     def forward(self, input_ids, positions, ctx, last_index=None):
         """input_ids, positions [B, T] -> logits [B, V] of position `last_index[b]` (default: the last)."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
+            x, residual = layer(x, residual, cos, sin, ctx)
         if last_index is None:
-            x = x[:, -1]
+            x, residual = x[:, -1], residual[:, -1]
         else:  # LM head on one position per sequence only
-            x = x[torch.arange(x.shape[0], device=x.device), last_index]
-        return self.lm_head(self.model.norm(x)).float()
+            rows = torch.arange(x.shape[0], device=x.device)
+            x, residual = x[rows, last_index], residual[rows, last_index]
+        return self.lm_head(self.model.norm(x, residual, ctx)[0]).float()

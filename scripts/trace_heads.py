@@ -28,9 +28,9 @@ def main():
     state = {"layer": -1, "sparse": -1, "err": {}}
     attend, sparse = eng.ctx.attend, eng.ctx.sparse_fn
 
-    def attend_one(li, q, k, v):
+    def attend_one(li, *args):
         state["layer"] = li
-        return attend(li, q, k, v)
+        return attend(li, *args)
 
     def sparse_one(q, layer, lens, ts, *a, **kw):  # Double-P in one layer only, dense attention elsewhere
         o, st = sparse(q, layer, lens, ts, *a, **kw)

@@ -117,3 +117,20 @@ def test_config_validation():
         SparseConfig(p1=0.5, p2=0.9)
     with pytest.raises(ConfigError, match="rope_scaling"):
         ModelConfig(**{**base, "num_key_value_heads": 1, "rope_scaling": {"rope_type": "dynamic", "factor": 2}})
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_projections_fused_after_loading(tmp_path, tie):
+    """q/k/v and gate/up become one weight each, holding the same numbers; nothing is kept twice."""
+    hf = make_tiny(tmp_path, heads=6, kv_heads=2, tie=tie)
+    from nanodp.loader import load_model
+    m = load_model(str(tmp_path))
+    names = {n for n, _ in m.named_parameters()}  # shared (tied) parameters are listed once
+    assert {n.split(".")[-2] for n in names if "layers" in n} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                                "input_layernorm", "post_attention_layernorm"}
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in hf.parameters())
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == tie
+    a, ha = m.model.layers[1].self_attn, hf.model.layers[1].self_attn
+    assert torch.equal(a.qkv_proj.weight, torch.cat([ha.q_proj.weight, ha.k_proj.weight, ha.v_proj.weight]))
+    mlp, hmlp = m.model.layers[1].mlp, hf.model.layers[1].mlp
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([hmlp.gate_proj.weight, hmlp.up_proj.weight]))
