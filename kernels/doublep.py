@@ -29,7 +29,8 @@ import math
 
 import torch
 
-_STAT_KEYS = ("exact_tokens", "pseudo_tokens", "est_mass", "fallback", "exact_clusters", "need_tokens")
+# per (sequence, KV head) statistics, in the row order of the fp32 [len(STAT_KEYS), B, Hkv] `stats_out` buffer
+STAT_KEYS = ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens", "est_mass", "fallback")
 
 
 def group_scores(q, layer, sm_scale=None, group_rule="mean"):
@@ -94,10 +95,11 @@ def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_cl
 
 
 def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
-               budget=None, est_clusters=0, capacity=None, sm_scale=None):
+               budget=None, est_clusters=0, capacity=None, sm_scale=None, stats_out=None):
     """Double-P decode attention. q [B, Hq, d]; layer: k, v [B, Hkv, L, d], centroids, vmean
     [B, Hkv, C, d], logsize [B, Hkv, C], cstart [B, Hkv, C+1], ncl [B, Hkv]; lens, tail_start [B] int32.
-    Returns (o [B, Hq, d] in q.dtype, stats: dict of [B, Hkv] tensors, see _STAT_KEYS)."""
+    Returns (o [B, Hq, d] in q.dtype, stats: dict of [B, Hkv] tensors, see STAT_KEYS;
+    also written, as fp32 rows, into `stats_out` [len(STAT_KEYS), B, Hkv] if given)."""
     B, Hq, d = q.shape
     _, Hkv, L, _ = layer.k.shape
     g = Hq // Hkv
@@ -148,6 +150,9 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
         "exact_clusters": exact.sum(-1).int(),
         "need_tokens": need.int(),                               # exact clustered tokens asked for
     }
+    if stats_out is not None:
+        for i, key in enumerate(STAT_KEYS):
+            stats_out[i].copy_(stats[key])
     return o.reshape(B, Hq, d).to(q.dtype), stats
 
 

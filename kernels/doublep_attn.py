@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .doublep import STAT_KEYS
 from .doublep_select import LOG2E, NEG, _score_kernel, _select_kernel
 from .doublep_select_fast import VARIANTS, _select_fast_kernel
 
@@ -135,7 +136,7 @@ def _num_sms(dev):
 
 
 def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
-                  budget=None, est_clusters=0, capacity=None, sm_scale=None):
+                  budget=None, est_clusters=0, capacity=None, sm_scale=None, stats_out=None):
     """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
     if group_rule not in ("mean", "max"):
         raise ValueError(f"group_rule must be 'mean' or 'max', not {group_rule!r}")
@@ -176,9 +177,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     pid = torch.empty(BH * C, **i32)
     xd = torch.empty(BH * C, **i32)
     meta = torch.empty(BH * 8, **i32)
-    sti = torch.empty(4, B, Hkv, **i32)
-    stf = torch.empty(B, Hkv, **f32)
-    stb = torch.empty(B, Hkv, device=dev, dtype=torch.uint8)
+    st = torch.empty(len(STAT_KEYS), B, Hkv, **f32) if stats_out is None else stats_out
+    assert st.shape == (len(STAT_KEYS), B, Hkv) and st.dtype == torch.float32 and st.is_contiguous()
     po = torch.empty(BH * NS * GP * d, **f32)
     pml = torch.empty(BH * NS * 2 * GP, **f32)
     o = torch.empty(B, Hq, d, device=dev, dtype=q.dtype)
@@ -200,15 +200,15 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     consts = dict(G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),
                   MAXRULE=group_rule == "max", TOPK=mode == "topk", num_warps=nw)
     if SELECT_VARIANT == "base":
-        _select_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, sti, stf, stb,
+        _select_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, st,
                               *args, **consts)
     else:
         xo = torch.empty(BH * C, **i32)
         var = dict(VARIANTS[SELECT_VARIANT])
         if var["LIST"] == 2 and C >= 65536:      # 16-bit packed ranks would overflow
             var["LIST"] = 1
-        _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, sti,
-                                   stf, stb, *args, **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP)
+        _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, st,
+                                   *args, **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP)
     if PLAN_SINK is not None:
         PLAN_SINK.append((idx, pid, meta, cap))
 
@@ -222,6 +222,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     _combine_kernel[(B * Hq,)](po, pml, o, o.stride(0), o.stride(1), Hq, Hkv, NS,
                                G=g, GP=GP, D=d, NSP=max(2, triton.next_power_of_2(NS)), num_warps=4)
 
-    stats = {"exact_tokens": sti[0], "pseudo_tokens": sti[1], "est_mass": stf,
-             "fallback": stb.view(torch.bool), "exact_clusters": sti[2], "need_tokens": sti[3]}
+    if stats_out is not None:   # the engine's per-step slab: no conversion launches
+        return o, dict(zip(STAT_KEYS, st))
+    stats = {k: st[i].int() for i, k in enumerate(STAT_KEYS[:4])}   # the twin's dtypes
+    stats.update(est_mass=st[4], fallback=st[5] != 0)
     return o, stats

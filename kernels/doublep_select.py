@@ -104,7 +104,7 @@ def _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G: tl.constexpr, GP: tl.con
 
 @triton.jit
 def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
-                   idx_ptr, pid_ptr, xd_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
+                   idx_ptr, pid_ptr, xd_ptr, meta_ptr, st_ptr,
                    scs_b, scs_h, sn_b, sn_h,
                    HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
                    G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
@@ -179,11 +179,11 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0), mask=p < nX)
         run = tl.max(e, 0)
 
-    _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
+    _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
 
 
 @triton.jit
-def _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass):
+def _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass):
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)
     T0 = tl.where(fb, ln, ts)
@@ -192,9 +192,10 @@ def _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX,
     tl.store(meta_ptr + bh * 8 + 2, ln)
     tl.store(meta_ptr + bh * 8 + 3, nX)
     tl.store(meta_ptr + bh * 8 + 4, nP)
-    tl.store(sti_ptr + bh, S0 + (ln - T0) + nX)       # exact_tokens
-    tl.store(sti_ptr + NBH + bh, nP)                  # pseudo_tokens
-    tl.store(sti_ptr + 2 * NBH + bh, ncx)             # exact_clusters
-    tl.store(sti_ptr + 3 * NBH + bh, need)            # need_tokens
-    tl.store(stf_ptr + bh, mass)                      # est_mass
-    tl.store(stb_ptr + bh, fb.to(tl.uint8))           # fallback
+    # stats, fp32 rows in the order of nanodp.attention.STAT_KEYS
+    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))      # exact_tokens
+    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))                    # pseudo_tokens
+    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))               # exact_clusters
+    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))              # need_tokens
+    tl.store(st_ptr + 4 * NBH + bh, mass.to(tl.float32))              # est_mass
+    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))                # fallback

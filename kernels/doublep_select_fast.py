@@ -90,7 +90,7 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 
 @triton.jit
 def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
-                        idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, sti_ptr, stf_ptr, stb_ptr,
+                        idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, st_ptr,
                         scs_b, scs_h, sn_b, sn_h,
                         HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
                         G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
@@ -110,7 +110,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     Gv = _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G, GP, NCSP, MAXRULE)
     Gb = Gv.to(tl.int32, bitcast=True)
     if STOP == 1:   # a dense plan (safe for the attention kernel) and a value that needs G
-        _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, tl.sum(Gv, 0))
+        _write_plan(meta_ptr, st_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, tl.sum(Gv, 0))
         return
 
     two = tl.arange(0, 2)
@@ -135,7 +135,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         st = tl.load(cst + i, mask=valid, other=0)
         sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
     if STOP == 2:
-        _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, t1 + t2)
+        _write_plan(meta_ptr, st_ptr, bh, NBH, ncl >= 0, ln, ts, S, 0, 0, ncl, 0, t1 + t2)
         return
 
     E = Gv >= t2
@@ -210,7 +210,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                 tl.store(idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :],
                          mask=j[None, :] < n_e[:, None])
 
-    _write_plan(meta_ptr, sti_ptr, stf_ptr, stb_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
+    _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
 
 
 # name -> constexpr switches; "base" is kernels/doublep_select._select_kernel itself

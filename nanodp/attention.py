@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from .config import SparseConfig
+from .kernels.doublep import STAT_KEYS
 
 
 def _impl(kernels: str):
@@ -29,37 +30,40 @@ def _impl(kernels: str):
 
 class DecodeStats:
     """Per layer and KV head, summed over decode steps: exact tokens, pseudo-tokens, mass kept, fallbacks.
-    Device buffers updated in place, so a decode step captured in a CUDA graph keeps counting on replay."""
+    Each layer of a step writes its [len(STAT_KEYS), B, Hkv] values into this step's slab (the sparse kernel
+    stores them there directly); `end_step` adds the whole slab, weighted by `active`, to the sums: a few
+    launches per step, not per layer. All buffers keep their addresses, so CUDA-graph replays keep counting."""
 
     def __init__(self, n_layers, n_kv, device):
-        self.shape, self.device = (n_layers, n_kv), device
-        self.sums, self.dense_tokens = {}, torch.zeros((), device=device)
+        self.table = torch.zeros(n_layers, len(STAT_KEYS), n_kv, device=device)
+        self.sums = {k: self.table[:, i] for i, k in enumerate(STAT_KEYS)}   # views: [n_layers, n_kv] each
+        self.dense_tokens = torch.zeros((), device=device)
+        self.slabs = {}   # batch size -> [n_layers, len(STAT_KEYS), B, n_kv], the current step's values
+
+    def slab(self, B):
+        if B not in self.slabs:   # first (eager) step of a batch size allocates; graph captures come later
+            self.slabs[B] = torch.zeros(self.table.shape[0], len(STAT_KEYS), B, self.table.shape[2],
+                                        device=self.table.device)
+        return self.slabs[B]
 
     @torch.inference_mode()
     def reset(self):
-        for t in self.sums.values():
-            t.zero_()
+        self.table.zero_()
         self.dense_tokens.zero_()
 
-    def add(self, layer_idx, stats: dict, active):
-        for key, val in stats.items():
-            if key not in self.sums:  # first (eager) step allocates; graph captures come later
-                self.sums[key] = torch.zeros(self.shape, device=self.device)
-            self.sums[key][layer_idx].add_((val.float() * active[:, None]).sum(0))  # finished seqs excluded
+    def end_step(self, B, active):
+        self.table.add_(torch.einsum("lkbh,b->lkh", self.slab(B), active))   # finished sequences excluded
 
     def summary(self) -> dict:
         """Averages per decode token: fraction of KV tokens read exactly, pseudo-tokens, mass kept."""
-        if not self.sums or not float(self.dense_tokens):
+        if not float(self.dense_tokens):
             return {}
         per_layer = {k: v.cpu() for k, v in self.sums.items()}
         dense = float(self.dense_tokens)
-        out = {"kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense}
-        if "pseudo_tokens" in per_layer:
-            out["pseudo_fraction"] = float(per_layer["pseudo_tokens"].sum()) / dense
-        if "fallback" in per_layer:
-            out["fallbacks"] = int(per_layer["fallback"].sum())
-        out["per_layer_head"] = {k: v.tolist() for k, v in per_layer.items()}
-        return out
+        return {"kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense,
+                "pseudo_fraction": float(per_layer["pseudo_tokens"].sum()) / dense,
+                "fallbacks": int(per_layer["fallback"].sum()),
+                "per_layer_head": {k: v.tolist() for k, v in per_layer.items()}}
 
 
 class AttentionContext:
@@ -101,25 +105,26 @@ class AttentionContext:
         q1 = self.ops.rope_store(q, k, v, cos, sin, layer.k[:B], layer.v[:B], self.write_at)[:, 0]  # [B, Hq, d]
         sp = self.sparse
         if sp.attention == "dense" or layer_idx < sp.dense_layers:
-            o = self.decode_fn(q1, layer.k[:q1.shape[0]], layer.v[:q1.shape[0]], self.lens_after,
+            o = self.decode_fn(q1, layer.k[:B], layer.v[:B], self.lens_after,
                                max_len=self.max_len)
-            if sp.attention != "dense":
-                self.stats.add(layer_idx, {"exact_tokens": self.lens_after[:, None].expand(-1, layer.k.shape[1])},
-                               self.active)
+            if sp.attention != "dense":   # a dense layer of a sparse run reads every token exactly
+                st = self.stats.slab(B)[layer_idx]
+                st.zero_()
+                st[0].copy_(self.lens_after[:, None].expand(-1, layer.k.shape[1]))
         else:
-            o, st = self.sparse_fn(q1, _SlotLayer(layer, q1.shape[0], self.max_len), self.lens_after,
-                                   self.cache.tail_start[:q1.shape[0]], self.cache.cfg.sinks, sp.p1, sp.p2,
-                                   group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
-                                   budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity)
-            self.stats.add(layer_idx, st, self.active)
+            o, _ = self.sparse_fn(q1, _SlotLayer(layer, B, self.max_len), self.lens_after,
+                                  self.cache.tail_start[:B], self.cache.cfg.sinks, sp.p1, sp.p2,
+                                  group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
+                                  budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity,
+                                  stats_out=self.stats.slab(B)[layer_idx])
         if self.observer is not None:
-            B = q1.shape[0]
             self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,
                           self.active)
         return o[:, None]
 
     def end_decode(self):
         if self.sparse.attention != "dense":
+            self.stats.end_step(self.active.shape[0], self.active)
             self.stats.dense_tokens.add_(self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1])
 
     def _slot_view(self, layer):

@@ -165,13 +165,12 @@ class Engine:
             for _ in range(2):  # compile Triton kernels and allocate lazily created buffers outside capture
                 self._step(st["tokens"], st["active"], bucket)
         torch.cuda.current_stream().wait_stream(s)
-        saved = {k: v.clone() for k, v in self.ctx.stats.sums.items()}, self.ctx.stats.dense_tokens.clone()
+        saved = self.ctx.stats.table.clone(), self.ctx.stats.dense_tokens.clone()
         st["graph"] = torch.cuda.CUDAGraph()
         self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
         with torch.cuda.graph(st["graph"], pool=self.graph_pool):
             st["logits"] = self._step(st["tokens"], st["active"], bucket)
-        for k, v in saved[0].items():  # warm-up and capture must not count as decoded tokens
-            self.ctx.stats.sums[k].copy_(v)
+        self.ctx.stats.table.copy_(saved[0])  # warm-up and capture must not count as decoded tokens
         self.ctx.stats.dense_tokens.copy_(saved[1])
         return st
 
