@@ -192,10 +192,10 @@ def _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mas
     tl.store(meta_ptr + bh * 8 + 2, ln)
     tl.store(meta_ptr + bh * 8 + 3, nX)
     tl.store(meta_ptr + bh * 8 + 4, nP)
-    # stats, fp32 rows in the order of nanodp.attention.STAT_KEYS
-    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))      # exact_tokens
-    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))                    # pseudo_tokens
-    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))               # exact_clusters
-    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))              # need_tokens
-    tl.store(st_ptr + 4 * NBH + bh, mass.to(tl.float32))              # est_mass
-    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))                # fallback
+    # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS (tl.cast: some callers pass literals)
+    tl.store(st_ptr + bh, tl.cast(S0 + (ln - T0) + nX, tl.float32))  # exact_tokens
+    tl.store(st_ptr + NBH + bh, tl.cast(nP, tl.float32))              # pseudo_tokens
+    tl.store(st_ptr + 2 * NBH + bh, tl.cast(ncx, tl.float32))         # exact_clusters
+    tl.store(st_ptr + 3 * NBH + bh, tl.cast(need, tl.float32))        # need_tokens
+    tl.store(st_ptr + 4 * NBH + bh, tl.cast(mass, tl.float32))        # est_mass
+    tl.store(st_ptr + 5 * NBH + bh, tl.cast(fb, tl.float32))          # fallback
