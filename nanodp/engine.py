@@ -100,7 +100,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _check_fits(self, n):
+    def check_fits(self, n):
         if n + 1 > self.max_len:
             raise PromptTooLong(f"prompt has {n} tokens but the context holds {self.max_len} "
                                 f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)")
@@ -179,7 +179,7 @@ class Engine:
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
         `on_done(i, result)` fires as each prompt finishes. A prompt that does not fit raises before any work."""
         for p in prompts:
-            self._check_fits(len(p))
+            self.check_fits(len(p))
         results = []
         for g in range(0, len(prompts), self.max_batch):
             group = prompts[g:g + self.max_batch]
@@ -254,7 +254,7 @@ class Engine:
     def stream(self, ids, params: SamplingParams, on_text=None) -> Result:
         """Generate for `ids` in slot 0, reusing the cached prefix: only the tokens after the longest common
         prefix with what slot 0 already holds are prefilled (the next chat turn)."""
-        self._check_fits(len(ids))
+        self.check_fits(len(ids))
         n = 0
         for a, b in zip(self.history, ids):
             if a != b:

@@ -117,7 +117,7 @@ def main(argv=None):
                 ids = eng.tok.encode_chat([{"role": "user", "content": it["prompt"]}])
             else:
                 ids = eng.tok.encode(it["prompt"])
-            eng._check_fits(len(ids))
+            eng.check_fits(len(ids))
             runnable.append((i, ids))
         except Exception as e:  # noqa: BLE001 - reported per prompt
             emit(i, {"index": i, "prompt": it.get("prompt", it.get("messages")), "error": str(e)})
