@@ -106,7 +106,8 @@ class AttentionContext:
             o, st = self.sparse_fn(q1, _SlotLayer(layer, q1.shape[0], self.max_len), self.lens_after,
                                    self.cache.tail_start[:q1.shape[0]], self.cache.cfg.sinks, sp.p1, sp.p2,
                                    group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
-                                   budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity)
+                                   budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity,
+                                   estimate=sp.estimate, pseudo_bias=sp.pseudo_bias)
             self.stats.add(layer_idx, st, self.active)
         if self.observer is not None:
             B = q1.shape[0]
@@ -130,7 +131,7 @@ class _SlotLayer:
     `upto` tokens (an upper bound of the lengths), so the torch twin never scans the unused capacity."""
 
     def __init__(self, layer, n, upto=None):
-        for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl"):
+        for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"):
             setattr(self, name, getattr(layer, name)[:n])
         if upto is not None:
             self.k, self.v = self.k[:, :, :upto], self.v[:, :, :upto]
