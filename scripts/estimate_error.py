@@ -11,6 +11,8 @@ and cluster, the true log-mass  m_i = ln sum_{k in cluster i} e^{q.k/sqrt d}  wi
              min/max bound of the largest logit (Quest) standing in for one outlier
   outlier    ln((s-1) e^{q.C'/sqrt d} + e^{q.k*/sqrt d}): k* the member farthest from C, C' the mean of the rest
   radius     ln((s-1) e^{q.C/sqrt d} + e^{(q.C + |q| r)/sqrt d}),  r = max_i |k_i - C| (one scalar a cluster)
+  gausscap   min(gauss, ln s + (q.C + |q| r)/sqrt d): gauss capped by the radius bound of the largest logit
+  gaussquest min(gauss, ln s + u): gauss capped by the Quest bound
 "Sharp" heads: a clustered token holds >= --sharp of the head's dense attention (copy/induction heads on the
 needle). For those, per estimator: rank of that token's cluster under the head's own P_h and the group score G,
 est - true log-mass of the cluster (negative = underestimate), and how often a top-p cut of G at --p drops it.
@@ -30,7 +32,7 @@ from nanodp.eval_metrics import teacher_force
 from nanodp.tasks import make_tasks
 
 warnings.filterwarnings("ignore", message="index_reduce")
-EST = ("centroid", "gauss", "gaussfull", "quest", "outlier", "radius")
+EST = ("centroid", "gauss", "gaussfull", "quest", "outlier", "radius", "gausscap", "gaussquest")
 
 
 def cluster_logmass(q, k, a, s, d):
@@ -59,6 +61,9 @@ def cluster_logmass(q, k, a, s, d):
     c_rest = (cent * s[:, None] - k[star]) / (s - 1).clamp_min(1)[:, None]
     out["outlier"] = mix(q @ c_rest.T * sc, q @ k[star].T * sc)
     out["radius"] = mix(zc - s.log(), zc - s.log() + q.norm(dim=-1, keepdim=True) * far[None] * sc)
+    # gauss capped by ln s + an upper bound of the largest member logit (true mass <= s e^{max x}):
+    out["gausscap"] = torch.minimum(out["gauss"], zc + q.norm(dim=-1, keepdim=True) * far[None] * sc)
+    out["gaussquest"] = torch.minimum(out["gauss"], s.log() + u)
     return out
 
 
