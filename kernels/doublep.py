@@ -3,6 +3,12 @@
 One decode step, per (sequence b, KV head). The g query heads of a KV group share one selection.
 
   stage 1   z[h, i] = q_h . C_i * sm_scale + ln s_i            (C_i centroid, s_i cluster size)
+            estimate="gauss" adds  1/2 sum_j (q_hj sm_scale)^2 var_ij   (var_ij: variance of dimension j
+            of the member keys). z estimates ln sum_{k in i} e^{q.k sm_scale}: the centroid term alone is
+            Jensen's lower bound, exact only when all members are equal; if the logits of the members were
+            Gaussian, the mean of e^x would be e^{mean + var/2}, and with independent dimensions
+            var(q.k) = sum_j q_j^2 var_ij. It lifts clusters that hide one key far above their mean (the
+            needle of a copy head) and is exact for clusters of one token (var = 0).
             P_h = softmax_i z[h, :]   over the ncl clusters    (fp32)
             G_i = mean_h P_h[i]                                ("mean", the paper's rule)
                 = max_h P_h[i] / sum_j max_h P_h[j]            ("max": ranked by the largest head,
@@ -18,6 +24,10 @@ One decode step, per (sequence b, KV head). The g query heads of a KV group shar
   output    one softmax over steady tokens E = [0, S) u [tail_start, len) (S = min(sinks, tail_start)),
             the tokens of X and the pseudo-tokens of A:
             o = (sum_{j in E,X} e^{x_j} v_j + sum_{i in A} s_i e^{xbar_i} vmean_i) / (same without v)
+            pseudo_bias="centroid" (default): a pseudo-token's logit is the centroid z (ln s + q.C sm_scale)
+            whatever the estimate; "estimate": the selection's z (with the gauss term). The gauss term counts
+            the extra mass of the members far above the mean, but the pseudo value is the plain mean vmean_i,
+            not those members' values, so weighting vmean_i by it moves the output towards the wrong value.
 mode="topk" (RetroInfer-style baseline): the same ranking; X = the top clusters until their token count
   reaches `budget` (the crossing cluster included, ties at the cut kept; steady tokens not counted),
   A = the next `est_clusters` clusters by rank (the estimation zone).
@@ -33,17 +43,38 @@ import torch
 STAT_KEYS = ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens", "est_mass", "fallback")
 
 
-def group_scores(q, layer, sm_scale=None, group_rule="mean"):
-    """Stage 1. Returns z [B, Hkv, g, C] (fp32 logits, -inf past ncl), G [B, Hkv, C] (group
-    distribution, -1 past ncl so invalid clusters sort last and never pass a threshold >= 0), valid."""
+ESTIMATES = ("centroid", "gauss")
+
+
+def stage1_logits(q, layer, sm_scale=None, estimate="centroid"):
+    """(zc, z) [B, Hkv, g, C] fp32, -inf past ncl: zc = q.C sm_scale + ln s (the centroid estimate) and z =
+    the estimate asked for (zc itself for "centroid"), plus valid [B, Hkv, C]."""
     B, Hq, d = q.shape
     _, Hkv, C, _ = layer.centroids.shape
     g = Hq // Hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
     valid = torch.arange(C, device=q.device) < layer.ncl[..., None]                     # [B, Hkv, C]
+    qg = q.float().view(B, Hkv, g, d)
     cent = torch.where(valid[..., None], layer.centroids.float(), 0.0)   # slots past ncl may be garbage
-    z = torch.einsum("bhgd,bhcd->bhgc", q.float().view(B, Hkv, g, d), cent) * scale
-    z = (z + layer.logsize.float()[:, :, None, :]).masked_fill(~valid[:, :, None, :], -math.inf)
+    zc = torch.einsum("bhgd,bhcd->bhgc", qg, cent) * scale
+    zc = (zc + layer.logsize.float()[:, :, None, :]).masked_fill(~valid[:, :, None, :], -math.inf)
+    if estimate == "centroid":
+        return zc, zc, valid
+    var = torch.where(valid[..., None], layer.kvar.float(), 0.0)
+    return zc, zc + 0.5 * scale * scale * torch.einsum("bhgd,bhcd->bhgc", qg * qg, var), valid
+
+
+def group_scores(q, layer, sm_scale=None, group_rule="mean", estimate="centroid"):
+    """Stage 1. Returns z [B, Hkv, g, C] (fp32 logits of the estimate, -inf past ncl), G [B, Hkv, C]
+    (group distribution, -1 past ncl so invalid clusters sort last and never pass a threshold >= 0), valid."""
+    _, z, valid = stage1_logits(q, layer, sm_scale, estimate)
+    return z, _group(z, valid, group_rule), valid
+
+
+def _group(z, valid, group_rule):
+    """Per-head softmax over clusters, then the group distribution G (see group_scores)."""
     P = torch.softmax(z, dim=-1).nan_to_num(0.0)                          # ncl = 0: all -inf -> 0
     if group_rule == "mean":
         G = P.mean(dim=2)
@@ -52,7 +83,7 @@ def group_scores(q, layer, sm_scale=None, group_rule="mean"):
         G = G / G.sum(-1, keepdim=True).clamp_min(1e-30)
     else:
         raise ValueError(f"group_rule must be 'mean' or 'max', not {group_rule!r}")
-    return z, G.masked_fill(~valid, -1.0), valid
+    return G.masked_fill(~valid, -1.0)
 
 
 def _rank_of_cut(cum, target, nvalid):
@@ -95,9 +126,11 @@ def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_cl
 
 
 def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
-               budget=None, est_clusters=0, capacity=None, sm_scale=None, stats_out=None):
+               budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
+               pseudo_bias="centroid", stats_out=None):
     """Double-P decode attention. q [B, Hq, d]; layer: k, v [B, Hkv, L, d], centroids, vmean
-    [B, Hkv, C, d], logsize [B, Hkv, C], cstart [B, Hkv, C+1], ncl [B, Hkv]; lens, tail_start [B] int32.
+    [B, Hkv, C, d], logsize [B, Hkv, C], cstart [B, Hkv, C+1], ncl [B, Hkv] (kvar [B, Hkv, C, d] for
+    estimate="gauss"); lens, tail_start [B] int32.
     Returns (o [B, Hq, d] in q.dtype, stats: dict of [B, Hkv] tensors, see STAT_KEYS;
     also written, as fp32 rows, into `stats_out` [len(STAT_KEYS), B, Hkv] if given)."""
     B, Hq, d = q.shape
@@ -107,7 +140,10 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     cap = L if capacity is None else int(capacity)
 
-    z, G, valid = group_scores(q, layer, scale, group_rule)
+    if pseudo_bias not in ("centroid", "estimate"):
+        raise ValueError(f"pseudo_bias must be 'centroid' or 'estimate', not {pseudo_bias!r}")
+    zc, z, valid = stage1_logits(q, layer, scale, estimate)
+    G = _group(z, valid, group_rule)
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
     exact, pseudo, _, _ = select_clusters(G, valid, sizes, p1, p2, mode, budget, est_clusters)
@@ -131,11 +167,12 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
     tok = torch.where(fallback[..., None], t < lens_, tok)                              # [B, Hkv, L]
 
     # one softmax over exact tokens and pseudo-tokens. A pseudo-token's logit is its stage-1 score
-    # z = q.C*scale + ln s: the bias ln s makes it weigh like s tokens that all have key C_i.
+    # zc = q.C*scale + ln s: the bias ln s makes it weigh like s tokens that all have key C_i
+    # (pseudo_bias="estimate": the selection's z, see the module docstring).
     qg = q.float().view(B, Hkv, g, d)
     x_tok = torch.einsum("bhgd,bhld->bhgl", qg, layer.k.float()) * scale
     x_tok = x_tok.masked_fill(~tok[:, :, None, :], -math.inf)
-    x_ps = z.masked_fill(~pseudo[:, :, None, :], -math.inf)
+    x_ps = (z if pseudo_bias == "estimate" else zc).masked_fill(~pseudo[:, :, None, :], -math.inf)
     w = torch.softmax(torch.cat([x_tok, x_ps], dim=-1), dim=-1)
     v = torch.where(tok[..., None], layer.v.float(), 0.0)           # unused slots may hold garbage
     vm = torch.where(pseudo[..., None], layer.vmean.float(), 0.0)

@@ -89,7 +89,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
         m, l, acc = _online(m, l, acc, s, vt, PREC)
 
     # pseudo-tokens: logit = stage-1 score z = q.C*scale + ln s (read back, no centroid reload);
-    # the + ln s bias weighs the mean value vmean_i like s_i tokens with key C_i
+    # the + ln s bias weighs the mean value vmean_i like s_i tokens with key C_i (z_ptr is the centroid z
+    # unless pseudo_bias="estimate", which reads the selection's z: see kernels/doublep.py)
     for tile in range(tl.maximum(lo, TE), hi):
         p = (tile - TE) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = p < nP
@@ -136,8 +137,13 @@ def _num_sms(dev):
 
 
 def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
-                  budget=None, est_clusters=0, capacity=None, sm_scale=None, stats_out=None):
+                  budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
+                  pseudo_bias="centroid", stats_out=None):
     """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
+    if estimate not in ("centroid", "gauss"):
+        raise ValueError(f"estimate must be 'centroid' or 'gauss', not {estimate!r}")
+    if pseudo_bias not in ("centroid", "estimate"):
+        raise ValueError(f"pseudo_bias must be 'centroid' or 'estimate', not {pseudo_bias!r}")
     if group_rule not in ("mean", "max"):
         raise ValueError(f"group_rule must be 'mean' or 'max', not {group_rule!r}")
     if mode not in ("doublep", "topk"):
@@ -172,6 +178,10 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     f32 = dict(device=dev, dtype=torch.float32)
     i32 = dict(device=dev, dtype=torch.int32)
     zbuf = torch.empty(BH * g * C, **f32)
+    gauss = estimate == "gauss"
+    split = gauss and pseudo_bias == "centroid"          # pseudo-tokens read the centroid z, kept apart
+    zc = torch.empty(BH * g * C, **f32) if split else zbuf
+    kvar = _c(layer.kvar) if gauss else cent
     ml = torch.empty(BH * NCS * 2 * GP, **f32)
     idx = torch.empty(BH * cap, **i32)
     pid = torch.empty(BH * C, **i32)
@@ -184,10 +194,12 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     o = torch.empty(B, Hq, d, device=dev, dtype=q.dtype)
 
     _score_kernel[(BH, NCS)](
-        q, cent, logsize, layer.ncl, zbuf, ml,
+        q, cent, logsize, layer.ncl, zbuf, ml, kvar, zc,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), cent.stride(2),
         logsize.stride(0), logsize.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-        scale, Hkv, C, NCS, chunk, G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, num_warps=4)
+        kvar.stride(0), kvar.stride(1), kvar.stride(2),
+        scale, Hkv, C, NCS, chunk, G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss, SPLIT=split,
+        num_warps=4)
 
     if mode == "topk":
         tgt1, tgt2, est = 0, int(budget), int(est_clusters)
@@ -214,7 +226,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
 
     BLOCK_N = 64 if dev.type == "cuda" else 16
     _attn_kernel[(BH, NS)](
-        q, k, v, zbuf, vmean, idx, pid, meta, po, pml,
+        q, k, v, zc, vmean, idx, pid, meta, po, pml,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         scale * LOG2E.value, Hkv, C, cap, NS, G=g, GP=GP, D=d, BLOCK_N=BLOCK_N, PREC=prec,

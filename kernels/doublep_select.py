@@ -2,6 +2,8 @@
 
 _score_kernel   grid (B*Hkv, chunks): z = q.C*scale + ln s for the g query heads of a KV group in one
                 tl.dot (g padded to 16 rows), z kept in fp32 scratch, plus each chunk's softmax max/sum.
+                EST (estimate="gauss"): z += 1/2 (q*q).var * scale^2, a second dot; SPLIT: the centroid
+                z (without that term) also goes to a second scratch, for pseudo-token logits.
 _select_kernel  grid (B*Hkv,): the group distribution G, the two thresholds by bisection (no sort), and
                 the work list the attention kernel reads (see kernels/doublep_attn.py for its layout).
 The definition both follow is the torch twin, kernels/doublep.py.
@@ -15,11 +17,11 @@ INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf; floats >= 0 order li
 
 
 @triton.jit
-def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
-                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h,
+def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr,
+                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h, sv_b, sv_h, sv_c,
                   sm_scale, HKV, C, NCS, CHUNK,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, EST: tl.constexpr, SPLIT: tl.constexpr):
     bh = tl.program_id(0)
     cs = tl.program_id(1)
     b = bh // HKV
@@ -30,6 +32,10 @@ def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
     q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :],
                 mask=(r < G)[:, None], other=0.0)
     cbase = c_ptr + b.to(tl.int64) * sc_b + h * sc_h
+    if EST:
+        qf = q.to(tl.float32)
+        qq = qf * qf            # (q_j)^2, the weights of the per-dimension variances; fp32 (no fp16 overflow)
+        vbase = var_ptr + b.to(tl.int64) * sv_b + h * sv_h
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     lo = cs * CHUNK
@@ -42,6 +48,13 @@ def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr,
         # stage 1: size-weighted centroid logits, all g heads of the group in one dot
         z = tl.dot(q, tl.trans(c), input_precision=PREC) * sm_scale + ls[None, :]
         z = tl.where(ok[None, :], z, float("-inf"))
+        if SPLIT:
+            tl.store(zc_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
+        if EST:
+            # gauss: ln E e^{q.k} ~ q.C + var(q.k)/2 with var(q.k) = sum_j q_j^2 var_j (dims independent)
+            vr = tl.load(vbase + i[:, None] * sv_c + dd[None, :], mask=ok[:, None], other=0.0)
+            # fp32 "ieee" dot: matches the twin's fp32 math to rounding (tf32 would round q^2 to 10 bits)
+            z += tl.dot(qq, tl.trans(vr.to(tl.float32)), input_precision="ieee") * (0.5 * sm_scale * sm_scale)
         tl.store(z_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
         # online softmax statistics over this chunk (base 2): m = max, l = sum 2^(z*log2e - m)
         z2 = z * LOG2E

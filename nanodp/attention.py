@@ -116,6 +116,7 @@ class AttentionContext:
                                   self.cache.tail_start[:B], self.cache.cfg.sinks, sp.p1, sp.p2,
                                   group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
                                   budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity,
+                                  estimate=sp.estimate, pseudo_bias=sp.pseudo_bias,
                                   stats_out=self.stats.slab(B)[layer_idx])
         if self.observer is not None:
             self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,
@@ -139,7 +140,7 @@ class _SlotLayer:
     `upto` tokens (an upper bound of the lengths), so the torch twin never scans the unused capacity."""
 
     def __init__(self, layer, n, upto=None):
-        for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl"):
+        for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"):
             setattr(self, name, getattr(layer, name)[:n])
         if upto is not None:
             self.k, self.v = self.k[:, :, :upto], self.v[:, :, :upto]

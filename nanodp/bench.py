@@ -257,6 +257,7 @@ def section_sparse(argv):
     p.add_argument("--p2", type=float)
     p.add_argument("--reps", type=int)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--estimate", choices=["centroid", "gauss"], help="stage-1 estimate (default centroid)")
     args = p.parse_args(argv)
     require_cuda("sparse")
     from nanodp.bench_sparse import bench_sparse

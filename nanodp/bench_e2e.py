@@ -117,6 +117,7 @@ def bench_e2e(argv):
     p.add_argument("--p1", type=float, default=SparseConfig.p1)
     p.add_argument("--p2", type=float, default=SparseConfig.p2)
     p.add_argument("--group-rule", default=SparseConfig.group_rule)
+    p.add_argument("--estimate", default=SparseConfig.estimate, choices=["centroid", "gauss"])
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -138,7 +139,8 @@ def bench_e2e(argv):
                         continue  # random weights: flat attention, sparse numbers would mean nothing
                     max_len = min(ctx, 8192) if real else ctx + args.steps + 64
                     fill = ctx - args.steps - 8 if real else ctx
-                    sp = SparseConfig(attention=att, p1=args.p1, p2=args.p2, group_rule=args.group_rule)
+                    sp = SparseConfig(attention=att, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
+                                      estimate=args.estimate)
 
                     def cell():
                         eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)

@@ -38,6 +38,7 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
     v = torch.empty_like(k)
     cent = torch.empty(B, Hkv, ncl, d, device=device, dtype=dtype)
     vmean = torch.empty_like(cent)
+    kvar = torch.empty_like(cent)
     q = torch.empty(B, Hq, d, device=device, dtype=dtype)
     for b in range(B):                      # one sequence at a time keeps fp32 temporaries small
         w = torch.randn(Hkv, 1, d, device=device, generator=gen)
@@ -54,10 +55,11 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
             v[b, :, lo:hi] = torch.randn(Hkv, hi - lo, d, device=device, generator=gen).to(dtype)
         cent[b] = k[b, :, SINKS:ts].float().view(Hkv, ncl, CSIZE, d).mean(2).to(dtype)
         vmean[b] = v[b, :, SINKS:ts].float().view(Hkv, ncl, CSIZE, d).mean(2).to(dtype)
+        kvar[b] = k[b, :, SINKS:ts].float().view(Hkv, ncl, CSIZE, d).var(2, unbiased=False).to(dtype)
         qq = math.sqrt(d) * w.expand(Hkv, g, d) + 0.3 * torch.randn(Hkv, g, d, device=device, generator=gen)
         q[b] = qq.reshape(Hq, d).to(dtype)
     layer = SimpleNamespace(
-        k=k, v=v, centroids=cent, vmean=vmean,
+        k=k, v=v, centroids=cent, vmean=vmean, kvar=kvar,
         logsize=torch.full((B, Hkv, ncl), math.log(CSIZE), device=device),
         cstart=(SINKS + CSIZE * torch.arange(ncl + 1, device=device, dtype=torch.int32)).expand(B, Hkv, ncl + 1).contiguous(),
         ncl=torch.full((B, Hkv), ncl, device=device, dtype=torch.int32))
@@ -121,10 +123,12 @@ def bench_sparse(args=None):
     from nanodp.kernels.doublep_attn import sparse_triton
     batches, contexts, shapes = a("batches", [1, 8, 32]), a("contexts", [32768, 131072]), a("shapes", list(SHAPES))
     p1, p2, reps = a("p1", 0.95), a("p2", 0.7), a("reps", 30)
+    est = dict(estimate=a("estimate", "centroid"))
     rows = []
     hdr = (f"{'shape':8} {'B':>3} {'ctx':>7} {'exact%':>7} {'pseudo%':>7} {'dense':>9} {'sdpa':>9} {'doublep':>9} "
            f"{'x':>6} {'topk':>9} {'x':>6} {'eager':>9}")
-    print(f"Double-P decode step vs dense (bf16, us per layer step, CUDA-graph replay, p1={p1} p2={p2})")
+    print(f"Double-P decode step vs dense (bf16, us per layer step, CUDA-graph replay, p1={p1} p2={p2}, "
+          f"estimate {est['estimate']})")
     print(hdr)
     for shape in shapes:
         Hq, Hkv, d = SHAPES[shape]
@@ -135,22 +139,24 @@ def bench_sparse(args=None):
                     print(f"{shape:8} {B:>3} {ctx:>7}  skipped: needs {need / 2**30:.0f} GiB")
                     continue
                 q, layer, lens, ts = make_synthetic(B, Hq, Hkv, d, ctx)
-                _, st = sparse_triton(q, layer, lens, ts, SINKS, p1, p2)
+                _, st = sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est)
                 exact = st["exact_tokens"].float().mean().item() / ctx
                 pseudo = st["pseudo_tokens"].float().mean().item() / ctx
                 budget = int(st["need_tokens"].float().mean().item())
                 dense = {n: time_us(f, reps) for n, f in _dense_fns(q, layer, lens, ctx).items()}
                 base = dense.get("decode_triton", dense["sdpa"])
-                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2), reps)
-                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2), reps, graph=False)
-                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, 1.0, 1.0, mode="topk", budget=budget), reps)
+                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est), reps)
+                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est), reps, graph=False)
+                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, 1.0, 1.0, mode="topk", budget=budget,
+                                                     **est), reps)
                 row = dict(shape=shape, B=B, ctx=ctx, exact_frac=exact, pseudo_frac=pseudo, topk_budget=budget,
                            dense_us=base, dense_kernel="decode_triton" if "decode_triton" in dense else "sdpa",
                            sdpa_us=dense["sdpa"], doublep_us=t_dp, doublep_eager_us=t_eager, topk_us=t_tk,
                            speedup=base / t_dp, topk_speedup=base / t_tk,
                            fallback_heads=int(st["fallback"].sum().item()))
                 if a("profile", False) and B == batches[0] and ctx == contexts[-1]:
-                    row["kernels_us"] = kernel_breakdown(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2))
+                    row["kernels_us"] = kernel_breakdown(
+                        lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est))
                 rows.append(row)
                 print(f"{shape:8} {B:>3} {ctx:>7} {100 * exact:>6.2f}% {100 * pseudo:>6.2f}% {base:>9.1f} "
                       f"{dense['sdpa']:>9.1f} {t_dp:>9.1f} {base / t_dp:>5.1f}x {t_tk:>9.1f} {base / t_tk:>5.1f}x "
@@ -161,7 +167,7 @@ def bench_sparse(args=None):
                 torch.cuda.empty_cache()
     print("dense = decode_triton if importable else SDPA; x = dense / sparse; eager = doublep without a graph;"
           " topk at the mean exact clustered-token count of doublep")
-    return {"rows": rows, "p1": p1, "p2": p2, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
+    return {"rows": rows, "p1": p1, "p2": p2, **est, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
 
 
 def main(argv=None):
@@ -172,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--p1", type=float)
     ap.add_argument("--p2", type=float)
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--estimate", choices=["centroid", "gauss"], help="stage-1 estimate (default centroid)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the first batch, longest context")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -52,6 +52,7 @@ class LayerCache:
     logsize: torch.Tensor    # [B, Hkv, C]      fp32 ln(members)
     cstart: torch.Tensor     # [B, Hkv, C + 1]  int32; cluster i is storage [cstart[i], cstart[i+1])
     ncl: torch.Tensor        # [B, Hkv]         int32 clusters in use
+    kvar: torch.Tensor       # [B, Hkv, C, d]   per-dimension variance of member keys (estimate="gauss")
 
 
 class ClusterEvent(NamedTuple):
@@ -86,7 +87,8 @@ class KVCache:
             vmean=torch.zeros(*lead, C, head_dim, dtype=dtype, **z),
             logsize=torch.full((*lead, C), float("-inf"), dtype=torch.float32, **z),
             cstart=torch.zeros(*lead, C + 1, dtype=torch.int32, **z),
-            ncl=torch.zeros(*lead, dtype=torch.int32, **z))
+            ncl=torch.zeros(*lead, dtype=torch.int32, **z),
+            kvar=torch.zeros(*lead, C, head_dim, dtype=dtype, **z))
         self.layers = [LayerCache(*(t[i] for t in self.store)) for i in range(n_layers)]
         self.lens = torch.zeros(max_batch, dtype=torch.int32, **z)
         self.tail_start = torch.zeros(max_batch, dtype=torch.int32, **z)
@@ -100,7 +102,7 @@ class KVCache:
         """(kv, cluster metadata) bytes per token of capacity, all layers, for sizing before allocating."""
         cfg = cfg if cfg is not None else ClusterConfig()
         es = torch.empty((), dtype=dtype).element_size()
-        per_cluster = 2 * head_dim * es + 4 + 4        # centroid + vmean + logsize + cstart
+        per_cluster = 3 * head_dim * es + 4 + 4        # centroid + vmean + kvar + logsize + cstart
         return (n_layers * n_kv_heads * 2 * head_dim * es,
                 n_layers * n_kv_heads * (4 + per_cluster / cfg.cluster_size))   # + pos
 
@@ -108,7 +110,7 @@ class KVCache:
         """(kv bytes, cluster-metadata bytes) allocated per token of capacity, across all layers."""
         s = self.store
         meta = sum(t.numel() * t.element_size()
-                   for t in (s.pos, s.centroids, s.vmean, s.logsize, s.cstart, s.ncl))
+                   for t in (s.pos, s.centroids, s.vmean, s.kvar, s.logsize, s.cstart, s.ncl))
         kv = (s.k.numel() * s.k.element_size() + s.v.numel() * s.v.element_size())
         return kv / (self.max_batch * self.max_len), meta / (self.max_batch * self.max_len)
 

@@ -66,6 +66,7 @@ class ClusterResult(NamedTuple):
     centroids: torch.Tensor  # [N, k, d] keys' dtype; rows >= nkept are padding (zeros)
     vmean: torch.Tensor      # [N, k, d]
     logsize: torch.Tensor    # [N, k] fp32; -inf on padding rows
+    kvar: torch.Tensor       # [N, k, d] keys' dtype: per-dimension variance of the member keys (padding: 0)
     starts: torch.Tensor     # [N, k + 1] int64: cluster i is rows [starts[i], starts[i+1]); = n past nkept
     nkept: torch.Tensor      # [N] int64: non-empty clusters
 
@@ -77,7 +78,8 @@ def cluster_block(keys, values, k, iters, backend="auto"):
     their original order inside it. Empty clusters have zero length in that order; they are moved behind
     the non-empty ones (whose relative order is kept), so the first nkept rows are the real clusters.
     Statistics from the stored (model-dtype) rows, summed in fp32: centroid = mean of member keys,
-    vmean = mean of member values, logsize = ln(size).
+    vmean = mean of member values, logsize = ln(size), kvar = mean of (k - centroid)^2 per dimension (the
+    population variance, about the fp32 mean; it feeds the `gauss` stage-1 estimate, kernels/doublep.py).
     """
     sums_fn = cluster_sums_triton if _use_triton(keys, backend) else cluster_sums_ref
     a, cnt = _kmeans(keys, k, iters, backend)
@@ -85,13 +87,15 @@ def cluster_block(keys, values, k, iters, backend="auto"):
     div = cnt.clamp_min(1)[..., None]
     cent = sums_fn(keys, a, k) / div
     vmean = sums_fn(values, a, k) / div
+    sq = cent.gather(1, a.long()[..., None].expand(-1, -1, keys.shape[2])).sub_(keys).square_()  # one fp32 temp
+    kvar = sums_fn(sq, a, k) / div
     order = torch.sort((cnt == 0).to(torch.int32), dim=1, stable=True).indices   # non-empty first
     cnt = cnt.gather(1, order)
     g = order[..., None].expand(-1, -1, keys.shape[2])
     starts = torch.zeros(cnt.shape[0], k + 1, dtype=torch.int64, device=keys.device)
     starts[:, 1:] = cnt.long().cumsum(1)                                  # exclusive prefix sum of sizes
     return ClusterResult(perm, cent.gather(1, g).to(keys.dtype), vmean.gather(1, g).to(values.dtype),
-                         cnt.log(), starts, (cnt > 0).sum(1))
+                         cnt.log(), kvar.gather(1, g).to(keys.dtype), starts, (cnt > 0).sum(1))
 
 
 class Tables(NamedTuple):
@@ -104,6 +108,7 @@ class Tables(NamedTuple):
     logsize: torch.Tensor    # [nl, B, H, C] fp32
     cstart: torch.Tensor     # [nl, B, H, C + 1] int32
     ncl: torch.Tensor        # [nl, B, H] int32
+    kvar: torch.Tensor       # [nl, B, H, C, d] per-dimension variance of the member keys
 
 
 def split_segments(lo, hi, cfg):
@@ -151,6 +156,7 @@ def cluster_jobs(tab, jobs, cfg, backend="auto"):
     tab.centroids[idx + (dest[..., :k],)] = r.centroids.view(J, nl, H, k, d)
     tab.vmean[idx + (dest[..., :k],)] = r.vmean.view(J, nl, H, k, d)
     tab.logsize[idx + (dest[..., :k],)] = r.logsize.view(J, nl, H, k)
+    tab.kvar[idx + (dest[..., :k],)] = r.kvar.view(J, nl, H, k, d)
     tab.cstart[idx + (dest,)] = (s3[..., None] + r.starts.view(J, nl, H, k + 1)).to(torch.int32)
     tab.ncl[l3, b3, h3] = (base + r.nkept.view(J, nl, H)).to(torch.int32)
 

@@ -112,6 +112,8 @@ class SparseConfig:
     est_clusters: int = 0       # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
     dense_layers: int = 0       # the first N layers always decode densely
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
+    estimate: str = "centroid"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
+    pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk"):
@@ -120,6 +122,10 @@ class SparseConfig:
             raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
         if self.group_rule not in ("mean", "max"):
             raise ConfigError(f"--group-rule must be mean or max, got {self.group_rule!r}")
+        if self.estimate not in ("centroid", "gauss"):
+            raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
+        if self.pseudo_bias not in ("centroid", "estimate"):
+            raise ConfigError(f"--pseudo-bias must be centroid or estimate, got {self.pseudo_bias!r}")
         if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
 

@@ -8,8 +8,11 @@ Results are saved after every batch; --time-limit stops starting new work and st
 
 Methods (--methods, comma separated, all on the same prompts; dense first, each topk=M right after M):
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
+  doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
+                        -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
-  topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run
+  topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
+                        clusters ranked by SPEC's estimate
                         (--topk-match adds one for every doublep method): the same budget, a fixed cut
 Metrics (the layout of --out/results.json is described in nanodp/plots.py):
   score    per task in [0, 1], RULER string match: the fraction of the expected strings that appear in the
@@ -52,14 +55,18 @@ def parse_method(spec: str) -> dict:
         return {"name": spec, "attention": "dense"}
     if spec.startswith("topk=doublep"):
         return {"name": spec, "attention": "topk", "match": spec[5:]}
-    if kind in ("doublep", "doublep-max") and len(a) == 2:
+    tags = kind.split("-")
+    if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
+            and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
         SparseConfig(p1=float(a[0]), p2=float(a[1]))  # validates
+        gauss = "gauss" in tags or "gaussp" in tags
         return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
-                "group_rule": "max" if kind == "doublep-max" else "mean"}
+                "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
+                "pseudo_bias": "estimate" if "gaussp" in tags else "centroid"}
     if kind == "topk" and len(a) == 1 and a[0].rstrip("%").replace(".", "", 1).isdigit():
         return {"name": spec, "attention": "topk", "budget": a[0]}
-    raise ValueError(f"--methods: {spec!r}; use dense, doublep:P1:P2, doublep-max:P1:P2, topk:N, topk:F%, "
-                     "topk=doublep:P1:P2")
+    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2, topk:N, topk:F%, "
+                     "topk=doublep...:P1:P2")
 
 
 def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
@@ -67,18 +74,21 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
     if m["attention"] == "dense":
         return SparseConfig(attention="dense")
     if m["attention"] == "doublep":
-        return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers)
+        return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
+                            estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"))
+    estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))
         if kv is None:
             raise ValueError(f"{m['name']}: {m['match']} was not run at length {length} (add it to --methods)")
         # topk takes whole clusters until the budget is reached, overshooting by about half a cluster
         budget = max(0, round(kv["need_mean"] - ccfg.cluster_size / 2))
+        estimate = parse_method(m["match"]).get("estimate", "centroid")     # ranked by the same score
     elif m["budget"].endswith("%"):
         budget = round(float(m["budget"][:-1]) / 100 * max(0, ntok - ccfg.sinks - ccfg.window))
     else:
         budget = int(m["budget"])
-    return SparseConfig("topk", budget=budget, dense_layers=args.dense_layers)
+    return SparseConfig("topk", budget=budget, dense_layers=args.dense_layers, estimate=estimate)
 
 
 @torch.inference_mode()

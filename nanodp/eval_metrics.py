@@ -18,13 +18,13 @@ class KVTally:
     """The engine's decode stats (per layer and KV head, summed over steps) summed over the batches of a length."""
 
     def __init__(self):
-        self.s, self.dense, self.steps, self.scan, self.dl = {}, 0.0, 0, 0.0, 0
+        self.s, self.dense, self.steps, self.scan, self.dl, self.gauss = {}, 0.0, 0, 0.0, 0, False
 
     def add(self, eng, steps):
         st = eng.ctx.stats
         if eng.sparse.attention == "dense" or not st.sums:   # dense decode keeps no stats: reads everything
             return
-        self.dl = eng.sparse.dense_layers
+        self.dl, self.gauss = eng.sparse.dense_layers, eng.sparse.estimate == "gauss"
         for k, v in st.sums.items():
             self.s[k] = self.s.get(k, 0) + v.double().cpu()
         self.dense += float(st.dense_tokens)
@@ -41,8 +41,9 @@ class KVTally:
         D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
         ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, self.scan / D
         # bytes over dense's (K and V of every token): an exact token reads K and V, a pseudo-token its V̄ (its
-        # centroid was read by the scan), the stage-1 scan every centroid and its ln s (fp32)
-        kvb = (ex * 2 * d * es + ps * d * es + sc * (d * es + 4)) / (2 * d * es)
+        # centroid was read by the scan), the stage-1 scan every centroid and its ln s (fp32), + its key
+        # variances with estimate="gauss"
+        kvb = (ex * 2 * d * es + ps * d * es + sc * ((1 + self.gauss) * d * es + 4)) / (2 * d * es)
         need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl:].sum()  # exact clustered tokens asked for
         return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex),
                 "pseudo": spread(ps), "scan": sc.mean().item(),
@@ -64,7 +65,7 @@ def read_masks(q, layer, lens, tail_start, sp: SparseConfig, sinks):
     """The method's selection recomputed with the twin, as token masks [B, Hkv, L] over storage: (exact, kept).
     exact = steady tokens + tokens of the exact clusters X; kept = exact + tokens of the pseudo clusters A."""
     L = layer.k.shape[2]
-    z, G, valid = group_scores(q, layer, 1.0 / math.sqrt(q.shape[-1]), sp.group_rule)
+    z, G, valid = group_scores(q, layer, 1.0 / math.sqrt(q.shape[-1]), sp.group_rule, sp.estimate)
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
     ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else "doublep",

@@ -79,6 +79,11 @@ def check(t, b, tol=1e-5):
                 mean.index_add_(0, ids, x[stored][h, S:ts].double())
                 torch.testing.assert_close(x[table][h, :m].double(), mean / size[:, None], rtol=tol, atol=tol)
             torch.testing.assert_close(x["logsize"][h, :m].double(), size.log())
+            # kvar: per-dimension variance of the member keys about their own mean
+            kd = x["k"][h, S:ts].double()
+            mean = torch.zeros(m, c.head_dim, dtype=torch.float64).index_add_(0, ids, kd) / size[:, None]
+            var = torch.zeros_like(mean).index_add_(0, ids, (kd - mean[ids]) ** 2) / size[:, None]
+            torch.testing.assert_close(x["kvar"][h, :m].double(), var, rtol=tol, atol=tol)
 
 
 def dense_attn(q, k, v):
@@ -165,7 +170,7 @@ def test_batched_layers_equal_per_layer():
     for b, n in enumerate((90, 61, 90)):
         t.write(b, n)
     ref = [{f: getattr(layer, f).clone() for f in ("k", "v", "pos", "centroids", "vmean", "logsize",
-                                                   "cstart", "ncl")} for layer in t.c.layers]
+                                                   "cstart", "ncl", "kvar")} for layer in t.c.layers]
     t.c.cluster_pending(force=True)
     for layer, r in zip(t.c.layers, ref):
         obj = type("L", (), r)
