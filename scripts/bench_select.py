@@ -2,6 +2,7 @@
 the torch twin, and their times. One GPU call, well under 3 minutes:
 
     PYTHONPATH=. python scripts/bench_select.py        # --budget-s 130: skips what is left after that
+    PYTHONPATH=. python scripts/bench_select.py --ctx 8192 32768   # these contexts at batch 1, 8 instead
 
 Cases: llama8b (32 q heads, 8 KV heads, d 128) and smollm (9, 3, 64); 128K at batch 1, 8, 32, then 32K
 at batch 1, 8, in that order; p1 = 0.95, p2 = 0.7. Inputs: nanodp.bench_sparse.make_synthetic (16-token
@@ -17,6 +18,8 @@ Times: `sel` = the select kernel's device time (torch profiler, mean over 20 eag
 in a real step); `step` = the whole sparse_triton step as a CUDA-graph replay, L2 flushed, median of 20;
 `dense` = decode_triton (or SDPA) the same way. Ablation rows (stop=G / stop=cuts) time the fast kernel
 stopped after the group distribution / after the cuts: their differences split `sel` into phases.
+`sort` / `sort-k256` find the cuts by a bitonic sort + prefix sum instead of a bisection (no chain of ~26
+dependent block reductions); `sort` runs at contexts below 128K only (C <= ~4096 per head, its target).
 """
 import argparse
 import os
@@ -74,12 +77,18 @@ def compare(got, want, near, with_meta):
 
 def configs(shape, ctx, B):
     """(variant, num_warps or None = default, ablation stop) to run for one case, the most telling first."""
-    out = [(v, None, 0) for v in ("base", "bisect", "contract")]
+    out = [(v, None, 0) for v in ("base", "bisect", "contract", "sort-k256")]
+    if ctx < 131072:     # the full sort is meant for C <= ~4096 clusters per head (and compiles slowly past it)
+        out.append(("sort", None, 0))
     if ctx >= 131072 and B == 1:
         out += [("bisect", 8, 0), ("contract", 8, 0), ("bisect", 4, 0)]
         if shape == "llama8b":
             out += [("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2), ("contract", None, 2),
+                    ("sort-k256", None, 2),
                     ("kary4", None, 0), ("contract-l1", None, 0), ("contract-l0", None, 0)]
+    if ctx < 131072 and B == 1 and shape == "llama8b":   # phases at C ~ ctx / 16: the cuts, bisect vs sort
+        out += [("bisect", None, 1), ("bisect", None, 2), ("sort", None, 2), ("sort-k256", None, 2),
+                ("sort", 8, 0), ("bisect", 8, 0)]
     return out
 
 
@@ -128,11 +137,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=130.0)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--ctx", type=int, nargs="*",
+                    help="these contexts instead, at batch 1 and 8 (e.g. --ctx 8192 32768)")
     args = ap.parse_args()
     t_start = time.time()
     default = (da.SELECT_VARIANT, da.SELECT_WARPS, da.SELECT_STOP)
     rows, bad = [], 0
-    for ctx, B in ((131072, 1), (131072, 8), (131072, 32), (32768, 1), (32768, 8)):
+    cases = ((131072, 1), (131072, 8), (131072, 32), (32768, 1), (32768, 8))
+    if args.ctx:
+        cases = [(ctx, B) for ctx in args.ctx for B in (1, 8)]
+    for ctx, B in cases:
         for shape in ("llama8b", "smollm"):
             if time.time() - t_start > args.budget_s:
                 print(f"skipped {shape} B={B} ctx={ctx}: time budget", flush=True)
