@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The device runs behind the README's GPU figures, in two parts (each under 10 minutes):
+#   bash scripts/gpu_final.sh bench   GPU tests, bench e2e (default model + Llama-3.1-8B shape), bench sparse, select variants
+#   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
+# The default model is rebuilt from its GGUF carried in two parts (.carry/a, .carry/b: git-ignored, see
+# scripts/gpu_e2e.sh); logs go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-/tmp/out}
+if [ ! -f weights/SmolLM2-135M-Instruct/model.safetensors ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/b/gguf-*.whl
+  cat .carry/a/part_aa .carry/b/part_ab > /tmp/m.gguf
+  PYTHONPATH=/tmp/site python3 weights/fetch_default.py --gguf /tmp/m.gguf > /tmp/fetch.log 2>&1 || { tail /tmp/fetch.log; exit 1; }
+fi
+DEV=${DEV_METHODS:-dense,doublep:0.95:0.7,doublep-gauss:0.95:0.9,doublep-gauss:0.99:0.95,doublep-max-gauss:0.95:0.9}
+GRID="--lengths 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --n 2 --tasks all"
+case "${1:-bench}" in
+bench)
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -k "not test_gpu_bf16 or base or bisect or sort" \
+    > "$OUT/gpu_tests.log" 2>&1
+  timeout 130 python3 -m nanodp.bench e2e --models default --steps 48 > "$OUT/e2e.log" 2>&1
+  timeout 100 python3 -m nanodp.bench e2e --models llama8b --batches 1,8 --contexts 8k,32k --steps 32 \
+    > "$OUT/e2e8b.log" 2>&1
+  timeout 100 python3 -m nanodp.bench sparse --profile > "$OUT/sparse.log" 2>&1
+  timeout 100 python3 scripts/bench_select.py --budget-s 85 > "$OUT/select.log" 2>&1
+  grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -2
+  for f in e2e e2e8b sparse select; do grep -v '^{' "$OUT/$f.log" | grep -v -i warn | tail -16; done ;;
+eval)
+  timeout 250 python3 -m nanodp.eval --seed 1 $GRID --methods "$DEV" --time-limit 200 --out runs/gpu-dev \
+    > "$OUT/eval-dev.log" 2>&1
+  timeout 200 python3 -m nanodp.eval --seed 2 $GRID --methods dense,doublep:0.95:0.7 --pick-from runs/gpu-dev \
+    --time-limit 150 --out runs/gpu-report > "$OUT/eval-report.log" 2>&1
+  PICK=$(python3 -c "import json; print(json.load(open('runs/gpu-dev/results.json'))['pick'])" 2>/dev/null)
+  timeout 100 python3 -m nanodp.eval --seed 2 --yarn 4 --lengths 16384 --depths 0.1,0.3,0.5,0.7,0.9 --n 1 \
+    --tasks passkey,single_needle --methods "dense,${PICK:-doublep:0.95:0.7}" --time-limit 70 --out runs/gpu-yarn \
+    > "$OUT/eval-yarn.log" 2>&1
+  cp runs/gpu-dev/results.json "$OUT/dev-results.json"; cp runs/gpu-report/results.json "$OUT/report-results.json"
+  cp runs/gpu-yarn/results.json "$OUT/yarn-results.json"
+  for f in eval-dev eval-report eval-yarn; do grep -v '^{' "$OUT/$f.log" | tail -14; done ;;
+esac
