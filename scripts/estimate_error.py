@@ -69,11 +69,12 @@ def cluster_logmass(q, k, a, s, d):
 
 def needle_positions(tok, ids, key):
     """Token positions of the passkey sentence: from the first token of the key's first occurrence to the last
-    token of its second ("The pass key is K. Remember it. K is the pass key.")."""
+    token of its second ("The pass key is K. Remember it. K is the pass key."), or of the first if only one."""
     ends = [len(tok.decode(ids[:i + 1])) for i in range(len(ids))]
     text = tok.decode(ids)
     a = text.index(key)
-    b = text.index(key, a + 1) + len(key)
+    b = text.find(key, a + 1)
+    b = (b if b >= 0 else a) + len(key)          # other tasks state the value once
     first = next(i for i, e in enumerate(ends) if e > a)
     last = next(i for i, e in enumerate(ends) if e >= b)
     return set(range(first, last + 1))
@@ -103,6 +104,7 @@ def topp_keep(G, p):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="passkey", help="a needle kind of nanodp.tasks (passkey, single_needle, ...)")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1)
@@ -112,7 +114,7 @@ def main():
     args = ap.parse_args()
     eng = Engine(None, device="cpu", dtype="fp32", max_batch=1, max_len=args.length + 40, quiet=True, eager=True,
                  sparse=SparseConfig(attention="dense"))
-    tasks = make_tasks(eng.tok, ["passkey"], [args.length], [float(x) for x in args.depths.split(",")], 1, args.seed)
+    tasks = make_tasks(eng.tok, [args.task], [args.length], [float(x) for x in args.depths.split(",")], 1, args.seed)
     sharp = {e: [] for e in EST}          # per sharp (head, step): (rank P_h, rank G, est - true, dropped, ...)
     needle = {e: [] for e in EST}         # the same, where the sharp token lies in the passkey sentence
     recall = {e: [0.0, 0.0, 0] for e in EST + ("true",)}   # sum of true clustered mass kept, tokens read, count
@@ -163,7 +165,7 @@ def main():
         eng.ctx.observer = obs
         teacher_force(eng, ids, args.steps, feed)
         eng.ctx.observer = None
-        print(f"{task['id']}: passkey {task['answers']}, dense answer {eng.tok.decode(feed[0].tolist())!r}")
+        print(f"{task['id']}: answer {task['answers']}, dense answer {eng.tok.decode(feed[0].tolist())!r}")
     table(sharp, f"sharp (head, step) pairs: a clustered token holds >= {args.sharp} of dense attention")
     table(needle, "those whose sharp token is in the passkey sentence")
     table({e: [x for x in r if x[7] > 1] for e, r in needle.items()}, "... and whose cluster has > 1 member")
