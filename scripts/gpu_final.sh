@@ -12,7 +12,7 @@ if [ ! -f weights/SmolLM2-135M-Instruct/model.safetensors ]; then
   cat .carry/a/part_aa .carry/b/part_ab > /tmp/m.gguf
   PYTHONPATH=/tmp/site python3 weights/fetch_default.py --gguf /tmp/m.gguf > /tmp/fetch.log 2>&1 || { tail /tmp/fetch.log; exit 1; }
 fi
-DEV=${DEV_METHODS:-dense,doublep:0.95:0.7,doublep-gauss:0.95:0.9,doublep-gauss:0.99:0.95,doublep-max-gauss:0.95:0.9}
+DEV=${DEV_METHODS:-dense,doublep:0.95:0.7,doublep-gauss:0.95:0.7,doublep-gauss:0.95:0.9,doublep-gauss:0.99:0.95}
 GRID="--lengths 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --n 2 --tasks all"
 case "${1:-bench}" in
 bench)
