@@ -82,6 +82,7 @@ class Engine:
         self.sparse = self.ctx.sparse = sparse
         self.cluster_enabled = sparse.attention != "dense"
         self.graphs.clear()
+        self.graph_pool = None  # the old pool dies with its graphs: capture the next ones into a new one
 
     def _fit_len(self, bytes_per_token) -> int:
         """The model's context, capped (on GPU) so max_batch sequences fit in 85% of the free memory, leaving
