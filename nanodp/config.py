@@ -102,17 +102,19 @@ class ModelConfig:
 class SparseConfig:
     """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget).
 
-    The default is `dense` because nanodp's own evaluation (README "Accuracy", docs/results/cpu-eval-*) found
-    every Double-P setting tried losing answers on the default model; switch with --attention doublep."""
+    The default is `dense` because nanodp's own evaluation (README "Accuracy", docs/results/h200-eval-*) found
+    every Double-P setting tried losing answers on the default model; switch with --attention doublep. The
+    Double-P defaults are that evaluation's most accurate setting (development seed); the paper's is
+    p1=0.95, p2=0.7, estimate="centroid"."""
     attention: str = "dense"
-    p1: float = 0.95
-    p2: float = 0.7
+    p1: float = 0.99
+    p2: float = 0.95
     group_rule: str = "mean"
     budget: int = 1024          # topk: exact clustered tokens per (sequence, KV head)
     est_clusters: int = 0       # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
     dense_layers: int = 0       # the first N layers always decode densely
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
-    estimate: str = "centroid"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
+    estimate: str = "gauss"     # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
 
     def __post_init__(self):
