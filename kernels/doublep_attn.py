@@ -138,8 +138,10 @@ def _num_sms(dev):
 
 def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
                   budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
-                  pseudo_bias="centroid", stats_out=None):
-    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
+                  pseudo_bias="centroid", stats_out=None, floor=0):
+    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref` (floor > 0: not yet)."""
+    if floor:
+        raise NotImplementedError("the per-head floor exists in the torch twin only: run with --kernels torch")
     if estimate not in ("centroid", "gauss"):
         raise ValueError(f"estimate must be 'centroid' or 'gauss', not {estimate!r}")
     if pseudo_bias not in ("centroid", "estimate"):

@@ -116,6 +116,7 @@ class SparseConfig:
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
     estimate: str = "gauss"     # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
+    floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank (twin only)
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk"):
@@ -124,6 +125,8 @@ class SparseConfig:
             raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
         if self.group_rule not in ("mean", "max"):
             raise ConfigError(f"--group-rule must be mean or max, got {self.group_rule!r}")
+        if self.floor < 0:
+            raise ConfigError(f"--floor must be >= 0, got {self.floor}")
         if self.estimate not in ("centroid", "gauss"):
             raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
         if self.pseudo_bias not in ("centroid", "estimate"):

@@ -10,6 +10,7 @@ Methods (--methods, comma separated, all on the same prompts; dense first, each 
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
   doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
                         -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
+  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (twin only: --kernels torch)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate
@@ -56,16 +57,17 @@ def parse_method(spec: str) -> dict:
     if spec.startswith("topk=doublep"):
         return {"name": spec, "attention": "topk", "match": spec[5:]}
     tags = kind.split("-")
+    floor = int(a.pop()[1:]) if len(a) == 3 and a[2][:1] == "f" and a[2][1:].isdigit() else 0
     if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
             and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
         SparseConfig(p1=float(a[0]), p2=float(a[1]))  # validates
         gauss = "gauss" in tags or "gaussp" in tags
         return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
                 "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
-                "pseudo_bias": "estimate" if "gaussp" in tags else "centroid"}
+                "pseudo_bias": "estimate" if "gaussp" in tags else "centroid", "floor": floor}
     if kind == "topk" and len(a) == 1 and a[0].rstrip("%").replace(".", "", 1).isdigit():
         return {"name": spec, "attention": "topk", "budget": a[0]}
-    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2, topk:N, topk:F%, "
+    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2[:fN], topk:N, topk:F%, "
                      "topk=doublep...:P1:P2")
 
 
@@ -75,7 +77,8 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
         return SparseConfig(attention="dense")
     if m["attention"] == "doublep":
         return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
-                            estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"))
+                            estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"),
+                            floor=m.get("floor", 0))
     estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))

@@ -25,6 +25,8 @@ def add_engine_args(ap: argparse.ArgumentParser):
                          "variance); topk ranks by it too")
     ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
                     help="pseudo-token logit: the centroid's, or the --estimate's")
+    ap.add_argument("--floor", type=int, default=SparseConfig.floor,
+                    help="doublep: at least this many exact clustered tokens per head, by rank (needs --kernels torch)")
     ap.add_argument("--dense-layers", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
     ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
@@ -36,7 +38,7 @@ def build_engine(args, max_batch):
     from .engine import Engine
     sparse = SparseConfig(attention=args.attention, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
                           budget=args.budget, dense_layers=args.dense_layers, estimate=args.estimate,
-                          pseudo_bias=args.pseudo_bias)
+                          pseudo_bias=args.pseudo_bias, floor=args.floor)
     return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
                   kernels=args.kernels, sparse=sparse, yarn=args.yarn,
                   cluster=ClusterConfig(recluster_every=args.recluster_every), eager=args.eager)

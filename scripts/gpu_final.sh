@@ -2,6 +2,7 @@
 # The device runs behind the README's GPU figures, in two parts (each under 10 minutes):
 #   bash scripts/gpu_final.sh bench   GPU tests, bench e2e (default model + Llama-3.1-8B shape), bench sparse, select variants
 #   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
+#   bash scripts/gpu_final.sh floor   the same for Double-P with a per-head floor (torch twin), smaller grid
 # The default model is rebuilt from its GGUF carried in two parts (.carry/a, .carry/b: git-ignored, see
 # scripts/gpu_e2e.sh); logs go to $OUT.
 set -uo pipefail
@@ -38,4 +39,12 @@ eval)
   cp runs/gpu-dev/results.json "$OUT/dev-results.json"; cp runs/gpu-report/results.json "$OUT/report-results.json"
   cp runs/gpu-yarn/results.json "$OUT/yarn-results.json"
   for f in eval-dev eval-report eval-yarn; do grep -v '^{' "$OUT/$f.log" | tail -14; done ;;
+floor)   # the per-head floor (torch twin: --kernels torch), development seed 1 then report seed 2
+  G2="--lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 1 --tasks all --kernels torch --fidelity-n 1"
+  timeout 200 python3 -m nanodp.eval --seed 1 $G2 --time-limit 160 --out runs/gpu-floor-dev \
+    --methods dense,doublep:0.95:0.7:f256,doublep:0.95:0.7:f512,doublep-gauss:0.95:0.9:f256 > "$OUT/floor-dev.log" 2>&1
+  timeout 170 python3 -m nanodp.eval --seed 2 $G2 --time-limit 130 --out runs/gpu-floor-report \
+    --methods dense,doublep:0.95:0.7 --pick-from runs/gpu-floor-dev > "$OUT/floor-report.log" 2>&1
+  cp runs/gpu-floor-dev/results.json "$OUT/floor-dev.json"; cp runs/gpu-floor-report/results.json "$OUT/floor-report.json"
+  for f in floor-dev floor-report; do grep -v '^{' "$OUT/$f.log" | tail -14; done ;;
 esac

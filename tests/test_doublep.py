@@ -383,3 +383,24 @@ def test_gpu_bf16(g, d):
         check(o1, st1, o2, st2, 2e-2, f"seed {seed} {kw}")
     o, _ = tri(q, layer, lens, ts, sinks, 1.0, 1.0)
     assert (o.float() - dense(q, layer, lens)).abs().max() < 2e-2
+
+
+def test_floor_matches_brute_force():
+    """doublep with a floor = the union of the p2 cut and the topk cut at budget = floor (both by rank)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, C = 3, 3, 40
+    ncl = torch.randint(0, C + 1, (B, H), generator=gen)
+    valid = torch.arange(C) < ncl[..., None]
+    raw = torch.randint(1, 12, (B, H, C), generator=gen).float() ** 2
+    G = torch.where(valid, raw / torch.where(valid, raw, 0).sum(-1, keepdim=True).clamp_min(1), -1.0)
+    sizes = torch.where(valid, torch.randint(1, 33, (B, H, C), generator=gen), 0)
+    for p1, p2, floor in [(0.95, 0.7, 60), (0.5, 0.1, 200), (0.9, 0.9, 1), (1.0, 0.0, 10**5)]:
+        ex, ps, _, _ = select_clusters(G, valid, sizes, p1, p2, "doublep", floor=floor)
+        ex_p, ps_p, _, _ = select_clusters(G, valid, sizes, p1, p2, "doublep")
+        ex_k, _, _, _ = select_clusters(G, valid, sizes, 0, 0, "topk", budget=floor)
+        assert torch.equal(ex, ex_p | ex_k)
+        assert torch.equal(ps, (ps_p | ex_p | ex_k) & ~ex)   # pseudo: what p1 keeps, minus the exact set
+    with pytest.raises(NotImplementedError, match="kernels torch"):
+        from nanodp.kernels.doublep_attn import sparse_triton
+        q, layer, lens, ts = make_case()[:4]
+        sparse_triton(q, layer, lens, ts, 4, 0.95, 0.7, floor=8)

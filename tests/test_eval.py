@@ -44,6 +44,8 @@ def test_tasks_sized_answered_and_deterministic(tok, tmp_path):
 
 def test_methods_parse_and_score():
     assert ev.parse_method("doublep-max:0.95:0.7")["group_rule"] == "max"
+    assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["floor"] == 256
+    assert ev.parse_method("doublep:0.95:0.7")["floor"] == 0
     assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
     assert ev.parse_method("topk:5%")["budget"] == "5%"
     for bad in ("doublep:0.5:0.9", "topk", "sparse"):
