@@ -219,8 +219,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     else:
         xo = torch.empty(BH * C, **i32)
         var = dict(VARIANTS[SELECT_VARIANT])
-        var["SORTK"] = min(var.get("SORTK", CPAD), CPAD)      # SEARCH 3: how many clusters are ranked,
-        var["SORTR"] = max(1, CPAD // (32 * nw))                # and its registers per thread
+        var["SORTR"] = max(1, CPAD // (32 * nw))                # SEARCH 3: registers per thread
         if var["LIST"] == 2 and C >= 65536:      # 16-bit packed ranks would overflow
             var["LIST"] = 1
         _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, st,

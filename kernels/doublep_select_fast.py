@@ -12,25 +12,24 @@ fallback. What differs (constexpr switches, so scripts/bench_select.py can time 
     1  contracting bisection: each step also finds the data values next to mid (smallest G >= mid,
        largest G < mid) and moves the bound onto them. The interval halves at least, and whenever it
        holds few data values it jumps past the empty gaps: about log2(#values near the cut) + a few.
-    2  KARY-ary search: KARY thresholds per row in one reduction, log2(KARY + 1) bits per step.
-    3  sort (_sort_search): the int32 bit patterns of G sorted descending (tl.sort, or tl.topk of
-       SORTK < CPAD), a prefix sum of the sorted weights, and one reduction: x = the largest sorted
-       value whose inclusive prefix sum reaches tgt (a data value, as the bisection's result always
-       is). No chain of dependent block reductions; the bitonic network costs ~log2(CPAD)^2 / 2 cheap
-       steps, most in registers or warp shuffles. With SORTK < CPAD a row whose target is not reached
-       within the top SORTK (and that has more valid clusters) falls back to SEARCH 0. The prefix sum
-       adds in rank order (as the twin), the bisection in a tree: they can differ by ulps, so a head
+    3  sort (_sort_search): the int32 bit patterns of G sorted descending (tl.sort of all CPAD
+       slots), a prefix sum of the sorted weights, and one reduction: x = the largest sorted value
+       whose inclusive prefix sum reaches tgt (a data value, as the bisection's result always is). No
+       chain of dependent block reductions; the bitonic network costs ~log2(CPAD)^2 / 2 cheap steps,
+       most in registers or warp shuffles. The prefix sum adds in rank order (as the twin), the
+       bisection in a tree: they can differ by ulps, so a head
        whose cumulative sum lies within float rounding of p may cut differently ("near" in bench_select).
        Weights other than G itself (topk mode: cluster sizes) travel in the low 32 bits of an int64 key.
   LIST    how the exact-token list idx[0:nX) is written (the three prefix sums over all CPAD slots
           are the base's largest block of straight-line code).
-    0  as the base: zero idx, mark each cluster start, prefix-sum the stream, gather the offsets (the
-       three full-length prefix sums fused into one tuple scan).
-    1  one tuple scan; compacted exact clusters (stream offset, delta) to scratch, then [TILE_R, TILE_J]
-       store tiles (TILE_R clusters x TILE_J tokens): no zeroing pass, no second scan over the stream.
+    1  one tuple scan for the base's three full-length prefix sums; compacted exact clusters (stream
+       offset, delta) to scratch, then [TILE_R, TILE_J] store tiles (TILE_R clusters x TILE_J
+       tokens): no zeroing pass, no second scan over the stream.
     2  one int32 scan for both ranks (exact in the low 16 bits, pseudo above; C < 65536, else the
        launcher uses 1); stream offsets by a prefix sum over the short compacted list only.
   STOP    ablation timing only: 1 stop after G, 2 after the cuts, writing a dense-fallback plan.
+(A k-ary search, the base's list build and a top-256 sort, once SEARCH 2, LIST 0 and SORTK, were
+removed: slower on an H200, docs/INTERNALS.md.)
 """
 import triton
 import triton.language as tl
@@ -41,47 +40,36 @@ BIG = tl.constexpr(0x7FFFFFFF)
 
 
 @triton.jit
-def _search(Gb, W, tgt, lo0, SEARCH: tl.constexpr, KARY: tl.constexpr):
+def _search(Gb, W, tgt, lo0, SEARCH: tl.constexpr):
     """Rows k = 0, 1 side by side: the largest x with sum(W over Gb >= x) >= tgt[k] (bit patterns; Gb
     the int32 bits of G, negative for invalid slots). Returns x as a float [2]."""
     hi = tl.where(tgt > 0, tl.maximum(tl.max(Gb, 0), 0) + 1, INF_BITS + 1)   # S(hi) = 0 < tgt
     lo = tl.minimum(lo0, hi - 1)
     while tl.max(hi - lo, 0) > 1:
-        if SEARCH == 2:
-            # KARY candidates per row at lo + (hi - lo) * (j + 1) / (KARY + 1); S is non-increasing,
-            # so lo moves to the largest candidate that reaches tgt, hi to the smallest that does not
-            j = tl.arange(0, KARY)
-            w = (hi - lo).to(tl.int64)
-            m = lo[:, None] + ((w[:, None] * (j[None, :] + 1)) // (KARY + 1)).to(tl.int32)   # [2, KARY]
-            s = tl.sum(tl.where(Gb[None, None, :] >= m[:, :, None], W[None, None, :], 0.0), 2)
-            ok = s >= tgt[:, None]
-            lo = tl.maximum(lo, tl.max(tl.where(ok, m, 0), 1))
-            hi = tl.minimum(hi, tl.min(tl.where(ok, BIG, m), 1))
+        mid = lo + (hi - lo) // 2      # a row already at hi = lo + 1 re-tests lo and stays put
+        up = Gb[None, :] >= mid[:, None]
+        if SEARCH == 1:
+            # one reduction also gives a = smallest value >= mid: S(a) = S(mid), so lo may jump to
+            # it (BIG if none: only when tgt <= 0, then lo -> hi - 1), and c = largest value < mid:
+            # S(c + 1) = S(mid), so hi may drop to c + 1; c < lo only when S(lo) = S(mid) < tgt
+            # (tgt never reached): stop there
+            s, a, c = tl.reduce((tl.where(up, W[None, :], 0.0), tl.where(up, Gb[None, :], BIG),
+                                 tl.where(up, -1, Gb[None, :])), 1, _sum_min_max)
+            ok = s >= tgt
+            lo = tl.where(ok, tl.minimum(a, hi - 1), lo)
+            hi = tl.where(ok, hi, tl.maximum(c + 1, lo + 1))
         else:
-            mid = lo + (hi - lo) // 2      # a row already at hi = lo + 1 re-tests lo and stays put
-            up = Gb[None, :] >= mid[:, None]
-            if SEARCH == 1:
-                # one reduction also gives a = smallest value >= mid: S(a) = S(mid), so lo may jump to
-                # it (BIG if none: only when tgt <= 0, then lo -> hi - 1), and c = largest value < mid:
-                # S(c + 1) = S(mid), so hi may drop to c + 1; c < lo only when S(lo) = S(mid) < tgt
-                # (tgt never reached): stop there
-                s, a, c = tl.reduce((tl.where(up, W[None, :], 0.0), tl.where(up, Gb[None, :], BIG),
-                                     tl.where(up, -1, Gb[None, :])), 1, _sum_min_max)
-                ok = s >= tgt
-                lo = tl.where(ok, tl.minimum(a, hi - 1), lo)
-                hi = tl.where(ok, hi, tl.maximum(c + 1, lo + 1))
-            else:
-                ok = tl.sum(tl.where(up, W[None, :], 0.0), 1) >= tgt
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
+            ok = tl.sum(tl.where(up, W[None, :], 0.0), 1) >= tgt
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
     return lo.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _sort_search(Gb, W, tgt, lo0, ncl, K: tl.constexpr, PACK: tl.constexpr, R: tl.constexpr):
+def _sort_search(Gb, W, tgt, PACK: tl.constexpr, R: tl.constexpr):
     """SEARCH 3: the same x as _search for rows k = 0, 1 (Gb [CPAD] int32 bits of G, negative for
     invalid slots; W [CPAD] >= 0 on valid slots; tgt [2]), by sorting. PACK False: W is G itself (the
-    doublep cut), so only the bits are sorted. Returns (x as a float [2], the sorted bits [K] descending).
+    doublep cut), so only the bits are sorted. Returns (x as a float [2], the sorted bits [CPAD] descending).
     Sorted values v_0 >= v_1 >= ..., c_j = W-sum of the first j + 1: the first j with c_j >= tgt gives
     x = v_j; as c is non-decreasing and v non-increasing, v_j = max{v_k : c_k >= tgt}, one reduction.
     tgt <= 0: +inf (keep none); never reached: 0 (keep every valid cluster), both as the bisection.
@@ -93,29 +81,18 @@ def _sort_search(Gb, W, tgt, lo0, ncl, K: tl.constexpr, PACK: tl.constexpr, R: t
         key = (Gb.to(tl.int64) << 32) | tl.maximum(W, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
         if R > 1:
             key = tl.reshape(tl.trans(tl.reshape(key, [R, Gb.shape[0] // R])), [Gb.shape[0]])
-        if K < Gb.shape[0]:
-            key = tl.topk(key, K)
-        else:
-            key = tl.sort(key, descending=True)
+        key = tl.sort(key, descending=True)
         Gs = (key >> 32).to(tl.int32)
         Ws = (key & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     else:
         x = Gb
         if R > 1:
             x = tl.reshape(tl.trans(tl.reshape(Gb, [R, Gb.shape[0] // R])), [Gb.shape[0]])
-        if K < Gb.shape[0]:
-            Gs = tl.topk(x, K)
-        else:
-            Gs = tl.sort(x, descending=True)
+        Gs = tl.sort(x, descending=True)
         Ws = tl.maximum(Gs, 0).to(tl.float32, bitcast=True)
     cum = tl.cumsum(Ws, 0)
     x = tl.max(tl.where(cum[None, :] >= tgt[:, None], Gs[None, :], 0), 1)
     x = tl.where(tgt > 0, x, INF_BITS).to(tl.float32, bitcast=True)
-    if K < Gb.shape[0]:
-        # only the top K were ranked: a row not reached there is undecided unless they were all valid
-        undecided = (tgt > 0) & (tl.max(cum, 0) < tgt) & (ncl > K)
-        if tl.max(undecided.to(tl.int32), 0) > 0:
-            x = tl.where(undecided, _search(Gb, W, tgt, lo0, 0, 2), x)
     return x, Gs
 
 
@@ -146,9 +123,9 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                         HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est,
                         G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
                         BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr,
-                        SEARCH: tl.constexpr, KARY: tl.constexpr, LIST: tl.constexpr,
+                        SEARCH: tl.constexpr, LIST: tl.constexpr,
                         TILE_R: tl.constexpr, TILE_J: tl.constexpr, STOP: tl.constexpr,
-                        SORTK: tl.constexpr, SORTR: tl.constexpr):
+                        SORTR: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -173,17 +150,16 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
         if SEARCH == 3:
             # one full sort (sizes packed with the scores) gives both: t1 = the score at rank n1
-            x, Gs = _sort_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + tgt2, zero2, ncl, CPAD, True,
-                                 SORTR)
+            x, Gs = _sort_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + tgt2, True, SORTR)
             t2 = _pick(x, 0)
             n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
             t1b = tl.max(tl.where(i + 1 >= n1, Gs, 0), 0)
             t1 = tl.where(n1 > 0, t1b, INF_BITS).to(tl.float32, bitcast=True)
         else:
-            t2 = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + tgt2, zero2, SEARCH, KARY), 0)
+            t2 = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + tgt2, zero2, SEARCH), 0)
             n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
             t1 = _pick(_search(Gb, valid.to(tl.float32), tl.zeros([2], tl.float32) + n1.to(tl.float32), zero2,
-                               SEARCH, KARY), 0)
+                               SEARCH), 0)
     else:
         # S(v) >= total - ncl * v, so t >= v0 = (total - p) / (2 ncl): start there when safely positive
         tgt = tl.where(two == 0, tgt1, tgt2)
@@ -191,9 +167,9 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         v0 = (total - tgt) / (2 * tl.maximum(ncl, 1)).to(tl.float32)
         lo0 = tl.where(total - tgt > 1e-4, v0.to(tl.int32, bitcast=True), 0)
         if SEARCH == 3:
-            t, _ = _sort_search(Gb, Gv, tgt, lo0, ncl, SORTK, False, SORTR)
+            t, _ = _sort_search(Gb, Gv, tgt, False, SORTR)
         else:
-            t = _search(Gb, Gv, tgt, lo0, SEARCH, KARY)
+            t = _search(Gb, Gv, tgt, lo0, SEARCH)
         t1 = _pick(t, 0)
         t2 = _pick(t, 1)
         st = tl.load(cst + i, mask=valid, other=0)
@@ -226,22 +202,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     ncx, nP, mass, nxc = tl.reduce((E.to(tl.int32), pc, tl.where(kept, Gv, 0.0), ec), 0, _add4)
     ncx = tl.where(fb, ncl, ncx)
 
-    if LIST == 0:
-        for p0 in range(0, nX, BLK):
-            p = p0 + tl.arange(0, BLK)
-            tl.store(idx_ptr + bh * CAP + p, tl.zeros([BLK], tl.int32), mask=p < nX)
-        tl.debug_barrier()
-        tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
-        tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
-        tl.debug_barrier()
-        run = tl.program_id(0) * 0
-        for p0 in range(0, nX, BLK):
-            p = p0 + tl.arange(0, BLK)
-            e = tl.cumsum(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0) + run
-            tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0),
-                     mask=p < nX)
-            run = tl.max(e, 0)
-    elif LIST == 1:
+    if LIST == 1:
         # exact cluster of rank e covers stream positions [o_e, o_e+1) (o_ncx = nX) and its token at
         # position p is storage index p + delta_e, delta_e = cstart - o_e
         tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
@@ -279,11 +240,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
 
 # name -> constexpr switches; "base" is kernels/doublep_select._select_kernel itself
 VARIANTS = {
-    "bisect": dict(SEARCH=0, KARY=2, LIST=2),
-    "contract": dict(SEARCH=1, KARY=2, LIST=2),
-    "kary4": dict(SEARCH=2, KARY=4, LIST=2),
-    "contract-l1": dict(SEARCH=1, KARY=2, LIST=1),
-    "contract-l0": dict(SEARCH=1, KARY=2, LIST=0),
-    "sort": dict(SEARCH=3, KARY=2, LIST=2),                  # full sort (SORTK: CPAD)
-    "sort-k256": dict(SEARCH=3, KARY=2, LIST=2, SORTK=256),  # top 256 sorted, bisection if not reached
+    "bisect": dict(SEARCH=0, LIST=2),
+    "contract": dict(SEARCH=1, LIST=2),
+    "sort": dict(SEARCH=3, LIST=2),      # full sort of all CPAD slots
 }

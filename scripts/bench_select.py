@@ -18,7 +18,7 @@ Times: `sel` = the select kernel's device time (torch profiler, mean over 20 eag
 in a real step); `step` = the whole sparse_triton step as a CUDA-graph replay, L2 flushed, median of 20;
 `dense` = decode_triton (or SDPA) the same way. Ablation rows (stop=G / stop=cuts) time the fast kernel
 stopped after the group distribution / after the cuts: their differences split `sel` into phases.
-`sort` / `sort-k256` find the cuts by a bitonic sort + prefix sum instead of a bisection (no chain of ~26
+`sort` finds the cuts by a bitonic sort + prefix sum instead of a bisection (no chain of ~26
 dependent block reductions); `sort` runs at contexts below 128K only (C <= ~4096 per head, its target).
 """
 import argparse
@@ -77,18 +77,15 @@ def compare(got, want, near, with_meta):
 
 def configs(shape, ctx, B):
     """(variant, num_warps or None = default, ablation stop) to run for one case, the most telling first."""
-    out = [(v, None, 0) for v in ("base", "bisect", "contract", "sort-k256")]
+    out = [(v, None, 0) for v in ("base", "bisect", "contract")]
     if ctx < 131072:     # the full sort is meant for C <= ~4096 clusters per head (and compiles slowly past it)
         out.append(("sort", None, 0))
     if ctx >= 131072 and B == 1:
         out += [("bisect", 8, 0), ("contract", 8, 0), ("bisect", 4, 0)]
         if shape == "llama8b":
-            out += [("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2), ("contract", None, 2),
-                    ("sort-k256", None, 2),
-                    ("kary4", None, 0), ("contract-l1", None, 0), ("contract-l0", None, 0)]
+            out += [("base", 8, 0), ("bisect", None, 1), ("bisect", None, 2), ("contract", None, 2)]
     if ctx < 131072 and B == 1 and shape == "llama8b":   # phases at C ~ ctx / 16: the cuts, bisect vs sort
-        out += [("bisect", None, 1), ("bisect", None, 2), ("sort", None, 2), ("sort-k256", None, 2),
-                ("sort", 8, 0), ("bisect", 8, 0)]
+        out += [("bisect", None, 1), ("bisect", None, 2), ("sort", None, 2), ("sort", 8, 0), ("bisect", 8, 0)]
     return out
 
 

@@ -367,6 +367,18 @@ def test_kernel_long_clusters_many_blocks():
             assert (st1["exact_clusters"] == 0).all() and (st1["pseudo_tokens"] == 0).all()
 
 
+def test_kernel_list1_build(monkeypatch):
+    """LIST 1, the list build the launcher falls back to at C >= 65536 (no variant uses it otherwise)."""
+    pytest.importorskip("triton")
+    from nanodp.kernels import doublep_attn, doublep_select_fast
+    monkeypatch.setitem(doublep_select_fast.VARIANTS, "bisect-l1", dict(SEARCH=0, LIST=1))
+    monkeypatch.setattr(doublep_attn, "SELECT_VARIANT", "bisect-l1")
+    q, layer, lens, ts, sinks = make_case(g=2, d=64, B=2, Hkv=1, lens=(1900, 700), tail=(1880, 650),
+                                          max_size=45, style="flat", seed=7)
+    p1, p2 = safe_p(q, layer, 0.999, 0.9)
+    check(*run_both(q, layer, lens, ts, sinks, p1, p2), 1e-4, "LIST 1")
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("variant")
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])

@@ -18,7 +18,7 @@ CPAD = 64
 
 @triton.jit
 def _probe(g_ptr, w_ptr, t_ptr, lo_ptr, out_ptr, N, CPAD: tl.constexpr, SEARCH: tl.constexpr,
-           KARY: tl.constexpr, SORTK: tl.constexpr, PACK: tl.constexpr, R: tl.constexpr):
+           PACK: tl.constexpr, R: tl.constexpr):
     i = tl.arange(0, CPAD)
     Gv = tl.load(g_ptr + i, mask=i < N, other=-1.0)      # invalid slots: -1, as in the kernels
     W = tl.load(w_ptr + i, mask=i < N, other=0.0)
@@ -28,17 +28,17 @@ def _probe(g_ptr, w_ptr, t_ptr, lo_ptr, out_ptr, N, CPAD: tl.constexpr, SEARCH: 
     if SEARCH < 0:
         x = _bisect(Gv, tl.zeros([2, CPAD], tl.float32) + W[None, :], tgt, lo0)
     elif SEARCH == 3:
-        x, _ = _sort_search(Gv.to(tl.int32, bitcast=True), W, tgt, lo0, N, SORTK, PACK, R)
+        x, _ = _sort_search(Gv.to(tl.int32, bitcast=True), W, tgt, PACK, R)
     else:
-        x = _search(Gv.to(tl.int32, bitcast=True), W, tgt, lo0, SEARCH, KARY)
+        x = _search(Gv.to(tl.int32, bitcast=True), W, tgt, lo0, SEARCH)
     tl.store(out_ptr + two, x)
 
 
-def run(G, W, tgt, lo0, search, kary=2, sortk=CPAD, pack=True, r=1):
+def run(G, W, tgt, lo0, search, pack=True, r=1):
     out = torch.empty(2, device=DEV)
     _probe[(1,)](G.to(DEV), W.to(DEV), torch.tensor(tgt, device=DEV, dtype=torch.float32),
-                 torch.tensor(lo0, device=DEV, dtype=torch.int32), out, len(G), CPAD=CPAD, SEARCH=search, KARY=kary,
-                 SORTK=sortk, PACK=pack, R=r)
+                 torch.tensor(lo0, device=DEV, dtype=torch.int32), out, len(G), CPAD=CPAD, SEARCH=search,
+                 PACK=pack, R=r)
     return out.cpu()
 
 
@@ -76,17 +76,16 @@ def test_searches_equal_the_base_bisection(seed):
                 if ok and trial % 2:
                     lo0[k] = int(torch.tensor(min(ok)).view(torch.int32)) // 2   # any bits below are fine
             want = run(G, W, tgt, lo0, -1)
-            for search, kary in [(0, 2), (1, 2), (2, 2), (2, 4)]:
-                got = run(G, W, tgt, lo0, search, kary)
+            for search in (0, 1):
+                got = run(G, W, tgt, lo0, search)
                 assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (seed, trial, tgt, search, got, want)
-            # the sort: full or top 16 (then a row not reached there falls back to the bisection), the
-            # weights packed with the scores, or (doublep: W is G) only the scores sorted; input permuted
-            # for R registers per thread or not
-            for sortk, r in [(CPAD, 1), (CPAD, 4), (16, 1), (16, 8)]:
+            # the sort: the weights packed with the scores, or (doublep: W is G) only the scores
+            # sorted; input permuted for R registers per thread or not
+            for r in (1, 4, 8):
                 for pack in (True, False) if trial % 2 == 0 else (True,):
-                    got = run(G, W, tgt, lo0, 3, sortk=sortk, pack=pack, r=r)
+                    got = run(G, W, tgt, lo0, 3, pack=pack, r=r)
                     assert torch.equal(got.view(torch.int32), want.view(torch.int32)), \
-                        (seed, trial, tgt, sortk, r, pack, got, want)
+                        (seed, trial, tgt, r, pack, got, want)
             for k in range(2):
                 kept = {i for i in range(n) if G[i] >= want[k]}
                 assert kept == definition(G, W, tgt[k]), (seed, trial, tgt[k])
