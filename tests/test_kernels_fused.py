@@ -49,7 +49,7 @@ def test_add_rmsnorm(dtype, H):
 
 
 def test_add_rmsnorm_ref_is_hugging_face():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     seeded("rmsnorm vs HF")
     for dtype in (torch.float16, torch.float32):
