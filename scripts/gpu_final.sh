@@ -3,8 +3,9 @@
 #   bash scripts/gpu_final.sh bench   GPU tests, bench e2e (default model + Llama-3.1-8B shape), bench sparse, select variants
 #   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
 #   bash scripts/gpu_final.sh floor   the same for Double-P with a per-head floor (torch twin), smaller grid
-# The default model is rebuilt from its GGUF carried in two parts (.carry/a, .carry/b: git-ignored, see
-# scripts/gpu_e2e.sh); logs go to $OUT.
+# The default model is rebuilt from its GGUF, carried to the GPU machine in two parts of < 64 MiB (git-ignored:
+# `split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
+# plus `pip download gguf==0.19.0` into .carry/b); logs go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/out}
