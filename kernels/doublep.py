@@ -30,7 +30,7 @@ One decode step, per (sequence b, KV head). The g query heads of a KV group shar
             not those members' values, so weighting vmean_i by it moves the output towards the wrong value.
 floor (doublep, > 0): X also takes the top clusters by rank until they hold `floor` tokens (as topk with
   budget = floor), so no head reads fewer exact clustered tokens than a fixed budget would: t(p2) becomes
-  min(t(p2), t_floor) and t(p1) at most that. Twin only for now (the evaluation runs it with --kernels torch).
+  min(t(p2), t_floor) and t(p1) at most that (the Triton select kernel: a third search, on cluster sizes).
 mode="topk" (RetroInfer-style baseline): the same ranking; X = the top clusters until their token count
   reaches `budget` (the crossing cluster included, ties at the cut kept; steady tokens not counted),
   A = the next `est_clusters` clusters by rank (the estimation zone).

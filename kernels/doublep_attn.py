@@ -139,9 +139,9 @@ def _num_sms(dev):
 def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
                   budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
                   pseudo_bias="centroid", stats_out=None, floor=0):
-    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref` (floor > 0: not yet)."""
-    if floor:
-        raise NotImplementedError("the per-head floor exists in the torch twin only: run with --kernels torch")
+    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
+    if floor and (SELECT_VARIANT == "base" or mode != "doublep"):
+        raise NotImplementedError("the per-head floor needs mode='doublep' and a select variant other than 'base'")
     if estimate not in ("centroid", "gauss"):
         raise ValueError(f"estimate must be 'centroid' or 'gauss', not {estimate!r}")
     if pseudo_bias not in ("centroid", "estimate"):
@@ -223,7 +223,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
         if var["LIST"] == 2 and C >= 65536:      # 16-bit packed ranks would overflow
             var["LIST"] = 1
         _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, st,
-                                   *args, **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP)
+                                   *args, float(floor), **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP,
+                                   FLOOR=floor > 0)
     if PLAN_SINK is not None:
         PLAN_SINK.append((idx, pid, meta, cap))
 

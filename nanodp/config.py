@@ -116,7 +116,7 @@ class SparseConfig:
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
     estimate: str = "gauss"     # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
-    floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank (twin only)
+    floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk"):

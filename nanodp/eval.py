@@ -10,7 +10,7 @@ Methods (--methods, comma separated, all on the same prompts; dense first, each 
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
   doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
                         -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
-  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (twin only: --kernels torch)
+  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate

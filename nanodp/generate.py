@@ -26,7 +26,7 @@ def add_engine_args(ap: argparse.ArgumentParser):
     ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
                     help="pseudo-token logit: the centroid's, or the --estimate's")
     ap.add_argument("--floor", type=int, default=SparseConfig.floor,
-                    help="doublep: at least this many exact clustered tokens per head, by rank (needs --kernels torch)")
+                    help="doublep: at least this many exact clustered tokens per head, by rank (0: none)")
     ap.add_argument("--dense-layers", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
     ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")

@@ -412,7 +412,22 @@ def test_floor_matches_brute_force():
         ex_k, _, _, _ = select_clusters(G, valid, sizes, 0, 0, "topk", budget=floor)
         assert torch.equal(ex, ex_p | ex_k)
         assert torch.equal(ps, (ps_p | ex_p | ex_k) & ~ex)   # pseudo: what p1 keeps, minus the exact set
-    with pytest.raises(NotImplementedError, match="kernels torch"):
-        from nanodp.kernels.doublep_attn import sparse_triton
-        q, layer, lens, ts = make_case()[:4]
-        sparse_triton(q, layer, lens, ts, 4, 0.95, 0.7, floor=8)
+
+
+@pytest.mark.parametrize("var", [v for v in SELECT_VARIANTS if v != "base"])
+def test_kernel_floor_matches_twin(var):
+    """The floor in the select kernel (a third search, on cluster sizes) equals the twin's, ties included."""
+    pytest.importorskip("triton")
+    from nanodp.kernels import doublep_attn
+    seed = torch.seed() % 2**31
+    q, layer, lens, ts, sinks = make_case(g=3, d=64, seed=seed, **RAGGED)
+    old, doublep_attn.SELECT_VARIANT = doublep_attn.SELECT_VARIANT, var
+    try:
+        for p1, p2, floor in [(0.95, 0.7, 40), (0.6, 0.25, 1), (0.9, 0.5, 10**5)]:
+            p1, p2 = safe_p(q, layer, p1, p2)
+            check(*run_both(q, layer, lens, ts, sinks, p1, p2, floor=floor), 1e-4, f"{var} seed {seed} floor {floor}")
+        doublep_attn.SELECT_VARIANT = "base"
+        with pytest.raises(NotImplementedError, match="base"):
+            tri(q, layer, lens, ts, sinks, 0.95, 0.7, floor=8)
+    finally:
+        doublep_attn.SELECT_VARIANT = old
