@@ -140,8 +140,6 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
                   budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
                   pseudo_bias="centroid", stats_out=None, floor=0):
     """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
-    if floor and (SELECT_VARIANT == "base" or mode != "doublep"):
-        raise NotImplementedError("the per-head floor needs mode='doublep' and a select variant other than 'base'")
     if estimate not in ("centroid", "gauss"):
         raise ValueError(f"estimate must be 'centroid' or 'gauss', not {estimate!r}")
     if pseudo_bias not in ("centroid", "estimate"):
@@ -210,9 +208,10 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     CPAD = max(16, triton.next_power_of_2(C))
     nw = SELECT_WARPS or max(4, min(16, CPAD // 512))
     args = (cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-            Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est)
+            Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est, float(floor))
     consts = dict(G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),
-                  MAXRULE=group_rule == "max", TOPK=mode == "topk", num_warps=nw)
+                  MAXRULE=group_rule == "max", TOPK=mode == "topk", FLOOR=mode == "doublep" and floor > 0,
+                  num_warps=nw)
     if SELECT_VARIANT == "base":
         _select_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, st,
                               *args, **consts)
@@ -223,8 +222,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
         if var["LIST"] == 2 and C >= 65536:      # 16-bit packed ranks would overflow
             var["LIST"] = 1
         _select_fast_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, xo, meta, st,
-                                   *args, float(floor), **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP,
-                                   FLOOR=floor > 0)
+                                   *args, **consts, **var, TILE_R=64, TILE_J=32, STOP=SELECT_STOP)
     if PLAN_SINK is not None:
         PLAN_SINK.append((idx, pid, meta, cap))
 

@@ -125,7 +125,7 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                         BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr,
                         SEARCH: tl.constexpr, LIST: tl.constexpr,
                         TILE_R: tl.constexpr, TILE_J: tl.constexpr, STOP: tl.constexpr,
-                        SORTR: tl.constexpr, FLOOR: tl.constexpr = False):
+                        SORTR: tl.constexpr, FLOOR: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV

@@ -414,9 +414,10 @@ def test_floor_matches_brute_force():
         assert torch.equal(ps, (ps_p | ex_p | ex_k) & ~ex)   # pseudo: what p1 keeps, minus the exact set
 
 
-@pytest.mark.parametrize("var", [v for v in SELECT_VARIANTS if v != "base"])
+@pytest.mark.parametrize("var", SELECT_VARIANTS)
 def test_kernel_floor_matches_twin(var):
-    """The floor in the select kernel (a third search, on cluster sizes) equals the twin's, ties included."""
+    """The floor in the select kernel (a third search, on cluster sizes) equals the twin's, ties included;
+    in topk mode both ignore it."""
     pytest.importorskip("triton")
     from nanodp.kernels import doublep_attn
     seed = torch.seed() % 2**31
@@ -426,8 +427,7 @@ def test_kernel_floor_matches_twin(var):
         for p1, p2, floor in [(0.95, 0.7, 40), (0.6, 0.25, 1), (0.9, 0.5, 10**5)]:
             p1, p2 = safe_p(q, layer, p1, p2)
             check(*run_both(q, layer, lens, ts, sinks, p1, p2, floor=floor), 1e-4, f"{var} seed {seed} floor {floor}")
-        doublep_attn.SELECT_VARIANT = "base"
-        with pytest.raises(NotImplementedError, match="base"):
-            tri(q, layer, lens, ts, sinks, 0.95, 0.7, floor=8)
+        check(*run_both(q, layer, lens, ts, sinks, 0, 0, mode="topk", budget=30, floor=10**5), 1e-4,
+              f"{var} seed {seed} topk")
     finally:
         doublep_attn.SELECT_VARIANT = old
