@@ -111,6 +111,15 @@ def rope_store_ref(q, k, v, cos, sin, k_cache, v_cache, start, n=None):
 
 
 @triton.jit
+def _rotate(src, src_half, dst, dst_half, m, c1, c2, s1, s2):
+    """Halves x1 (at src) and x2 (at src + src_half) -> x1 c - x2 s (at dst) and x2 c + x1 s (dst + dst_half)."""
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + src_half, mask=m, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=m)
+    tl.store(dst + dst_half, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
                        sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, scb, sct, scd, ssb, sst, ssd,
                        skcb, skch, skcl, skcd, svcb, svch, svcl, svcd, sob, sot, soh, sod,
@@ -130,12 +139,8 @@ def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
     # q: rotate every head, write the contiguous output
     hq = tl.arange(0, HQ_PAD)[:, None]
     m = (hq < HQ) & j_ok[None, :]
-    src = Q + b * sqb + t * sqt + hq * sqh + j[None, :] * sqd
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF * sqd, mask=m, other=0.0).to(tl.float32)
-    dst = QO + b * sob + t * sot + hq * soh + j[None, :] * sod
-    tl.store(dst, (x1 * c1 - x2 * s1).to(QO.dtype.element_ty), mask=m)
-    tl.store(dst + HALF * sod, (x2 * c2 + x1 * s2).to(QO.dtype.element_ty), mask=m)
+    _rotate(Q + b * sqb + t * sqt + hq * sqh + j[None, :] * sqd, HALF * sqd,
+            QO + b * sob + t * sot + hq * soh + j[None, :] * sod, HALF * sod, m, c1, c2, s1, s2)
 
     # k (rotated) and v go to cache position start[b] + t, unless t is padding (t >= n[b])
     n_b = T
@@ -144,12 +149,8 @@ def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
     pos = tl.load(START + b).to(tl.int64) + t
     hk = tl.arange(0, HKV_PAD)[:, None]
     m = (hk < HKV) & j_ok[None, :] & (hk * 0 + t < n_b)  # (broadcast first: the interpreter rejects a scalar mask)
-    src = K + b * skb + t * skt + hk * skh + j[None, :] * skd
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF * skd, mask=m, other=0.0).to(tl.float32)
-    dst = KC + b * skcb + hk * skch + pos * skcl + j[None, :] * skcd
-    tl.store(dst, (x1 * c1 - x2 * s1).to(KC.dtype.element_ty), mask=m)
-    tl.store(dst + HALF * skcd, (x2 * c2 + x1 * s2).to(KC.dtype.element_ty), mask=m)
+    _rotate(K + b * skb + t * skt + hk * skh + j[None, :] * skd, HALF * skd,
+            KC + b * skcb + hk * skch + pos * skcl + j[None, :] * skcd, HALF * skcd, m, c1, c2, s1, s2)
     src = V + b * svb + t * svt + hk * svh + j[None, :] * svd
     dst = VC + b * svcb + hk * svch + pos * svcl + j[None, :] * svcd
     tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
