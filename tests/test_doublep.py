@@ -111,10 +111,10 @@ def all_centroid(q, layer, lens, tail_start, sinks):
     return o
 
 
-def safe_p(q, layer, *ps, margin=2e-5, group_rule="mean"):
+def safe_p(q, layer, *ps, margin=2e-5, group_rule="mean", estimate="centroid"):
     """Nudge each p away from every cumulative sum of the twin's ranking, so that rounding differences
     between the twin and the kernel (1e-7) cannot move a cut."""
-    _, G, valid = group_scores(q, layer, group_rule=group_rule)
+    _, G, valid = group_scores(q, layer, group_rule=group_rule, estimate=estimate)
     cum = G.clamp_min(0).sort(-1, descending=True).values.cumsum(-1)[valid.sort(-1, descending=True).values]
     out = []
     for p in ps:
@@ -140,7 +140,8 @@ def tri(q, layer, lens, ts, *args, **kw):
     pytest.importorskip("triton")
     from nanodp.kernels.doublep_attn import sparse_triton
     to = lambda x: x.to(DEV) if torch.is_tensor(x) else x   # noqa: E731
-    o, st = sparse_triton(to(q), Layer(*[to(getattr(layer, f)) for f in Layer.__dataclass_fields__]),
+    cls = type(layer)   # Layer, or a dataclass with more fields (tests/test_estimate.py adds kvar)
+    o, st = sparse_triton(to(q), cls(*[to(getattr(layer, f)) for f in cls.__dataclass_fields__]),
                           to(lens), to(ts), *args, **kw)
     return o.cpu(), {k: v.cpu() for k, v in st.items()}
 

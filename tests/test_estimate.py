@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanodp.kernels.doublep import group_scores, sparse_ref, stage1_logits
-from tests.test_doublep import DEV, RAGGED, check, dense, make_case
+from tests.test_doublep import RAGGED, check, dense, make_case, tri
+from tests.test_doublep import safe_p as _safe_p
 
 LayerV = make_dataclass("LayerV", ["k", "v", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"])
 
@@ -32,25 +33,9 @@ def case(**kw):
     return q, with_kvar(layer), lens, ts, sinks
 
 
-def tri(q, layer, lens, ts, *args, **kw):
-    pytest.importorskip("triton")
-    from nanodp.kernels.doublep_attn import sparse_triton
-    to = lambda x: x.to(DEV) if torch.is_tensor(x) else x   # noqa: E731
-    o, st = sparse_triton(to(q), LayerV(*[to(getattr(layer, f)) for f in LayerV.__dataclass_fields__]),
-                          to(lens), to(ts), *args, **kw)
-    return o.cpu(), {k: v.cpu() for k, v in st.items()}
-
-
-def safe_p(q, layer, *ps, margin=2e-5, estimate="gauss", group_rule="mean"):
-    """As tests/test_doublep.py's safe_p, for the gauss ranking: keep every p off the cumulative sums."""
-    _, G, valid = group_scores(q, layer, group_rule=group_rule, estimate=estimate)
-    cum = G.clamp_min(0).sort(-1, descending=True).values.cumsum(-1)[valid.sort(-1, descending=True).values]
-    out = []
-    for p in ps:
-        while p < 1 and (cum - p).abs().min() < margin if cum.numel() else False:
-            p = (p + 0.0137) % 1
-        out.append(p)
-    return out
+def safe_p(q, layer, *ps, **kw):
+    """tests/test_doublep.py's safe_p for the gauss ranking (unless told otherwise)."""
+    return _safe_p(q, layer, *ps, **{"estimate": "gauss", **kw})
 
 
 # ---------------------------------------------------------------- the twin against the definition
