@@ -51,8 +51,9 @@ class DecodeStats:
         self.table.zero_()
         self.dense_tokens.zero_()
 
-    def end_step(self, B, active):
-        self.table.add_(torch.einsum("lkbh,b->lkh", self.slab(B), active))   # finished sequences excluded
+    def end_step(self, active):
+        """active [B] float: finished sequences (0) are excluded."""
+        self.table.add_(torch.einsum("lkbh,b->lkh", self.slab(active.shape[0]), active))
 
     def summary(self) -> dict:
         """Averages per decode token: fraction of KV tokens read exactly, pseudo-tokens, mass kept."""
@@ -125,7 +126,7 @@ class AttentionContext:
 
     def end_decode(self):
         if self.sparse.attention != "dense":
-            self.stats.end_step(self.active.shape[0], self.active)
+            self.stats.end_step(self.active)
             self.stats.dense_tokens.add_(self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1])
 
     def _slot_view(self, layer):
