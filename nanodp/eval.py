@@ -2,7 +2,8 @@
 
     python -m nanodp.eval --seed 1 --out runs/dev                      # development seed: a (p1, p2) grid
     python -m nanodp.eval --seed 2 --pick-from runs/dev --out runs/report   # report seed, + the dev pick
-    python -m nanodp.eval --plot-only runs/report          # plots from results.json (needs matplotlib)
+    python -m nanodp.eval --plot-only runs/report          # tables again + plots from results.json
+    python -m nanodp.eval --plot-only runs/report --pick-from runs/dev   # ... with the dev pick marked
 Results are saved after every batch; --time-limit stops starting new work and still prints the tables, and
 --resume continues a run in the same --out folder.
 
@@ -10,7 +11,7 @@ Methods (--methods, comma separated, all on the same prompts; dense first, each 
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
   doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
                         -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
-  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank
+  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (fF%: F% of the prompt's)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate
@@ -50,6 +51,17 @@ class OutOfTime(Exception):
     """--time-limit reached: stop starting work, report what is done."""
 
 
+def _amount(x: str) -> bool:
+    """N tokens or F% of the prompt's clustered tokens (a topk budget, a doublep floor)."""
+    return x.isdigit() or (x.endswith("%") and x[:-1].replace(".", "", 1).isdigit())
+
+
+def _tokens(amount: str, ntok, ccfg) -> int:
+    if amount.endswith("%"):
+        return round(float(amount[:-1]) / 100 * max(0, ntok - ccfg.sinks - ccfg.window))
+    return int(amount)
+
+
 def parse_method(spec: str) -> dict:
     kind, *a = spec.split(":")
     if spec == "dense":
@@ -57,7 +69,7 @@ def parse_method(spec: str) -> dict:
     if spec.startswith("topk=doublep"):
         return {"name": spec, "attention": "topk", "match": spec[5:]}
     tags = kind.split("-")
-    floor = int(a.pop()[1:]) if len(a) == 3 and a[2][:1] == "f" and a[2][1:].isdigit() else 0
+    floor = a.pop()[1:] if len(a) == 3 and a[2][:1] == "f" and _amount(a[2][1:]) else "0"
     if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
             and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
         SparseConfig(p1=float(a[0]), p2=float(a[1]))  # validates
@@ -65,9 +77,9 @@ def parse_method(spec: str) -> dict:
         return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
                 "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
                 "pseudo_bias": "estimate" if "gaussp" in tags else "centroid", "floor": floor}
-    if kind == "topk" and len(a) == 1 and a[0].rstrip("%").replace(".", "", 1).isdigit():
+    if kind == "topk" and len(a) == 1 and _amount(a[0]):
         return {"name": spec, "attention": "topk", "budget": a[0]}
-    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2[:fN], topk:N, topk:F%, "
+    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2[:fN|:fF%], topk:N, topk:F%, "
                      "topk=doublep...:P1:P2")
 
 
@@ -78,7 +90,7 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
     if m["attention"] == "doublep":
         return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
                             estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"),
-                            floor=m.get("floor", 0))
+                            floor=_tokens(m.get("floor", "0"), ntok, ccfg))
     estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))
@@ -87,10 +99,8 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
         # topk takes whole clusters until the budget is reached, overshooting by about half a cluster
         budget = max(0, round(kv["need_mean"] - ccfg.cluster_size / 2))
         estimate = parse_method(m["match"]).get("estimate", "centroid")     # ranked by the same score
-    elif m["budget"].endswith("%"):
-        budget = round(float(m["budget"][:-1]) / 100 * max(0, ntok - ccfg.sinks - ccfg.window))
     else:
-        budget = int(m["budget"])
+        budget = _tokens(m["budget"], ntok, ccfg)
     return SparseConfig("topk", budget=budget, dense_layers=args.dense_layers, estimate=estimate)
 
 
@@ -183,12 +193,12 @@ def main(argv=None):
     a("--out", default=None, help="folder: results.json (written as results come) and plots")
     a("--resume", action="store_true", help="keep what --out/results.json holds for the same prompts")
     a("--pick-from", default=None, help="folder of a development-seed run: add its picked method, report it here")
-    a("--plot-only", default=None, metavar="DIR", help="only make the plots of DIR/results.json")
+    a("--plot-only", default=None, metavar="DIR", help="run nothing: the tables and plots of DIR/results.json")
     args = ap.parse_args(argv)
     from . import plots
     if args.plot_only:
-        files = plots.make_plots(plots.load(args.plot_only), args.plot_only)
-        print("\n".join(files) if files else "matplotlib is not installed: pip install matplotlib")
+        plots.report(plots.load(args.plot_only), args.plot_only,
+                     plots.load(args.pick_from).get("pick") if args.pick_from else None)
         return 0
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

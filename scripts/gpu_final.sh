@@ -2,7 +2,7 @@
 # The device runs behind the README's GPU figures, in two parts (each under 10 minutes):
 #   bash scripts/gpu_final.sh bench   GPU tests, bench e2e (default model + Llama-3.1-8B shape), bench sparse, select variants
 #   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
-#   bash scripts/gpu_final.sh floor   the same for Double-P with a per-head floor (torch twin), smaller grid
+#   bash scripts/gpu_final.sh floor   per-head floors (absolute, relative) against top-k, both seeds at once (2 GPUs)
 # The default model is rebuilt from its GGUF, carried to the GPU machine in two parts of < 64 MiB (git-ignored:
 # `split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
 # plus `pip download gguf==0.19.0` into .carry/b); logs go to $OUT.
@@ -40,12 +40,23 @@ eval)
   cp runs/gpu-dev/results.json "$OUT/dev-results.json"; cp runs/gpu-report/results.json "$OUT/report-results.json"
   cp runs/gpu-yarn/results.json "$OUT/yarn-results.json"
   for f in eval-dev eval-report eval-yarn; do grep -v '^{' "$OUT/$f.log" | tail -14; done ;;
-floor)   # the per-head floor (torch twin: --kernels torch), development seed 1 then report seed 2
-  G2="--lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 1 --tasks all --kernels torch --fidelity-n 1"
-  timeout 200 python3 -m nanodp.eval --seed 1 $G2 --time-limit 160 --out runs/gpu-floor-dev \
-    --methods dense,doublep:0.95:0.7:f256,doublep:0.95:0.7:f512,doublep-gauss:0.95:0.9:f256 > "$OUT/floor-dev.log" 2>&1
-  timeout 170 python3 -m nanodp.eval --seed 2 $G2 --time-limit 130 --out runs/gpu-floor-report \
-    --methods dense,doublep:0.95:0.7 --pick-from runs/gpu-floor-dev > "$OUT/floor-report.log" 2>&1
+floor)   # the per-head floor, Triton kernels, on 2 GPUs (nvidia-h200-x2): the same grid on the development seed 1
+         # (GPU 0, it picks) and the report seed 2 (GPU 1, beside the GPU tests of the floor); then the report's
+         # tables again with the development pick marked. Absolute (fN) and relative (fF%) floors, top-k at the
+         # same bytes (topk=M) and at fixed fractions.
+  M=${FLOOR_METHODS:-dense,doublep:0.95:0.7:f10%,doublep:0.95:0.7:f20%,doublep:0.95:0.7:f40%,doublep:0.95:0.7:f5%}
+  M=$M,${FLOOR_MORE:-doublep:0.95:0.7:f1024,doublep:0.95:0.7:f256,doublep:0.95:0.7,doublep:0.7:0.7:f10%}
+  M=$M,${FLOOR_MORE2:-doublep:0.99:0.9:f10%,doublep:0.95:0.5:f10%,doublep-max:0.95:0.7:f10%}
+  M=$M,${FLOOR_MORE3:-doublep-gauss:0.95:0.7:f10%,topk:5%,topk:10%,topk:20%,topk:40%}
+  CUDA_VISIBLE_DEVICES=0 timeout 540 python3 -m nanodp.eval --seed 1 $GRID --methods "$M" --time-limit 470 \
+    --out runs/gpu-floor-dev > "$OUT/floor-dev.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 540 python3 -m nanodp.eval --seed 2 $GRID --methods "$M" --time-limit 470 \
+    --out runs/gpu-floor-report > "$OUT/floor-report.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_doublep.py tests/test_gpu_engine.py \
+    tests/test_sparse_engine.py -k "floor or gpu" > "$OUT/gpu_tests.log" 2>&1
+  wait
+  python3 -m nanodp.eval --plot-only runs/gpu-floor-report --pick-from runs/gpu-floor-dev > "$OUT/floor-report2.log" 2>&1
   cp runs/gpu-floor-dev/results.json "$OUT/floor-dev.json"; cp runs/gpu-floor-report/results.json "$OUT/floor-report.json"
-  for f in floor-dev floor-report; do grep -v '^{' "$OUT/$f.log" | tail -14; done ;;
+  grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -2
+  grep -v '^{' "$OUT/floor-dev.log" | grep -v "━" | tail -36; grep -v '^{' "$OUT/floor-report2.log" | tail -36 ;;
 esac

@@ -388,7 +388,8 @@ def test_gpu_bf16(g, d):
     q, layer, lens, ts, sinks = make_case(g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130),
                                           tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
     p1, p2 = safe_p(q, layer, 0.95, 0.7)
-    for kw in [dict(), dict(mode="topk", budget=300, est_clusters=8), dict(group_rule="max"), dict(capacity=200)]:
+    for kw in [dict(), dict(mode="topk", budget=300, est_clusters=8), dict(group_rule="max"), dict(capacity=200),
+               dict(floor=600)]:
         if kw.get("group_rule") == "max":
             p1, p2 = safe_p(q, layer, 0.95, 0.7, group_rule="max")
         o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, **kw)

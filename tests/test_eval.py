@@ -4,7 +4,10 @@ import json
 
 import pytest
 
+from types import SimpleNamespace
+
 from nanodp import eval as ev
+from nanodp.cache import ClusterConfig
 from nanodp import eval_metrics
 from nanodp.tasks import KINDS, make_tasks
 from nanodp.tokenizer import Tokenizer
@@ -44,8 +47,15 @@ def test_tasks_sized_answered_and_deterministic(tok, tmp_path):
 
 def test_methods_parse_and_score():
     assert ev.parse_method("doublep-max:0.95:0.7")["group_rule"] == "max"
-    assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["floor"] == 256
-    assert ev.parse_method("doublep:0.95:0.7")["floor"] == 0
+    assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["floor"] == "256"
+    assert ev.parse_method("doublep:0.95:0.7")["floor"] == "0"
+    ccfg = ClusterConfig()                               # a floor of F% of the clustered tokens, as topk:F%
+    m = ev.parse_method("doublep:0.95:0.7:f10%")
+    assert ev.sparse_for(m, 1000, 1000 + ccfg.sinks + ccfg.window, {}, SimpleNamespace(dense_layers=0), ccfg).floor == 100
+    assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, 1000 + ccfg.sinks + ccfg.window, {}, SimpleNamespace(dense_layers=0),
+                         ccfg).budget == 100
+    with pytest.raises(ValueError):
+        ev.parse_method("doublep:0.95:0.7:f10%%")
     assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
     assert ev.parse_method("topk:5%")["budget"] == "5%"
     for bad in ("doublep:0.5:0.9", "topk", "sparse"):
@@ -91,17 +101,19 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"] == {}
 
 
-def test_plot_only(tmp_path):
+def test_plot_only(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     tasks = [{"id": f"passkey-noise-{n}-d{d}-0", "kind": "passkey", "length": n, "depth": d} for n in (300, 600)
              for d in (0.1, 0.9)]
     out = {t["id"]: {"score": 1.0, "agree": 3} for t in tasks}
     kv = {"kv_bytes": 0.3, "exact": {"mean": 0.2}, "pseudo": {"mean": 0.01}, "exact_layer_head": [[0.2, 0.3]] * 4}
-    R = {"meta": {"args": {"seed": 0, "teacher_tokens": 3}}, "tasks": tasks,
+    R = {"meta": {"args": {"seed": 0, "teacher_tokens": 3}, "prompts_sha": "0" * 12, "device": "cpu",
+                  "dtype": "torch.float32"}, "tasks": tasks,
          "methods": {m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}}
                      for m in ("dense", "doublep:1:1")}}
     (tmp_path / "results.json").write_text(json.dumps(R))
     assert ev.main(["--plot-only", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["pick"] == "doublep:1:1"
     assert all((tmp_path / f).is_file() for f in ("pareto.png", "depth.png", "exact_heads.png"))
 
 
