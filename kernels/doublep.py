@@ -28,9 +28,10 @@ One decode step, per (sequence b, KV head). The g query heads of a KV group shar
             whatever the estimate; "estimate": the selection's z (with the gauss term). The gauss term counts
             the extra mass of the members far above the mean, but the pseudo value is the plain mean vmean_i,
             not those members' values, so weighting vmean_i by it moves the output towards the wrong value.
-floor (doublep, > 0): X also takes the top clusters by rank until they hold `floor` tokens (as topk with
-  budget = floor), so no head reads fewer exact clustered tokens than a fixed budget would: t(p2) becomes
-  min(t(p2), t_floor) and t(p1) at most that (the Triton select kernel: a third search, on cluster sizes).
+floor, floor_frac (doublep): X also takes the top clusters by rank until they hold
+  f = max(floor, floor_frac * the head's clustered tokens) tokens (as topk with budget = f, f in fp32), so no
+  head reads fewer exact clustered tokens than a fixed budget would: t(p2) becomes min(t(p2), t_floor) and
+  t(p1) at most that (the Triton select kernel: a third search, on cluster sizes).
 mode="topk" (RetroInfer-style baseline): the same ranking; X = the top clusters until their token count
   reaches `budget` (the crossing cluster included, ties at the cut kept; steady tokens not counted),
   A = the next `est_clusters` clusters by rank (the estimation zone).
@@ -91,8 +92,9 @@ def _group(z, valid, group_rule):
 
 def _rank_of_cut(cum, target, nvalid):
     """n = min{k >= 0: c_k >= target} with c_0 = 0 (c = cum along the last axis, non-decreasing),
-    clamped to nvalid when the target is never reached."""
-    n = (cum < target).sum(-1) + int(target > 0)
+    clamped to nvalid when the target is never reached. target: a number, or one per row [...]."""
+    target = torch.as_tensor(target, device=cum.device)
+    n = (cum < target[..., None]).sum(-1) + (target > 0).long()
     return torch.minimum(n, nvalid)
 
 
@@ -106,7 +108,7 @@ def _p_target(p):
     return math.inf if p >= 1 else float(p)       # p >= 1: never reached, so every cluster is kept
 
 
-def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_clusters=0, floor=0):
+def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_clusters=0, floor=0, floor_frac=0.0):
     """The two cuts: (exact, pseudo) bool [B, Hkv, C] and the thresholds (t1, t2) [B, Hkv]."""
     Gs, order = G.sort(dim=-1, descending=True)
     nvalid = valid.sum(-1)
@@ -114,8 +116,9 @@ def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_cl
         cum = Gs.clamp_min(0).cumsum(-1)                 # one cumulative sum gives both cuts
         t2 = _score_at(Gs, _rank_of_cut(cum, _p_target(p2), nvalid))
         t1 = _score_at(Gs, _rank_of_cut(cum, _p_target(p1), nvalid))
-        if floor > 0:                                    # at least `floor` exact tokens, by rank
-            tf = _score_at(Gs, _rank_of_cut(sizes.gather(-1, order).cumsum(-1), int(floor), nvalid))
+        if floor > 0 or floor_frac > 0:                  # at least f exact tokens, by rank
+            f = (sizes.sum(-1).float() * float(floor_frac)).clamp_min(float(floor))
+            tf = _score_at(Gs, _rank_of_cut(sizes.gather(-1, order).cumsum(-1), f, nvalid))
             t2 = torch.minimum(t2, tf)
             t1 = torch.minimum(t1, t2)
     elif mode == "topk":
@@ -134,7 +137,7 @@ def select_clusters(G, valid, sizes, p1, p2, mode="doublep", budget=None, est_cl
 
 def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
                budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
-               pseudo_bias="centroid", stats_out=None, floor=0):
+               pseudo_bias="centroid", stats_out=None, floor=0, floor_frac=0.0):
     """Double-P decode attention. q [B, Hq, d]; layer: k, v [B, Hkv, L, d], centroids, vmean
     [B, Hkv, C, d], logsize [B, Hkv, C], cstart [B, Hkv, C+1], ncl [B, Hkv] (kvar [B, Hkv, C, d] for
     estimate="gauss"); lens, tail_start [B] int32.
@@ -153,7 +156,7 @@ def sparse_ref(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mod
     G = _group(z, valid, group_rule)
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
-    exact, pseudo, _, _ = select_clusters(G, valid, sizes, p1, p2, mode, budget, est_clusters, floor)
+    exact, pseudo, _, _ = select_clusters(G, valid, sizes, p1, p2, mode, budget, est_clusters, floor, floor_frac)
 
     # capacity check: too many exact clustered tokens -> this head attends densely
     need = (sizes * exact).sum(-1)

@@ -138,7 +138,7 @@ def _num_sms(dev):
 
 def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", mode="doublep",
                   budget=None, est_clusters=0, capacity=None, sm_scale=None, estimate="centroid",
-                  pseudo_bias="centroid", stats_out=None, floor=0):
+                  pseudo_bias="centroid", stats_out=None, floor=0, floor_frac=0.0):
     """Triton Double-P decode; same signature, semantics and stats as `sparse_ref`."""
     if estimate not in ("centroid", "gauss"):
         raise ValueError(f"estimate must be 'centroid' or 'gauss', not {estimate!r}")
@@ -208,9 +208,9 @@ def sparse_triton(q, layer, lens, tail_start, sinks, p1, p2, group_rule="mean", 
     CPAD = max(16, triton.next_power_of_2(C))
     nw = SELECT_WARPS or max(4, min(16, CPAD // 512))
     args = (cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-            Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est, float(floor))
+            Hkv, C, NCS, cap, BH, int(sinks), float(tgt1), float(tgt2), est, float(floor), float(floor_frac))
     consts = dict(G=g, GP=GP, CPAD=CPAD, NCSP=max(2, triton.next_power_of_2(NCS)), BLK=min(1024, CPAD),
-                  MAXRULE=group_rule == "max", TOPK=mode == "topk", FLOOR=mode == "doublep" and floor > 0,
+                  MAXRULE=group_rule == "max", TOPK=mode == "topk", FLOOR=mode == "doublep" and (floor > 0 or floor_frac > 0),
                   num_warps=nw)
     if SELECT_VARIANT == "base":
         _select_kernel[(BH,)](zbuf, ml, cstart, layer.ncl, lens, tail_start, idx, pid, xd, meta, st,

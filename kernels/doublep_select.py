@@ -119,7 +119,7 @@ def _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G: tl.constexpr, GP: tl.con
 def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                    idx_ptr, pid_ptr, xd_ptr, meta_ptr, st_ptr,
                    scs_b, scs_h, sn_b, sn_h,
-                   HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est, floor,
+                   HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est, floor, floor_frac,
                    G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
                    BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr, FLOOR: tl.constexpr):
     bh = tl.program_id(0)
@@ -156,9 +156,10 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         t = _bisect(Gv, tl.zeros([2, CPAD], tl.float32) + Gv[None, :], tgt, lo0)
         t1 = _pick(t, 0)
         t2 = _pick(t, 1)
-        if FLOOR:   # per-head floor: also the top clusters by rank until they hold `floor` tokens (as topk)
+        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk),
+            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))   # f = max(floor, frac * clustered)
             W = tl.zeros([2, CPAD], tl.float32) + sz.to(tl.float32)[None, :]
-            t2 = tl.minimum(t2, _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + floor, zero2), 0))
+            t2 = tl.minimum(t2, _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + f, zero2), 0))
             t1 = tl.minimum(t1, t2)
     E = Gv >= t2
     need = tl.sum(tl.where(E, sz, 0), 0)

@@ -120,7 +120,7 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
                         idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, st_ptr,
                         scs_b, scs_h, sn_b, sn_h,
-                        HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est, floor,
+                        HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est, floor, floor_frac,
                         G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
                         BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr,
                         SEARCH: tl.constexpr, LIST: tl.constexpr,
@@ -174,8 +174,9 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         t2 = _pick(t, 1)
         st = tl.load(cst + i, mask=valid, other=0)
         sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
-        if FLOOR:   # per-head floor: also the top clusters by rank until they hold `floor` tokens (as topk)
-            tf = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + floor, zero2, 0), 0)
+        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk),
+            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))   # f = max(floor, frac * clustered)
+            tf = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + f, zero2, 0), 0)
             t2 = tl.minimum(t2, tf)
             t1 = tl.minimum(t1, t2)
     if STOP == 2:

@@ -118,6 +118,7 @@ class AttentionContext:
                                   group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
                                   budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity,
                                   estimate=sp.estimate, pseudo_bias=sp.pseudo_bias, floor=sp.floor,
+                                  floor_frac=sp.floor_frac,
                                   stats_out=self.stats.slab(B)[layer_idx])
         if self.observer is not None:
             self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,

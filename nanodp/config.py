@@ -1,4 +1,5 @@
 """Configs as self-validating dataclasses: the model (from config.json) and the sparse-decode knobs."""
+import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -116,7 +117,8 @@ class SparseConfig:
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
     estimate: str = "gauss"     # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
-    floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank
+    floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank ...
+    floor_frac: float = 0.0     # ... and at least this fraction of the head's clustered tokens
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk"):
@@ -125,14 +127,22 @@ class SparseConfig:
             raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
         if self.group_rule not in ("mean", "max"):
             raise ConfigError(f"--group-rule must be mean or max, got {self.group_rule!r}")
-        if self.floor < 0:
-            raise ConfigError(f"--floor must be >= 0, got {self.floor}")
+        if self.floor < 0 or not 0.0 <= self.floor_frac <= 1.0:
+            raise ConfigError(f"--floor must be >= 0 tokens or 0-100%, got {self.floor} / {self.floor_frac:.0%}")
         if self.estimate not in ("centroid", "gauss"):
             raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
         if self.pseudo_bias not in ("centroid", "estimate"):
             raise ConfigError(f"--pseudo-bias must be centroid or estimate, got {self.pseudo_bias!r}")
         if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
+
+
+def floor_arg(x: str):
+    """--floor N (tokens) or F% (of each head's clustered tokens) -> (floor, floor_frac)."""
+    try:
+        return (0, float(x[:-1]) / 100) if x.endswith("%") else (int(x), 0.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N tokens or F%, got {x!r}") from None
 
 
 def rope_tables(cfg: ModelConfig):

@@ -11,7 +11,7 @@ Methods (--methods, comma separated, all on the same prompts; dense first, each 
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
   doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
                         -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
-  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (fF%: F% of the prompt's)
+  doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (fF%: F% of the head's)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate
@@ -56,6 +56,11 @@ def _amount(x: str) -> bool:
     return x.isdigit() or (x.endswith("%") and x[:-1].replace(".", "", 1).isdigit())
 
 
+def floor_kw(amount: str) -> dict:
+    """A doublep floor: N tokens, or F% of each head's clustered tokens (resolved at every decode step)."""
+    return {"floor_frac": float(amount[:-1]) / 100} if amount.endswith("%") else {"floor": int(amount)}
+
+
 def _tokens(amount: str, ntok, ccfg) -> int:
     if amount.endswith("%"):
         return round(float(amount[:-1]) / 100 * max(0, ntok - ccfg.sinks - ccfg.window))
@@ -90,7 +95,7 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
     if m["attention"] == "doublep":
         return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
                             estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"),
-                            floor=_tokens(m.get("floor", "0"), ntok, ccfg))
+                            **floor_kw(m.get("floor", "0")))
     estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))

@@ -69,7 +69,7 @@ def read_masks(q, layer, lens, tail_start, sp: SparseConfig, sinks):
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
     ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else "doublep",
-                                   sp.budget, sp.est_clusters)
+                                   sp.budget, sp.est_clusters, sp.floor, sp.floor_frac)
     if sp.capacity is not None:                                    # over capacity: that head attends densely
         fb = (sizes * ex).sum(-1) > sp.capacity
         ex, ps = torch.where(fb[..., None], valid, ex), ps & ~fb[..., None]

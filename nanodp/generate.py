@@ -5,7 +5,7 @@ import sys
 import time
 
 from .cache import ClusterConfig
-from .config import SparseConfig
+from .config import SparseConfig, floor_arg
 
 
 def add_engine_args(ap: argparse.ArgumentParser):
@@ -25,8 +25,9 @@ def add_engine_args(ap: argparse.ArgumentParser):
                          "variance); topk ranks by it too")
     ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
                     help="pseudo-token logit: the centroid's, or the --estimate's")
-    ap.add_argument("--floor", type=int, default=SparseConfig.floor,
-                    help="doublep: at least this many exact clustered tokens per head, by rank (0: none)")
+    ap.add_argument("--floor", type=floor_arg, default=(SparseConfig.floor, SparseConfig.floor_frac),
+                    help="doublep: at least N exact clustered tokens per head (or F%% of its clustered tokens), "
+                         "by rank (0: none)")
     ap.add_argument("--dense-layers", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
     ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
@@ -38,7 +39,7 @@ def build_engine(args, max_batch):
     from .engine import Engine
     sparse = SparseConfig(attention=args.attention, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
                           budget=args.budget, dense_layers=args.dense_layers, estimate=args.estimate,
-                          pseudo_bias=args.pseudo_bias, floor=args.floor)
+                          pseudo_bias=args.pseudo_bias, floor=args.floor[0], floor_frac=args.floor[1])
     return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
                   kernels=args.kernels, sparse=sparse, yarn=args.yarn,
                   cluster=ClusterConfig(recluster_every=args.recluster_every), eager=args.eager)

@@ -3,6 +3,7 @@
 #   bash scripts/gpu_final.sh bench   GPU tests, bench e2e (default model + Llama-3.1-8B shape), bench sparse, select variants
 #   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
 #   bash scripts/gpu_final.sh floor   per-head floors (absolute, relative) against top-k, both seeds at once (2 GPUs)
+#   bash scripts/gpu_final.sh floor2  larger relative floors (runtime --floor F%), the pick at 16K and end to end
 # The default model is rebuilt from its GGUF, carried to the GPU machine in two parts of < 64 MiB (git-ignored:
 # `split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
 # plus `pip download gguf==0.19.0` into .carry/b); logs go to $OUT.
@@ -59,4 +60,28 @@ floor)   # the per-head floor, Triton kernels, on 2 GPUs (nvidia-h200-x2): the s
   cp runs/gpu-floor-dev/results.json "$OUT/floor-dev.json"; cp runs/gpu-floor-report/results.json "$OUT/floor-report.json"
   grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -2
   grep -v '^{' "$OUT/floor-dev.log" | grep -v "━" | tail -36; grep -v '^{' "$OUT/floor-report2.log" | tail -36 ;;
+floor2)  # the follow-up (after the runtime relative floor, --floor F%): larger floors on both seeds (2 GPUs, as
+         # floor), GPU tests of the relative floor; then the development pick at 16K (YaRN x4) and end to end
+  M=${FLOOR2_METHODS:-dense,doublep:0.95:0.7:f40%,doublep:0.95:0.7:f50%,doublep:0.95:0.7:f60%,doublep:0.95:0.7:f30%}
+  M=$M,${FLOOR2_MORE:-doublep:0.99:0.9:f40%,topk:50%,topk:60%}
+  CUDA_VISIBLE_DEVICES=0 timeout 400 python3 -m nanodp.eval --seed 1 $GRID --methods "$M" --time-limit 330 \
+    --out runs/gpu-floor2-dev > "$OUT/floor2-dev.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 400 python3 -m nanodp.eval --seed 2 $GRID --methods "$M" --time-limit 330 \
+    --out runs/gpu-floor2-report > /tmp/floor2-report.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_doublep.py tests/test_gpu_engine.py \
+    -k "floor or gpu" > "$OUT/gpu_tests2.log" 2>&1
+  wait
+  python3 -m nanodp.eval --plot-only runs/gpu-floor2-report --pick-from runs/gpu-floor2-dev > "$OUT/floor2-report.log" 2>&1
+  PICK=$(python3 -c "import json; print(json.load(open('runs/gpu-floor2-dev/results.json'))['pick'])")
+  FLAGS=$(python3 -c "s='$PICK'.split(':'); print(f'--p1 {s[1]} --p2 {s[2]}' + (f' --floor {s[3][1:]}' if len(s) > 3 else ''))")
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m nanodp.eval --seed 2 --yarn 4 --lengths 16384 --depths 0.1,0.3,0.5,0.7,0.9 \
+    --n 1 --tasks passkey,single_needle --methods "dense,$PICK" --time-limit 110 --out runs/gpu-floor2-yarn \
+    > "$OUT/floor2-yarn.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k \
+    --steps 48 --no-transformers $FLAGS > "$OUT/floor2-e2e.log" 2>&1
+  wait
+  cp runs/gpu-floor2-dev/results.json "$OUT/floor2-dev.json"; cp runs/gpu-floor2-report/results.json "$OUT/floor2-report.json"
+  grep -E "passed|failed" "$OUT/gpu_tests2.log" | tail -2; echo "pick $PICK -> $FLAGS"
+  grep -v '^{' "$OUT/floor2-e2e.log" | grep -v -i warn | tail -8; grep -v '^{' "$OUT/floor2-yarn.log" | grep -v "━" | tail -8
+  grep -v '^{' "$OUT/floor2-dev.log" | grep -v "━" | head -18; grep -v '^{' "$OUT/floor2-report.log" | head -20 ;;
 esac

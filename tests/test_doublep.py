@@ -389,7 +389,7 @@ def test_gpu_bf16(g, d):
                                           tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
     p1, p2 = safe_p(q, layer, 0.95, 0.7)
     for kw in [dict(), dict(mode="topk", budget=300, est_clusters=8), dict(group_rule="max"), dict(capacity=200),
-               dict(floor=600)]:
+               dict(floor=600), dict(floor_frac=0.2)]:
         if kw.get("group_rule") == "max":
             p1, p2 = safe_p(q, layer, 0.95, 0.7, group_rule="max")
         o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, **kw)
@@ -414,6 +414,16 @@ def test_floor_matches_brute_force():
         ex_k, _, _, _ = select_clusters(G, valid, sizes, 0, 0, "topk", budget=floor)
         assert torch.equal(ex, ex_p | ex_k)
         assert torch.equal(ps, (ps_p | ex_p | ex_k) & ~ex)   # pseudo: what p1 keeps, minus the exact set
+    # a relative floor: f = max(floor, frac * the head's clustered tokens), per head
+    for p1, p2, floor, frac in [(0.95, 0.7, 0, 0.3), (0.5, 0.1, 50, 0.05), (0.9, 0.9, 0, 1.0)]:
+        ex, _, _, _ = select_clusters(G, valid, sizes, p1, p2, "doublep", floor=floor, floor_frac=frac)
+        ex_p, _, _, _ = select_clusters(G, valid, sizes, p1, p2, "doublep")
+        for b in range(B):
+            for h in range(H):
+                f = max(floor, math.ceil(frac * sizes[b, h].sum().item()))
+                ex_k, _, _, _ = select_clusters(G[b, h][None, None], valid[b, h][None, None],
+                                                sizes[b, h][None, None], 0, 0, "topk", budget=f)
+                assert torch.equal(ex[b, h], ex_p[b, h] | ex_k[0, 0])
 
 
 @pytest.mark.parametrize("var", SELECT_VARIANTS)
@@ -429,6 +439,10 @@ def test_kernel_floor_matches_twin(var):
         for p1, p2, floor in [(0.95, 0.7, 40), (0.6, 0.25, 1), (0.9, 0.5, 10**5)]:
             p1, p2 = safe_p(q, layer, p1, p2)
             check(*run_both(q, layer, lens, ts, sinks, p1, p2, floor=floor), 1e-4, f"{var} seed {seed} floor {floor}")
+        for p1, p2, floor, frac in [(0.95, 0.7, 0, 0.3), (0.6, 0.25, 40, 0.05)]:    # relative floors
+            p1, p2 = safe_p(q, layer, p1, p2)
+            check(*run_both(q, layer, lens, ts, sinks, p1, p2, floor=floor, floor_frac=frac), 1e-4,
+                  f"{var} seed {seed} floor {floor} {frac:.0%}")
         check(*run_both(q, layer, lens, ts, sinks, 0, 0, mode="topk", budget=30, floor=10**5), 1e-4,
               f"{var} seed {seed} topk")
     finally:

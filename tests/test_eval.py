@@ -49,11 +49,11 @@ def test_methods_parse_and_score():
     assert ev.parse_method("doublep-max:0.95:0.7")["group_rule"] == "max"
     assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["floor"] == "256"
     assert ev.parse_method("doublep:0.95:0.7")["floor"] == "0"
-    ccfg = ClusterConfig()                               # a floor of F% of the clustered tokens, as topk:F%
-    m = ev.parse_method("doublep:0.95:0.7:f10%")
-    assert ev.sparse_for(m, 1000, 1000 + ccfg.sinks + ccfg.window, {}, SimpleNamespace(dense_layers=0), ccfg).floor == 100
-    assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, 1000 + ccfg.sinks + ccfg.window, {}, SimpleNamespace(dense_layers=0),
-                         ccfg).budget == 100
+    ccfg = ClusterConfig()           # a floor of F% of each head's clustered tokens; topk:F% of the prompt's
+    args, ntok = SimpleNamespace(dense_layers=0), 1000 + ccfg.sinks + ccfg.window
+    sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7:f10%"), 1000, ntok, {}, args, ccfg)
+    assert (sp.floor, sp.floor_frac) == (0, 0.1)
+    assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, ntok, {}, args, ccfg).budget == 100
     with pytest.raises(ValueError):
         ev.parse_method("doublep:0.95:0.7:f10%%")
     assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
@@ -131,8 +131,10 @@ def test_read_masks_match_the_kernel_selection():
     q, layer, lens, tail = make_synthetic(2, 6, 2, 32, 700, device="cpu", dtype=torch.float32, rel_frac=0.1, boost=2.0)
     lens = lens - torch.tensor([0, 50], dtype=torch.int32)
     for sp in (SparseConfig("doublep", 0.8, 0.8), SparseConfig("doublep", 0.8, 0.8, "max"),
-               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6)):
-        o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget)
+               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6),
+               SparseConfig("doublep", 0.8, 0.8, floor=120), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):
+        o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget,
+                           floor=sp.floor, floor_frac=sp.floor_frac)
         exact, kept = eval_metrics.read_masks(q, layer, lens, tail, sp, 4)
         assert torch.equal(exact.sum(-1).int(), st["exact_tokens"])
         assert bool((kept.sum(-1) > exact.sum(-1)).any()) == bool(st["pseudo_tokens"].sum() > 0)

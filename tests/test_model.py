@@ -1,4 +1,5 @@
 """Tiny random Llama checkpoints written by transformers load in nanodp and give the same logits and tokens."""
+import argparse
 import json
 
 import pytest
@@ -115,6 +116,12 @@ def test_config_validation():
         ModelConfig(**base)
     with pytest.raises(ConfigError, match="p2 <= p1"):
         SparseConfig(p1=0.5, p2=0.9)
+    with pytest.raises(ConfigError, match="floor"):
+        SparseConfig(floor_frac=1.5)
+    from nanodp.config import floor_arg
+    assert floor_arg("256") == (256, 0.0) and floor_arg("40%") == (0, 0.4)
+    with pytest.raises(argparse.ArgumentTypeError, match="F%"):
+        floor_arg("many")
     with pytest.raises(ConfigError, match="rope_scaling"):
         ModelConfig(**{**base, "num_key_value_heads": 1, "rope_scaling": {"rope_type": "dynamic", "factor": 2}})
 

@@ -34,8 +34,10 @@ def test_clustering_and_reclustering_leave_dense_output_unchanged(dense_tokens):
     assert [t[:24] for t in toks] == dense_tokens
 
 
-def test_doublep_all_exact_equals_dense(dense_tokens):
-    eng, toks = run("doublep", p1=1.0, p2=1.0)
+@pytest.mark.parametrize("kw", [dict(p1=1.0, p2=1.0), dict(p1=0.0, p2=0.0, floor_frac=1.0)], ids=["p1", "floor"])
+def test_doublep_all_exact_equals_dense(dense_tokens, kw):
+    """Every cluster exact, by the cuts (p = 1) or by a floor of 100% of the clustered tokens."""
+    eng, toks = run("doublep", **kw)
     assert toks == dense_tokens
     s = eng.ctx.stats.summary()
     assert s["kv_read_fraction"] == pytest.approx(1.0, abs=1e-6)
