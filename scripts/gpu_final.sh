@@ -4,6 +4,7 @@
 #   bash scripts/gpu_final.sh eval    accuracy: development seed 1 (grid), report seed 2 (the dev pick), 16K with YaRN x4
 #   bash scripts/gpu_final.sh floor   per-head floors (absolute, relative) against top-k, both seeds at once (2 GPUs)
 #   bash scripts/gpu_final.sh floor2  larger relative floors (runtime --floor F%), the pick at 16K and end to end
+#   bash scripts/gpu_final.sh seeds   the pick on report seeds 3-6
 # The default model is rebuilt from its GGUF, carried to the GPU machine in two parts of < 64 MiB (git-ignored:
 # `split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
 # plus `pip download gguf==0.19.0` into .carry/b); logs go to $OUT.
@@ -84,4 +85,15 @@ floor2)  # the follow-up (after the runtime relative floor, --floor F%): larger 
   grep -E "passed|failed" "$OUT/gpu_tests2.log" | tail -2; echo "pick $PICK -> $FLAGS"
   grep -v '^{' "$OUT/floor2-e2e.log" | grep -v -i warn | tail -8; grep -v '^{' "$OUT/floor2-yarn.log" | grep -v "━" | tail -8
   grep -v '^{' "$OUT/floor2-dev.log" | grep -v "━" | head -18; grep -v '^{' "$OUT/floor2-report.log" | head -20 ;;
+seeds)   # the development pick (floor2's) on more report seeds, 3-6, two at a time (2 GPUs)
+  M=${SEEDS_METHODS:-dense,doublep:0.95:0.7:f40%}
+  for pair in "3 4" "5 6"; do
+    set -- $pair
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m nanodp.eval --seed $1 $GRID --methods "$M" --time-limit 170 \
+      --out runs/gpu-seed$1 > "$OUT/seed$1.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m nanodp.eval --seed $2 $GRID --methods "$M" --time-limit 170 \
+      --out runs/gpu-seed$2 > "$OUT/seed$2.log" 2>&1
+    wait
+  done
+  for s in 3 4 5 6; do grep -v '^{' "$OUT/seed$s.log" | grep -v "━" | head -6; done ;;
 esac
