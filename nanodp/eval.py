@@ -42,6 +42,7 @@ import time
 
 import torch
 
+from .cache import ClusterConfig
 from .config import SparseConfig
 from .eval_metrics import KVTally, Observer, spread, teacher_force, use  # noqa: F401
 from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, prompts_sha, score
@@ -190,6 +191,7 @@ def main(argv=None):
     a("--topk-match", action=argparse.BooleanOptionalAction, default=True,
       help="add topk=M for every doublep method M: the same mean exact budget, a fixed cut")
     a("--dense-layers", type=int, default=0, help="sparse methods keep the first N layers dense")
+    a("--cluster-size", type=int, default=ClusterConfig.cluster_size, help="tokens per cluster of the KV cache")
     a("--fidelity-n", type=int, default=2, help="prompts per length for the fidelity pass (0: none)")
     a("--teacher-tokens", type=int, default=16, help="teacher-forced decode steps in the fidelity pass")
     a("--max-new-tokens", type=int, default=None, help="cap the per-kind answer lengths")
@@ -237,7 +239,8 @@ def main(argv=None):
         reserve = max([min(MAX_NEW[k], args.max_new_tokens or 10**9) for k in kinds] + [args.teacher_tokens]) + 2
         max_len = min(mc.max_position_embeddings, max(lengths) + reserve)
         eng = Engine(mdir, device=args.device, dtype=args.dtype, max_batch=args.batch_size, max_len=max_len,
-                     kernels=args.kernels, yarn=args.yarn, quiet=True)
+                     kernels=args.kernels, yarn=args.yarn, cluster=ClusterConfig(cluster_size=args.cluster_size),
+                     quiet=True)
         tasks = make_tasks(eng.tok, kinds, lengths, depths, args.n, args.seed, args.haystack.split(","), args.chat,
                            max_prompt=max_len - reserve)
     except (ValueError, OSError, RuntimeError) as e:

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_final.sh floor   per-head floors (absolute, relative) against top-k, both seeds at once (2 GPUs)
 #   bash scripts/gpu_final.sh floor2  larger relative floors (runtime --floor F%), the pick at 16K and end to end
 #   bash scripts/gpu_final.sh seeds   the pick on report seeds 3-6
+#   bash scripts/gpu_final.sh csize   8 and 32 tokens per cluster (eval --cluster-size): dev grid, then its pick on seed 2
 # The default model is rebuilt from its GGUF, carried to the GPU machine in two parts of < 64 MiB (git-ignored:
 # `split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
 # plus `pip download gguf==0.19.0` into .carry/b); logs go to $OUT.
@@ -96,4 +97,18 @@ seeds)   # the development pick (floor2's) on more report seeds, 3-6, two at a t
     wait
   done
   for s in 3 4 5 6; do grep -v '^{' "$OUT/seed$s.log" | grep -v "━" | head -6; done ;;
+csize)   # cluster size: 8 (GPU 0) and 32 (GPU 1) tokens per cluster against the default 16 (floor/floor2's runs):
+         # a floor grid and top-k on the development seed 1, then that run's pick on the report seed 2
+  M=${CSIZE_METHODS:-dense,doublep:0.95:0.7:f10%,doublep:0.95:0.7:f20%,doublep:0.95:0.7:f30%,doublep:0.95:0.7:f40%}
+  M=$M,topk:10%,topk:20%,topk:30%
+  for pair in "0 8" "1 32"; do
+    set -- $pair
+    ( CUDA_VISIBLE_DEVICES=$1 timeout 300 python3 -m nanodp.eval --seed 1 $GRID --cluster-size $2 --methods "$M" \
+        --time-limit 260 --out runs/gpu-cs$2-dev > "$OUT/cs$2-dev.log" 2>&1
+      CUDA_VISIBLE_DEVICES=$1 timeout 200 python3 -m nanodp.eval --seed 2 $GRID --cluster-size $2 --methods dense \
+        --pick-from runs/gpu-cs$2-dev --time-limit 170 --out runs/gpu-cs$2-report > "$OUT/cs$2-report.log" 2>&1 ) &
+  done
+  wait
+  cp runs/gpu-cs8-dev/results.json "$OUT/cs8-dev.json"; cp runs/gpu-cs32-dev/results.json "$OUT/cs32-dev.json"
+  for c in 8 32; do grep -v '^{' "$OUT/cs$c-dev.log" | grep -v "━" | head -16; grep -v '^{' "$OUT/cs$c-report.log" | grep -v "━" | head -7; done ;;
 esac
