@@ -59,7 +59,8 @@ def _amount(x: str) -> bool:
 
 def floor_kw(amount: str) -> dict:
     """A doublep floor: N tokens, or F% of each head's clustered tokens (resolved at every decode step)."""
-    return {"floor_frac": float(amount[:-1]) / 100} if amount.endswith("%") else {"floor": int(amount)}
+    return {"floor": 0, "floor_frac": float(amount[:-1]) / 100} if amount.endswith("%") else \
+        {"floor": int(amount), "floor_frac": 0.0}
 
 
 def _tokens(amount: str, ntok, ccfg) -> int:

@@ -32,7 +32,7 @@ def main():
     ids = [task["prompt_ids"]]
     feed, lpd = teacher_force(eng, ids, args.steps)
     print(f"{task['id']}: answer {task['answers']}, dense answer {eng.tok.decode(feed[0].tolist())!r}")
-    eng.set_sparse(SparseConfig(attention="doublep", p1=p1, p2=p2, estimate=args.estimate))
+    eng.set_sparse(SparseConfig(attention="doublep", p1=p1, p2=p2, estimate=args.estimate, floor_frac=0.0))
     state = {"layer": -1, "sparse": -1, "err": {}}
     attend, sparse = eng.ctx.attend, eng.ctx.sparse_fn
 

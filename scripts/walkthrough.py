@@ -1,6 +1,6 @@
 """Follow one Double-P decode step through the torch twin with real numbers from the default model.
 
-    python scripts/walkthrough.py [--layer 14] [--head 0] [--length 2048] [--p1 0.95 --p2 0.7]
+    python scripts/walkthrough.py [--layer 14] [--head 0] [--length 2048] [--p1 0.95 --p2 0.7] [--floor 40%]
 
 Prefills a passkey prompt (CPU, fp32), clusters it, decodes the first answer token and, for one layer
 and KV head, prints what kernels/doublep.py does: stage-1 scores, the two top-p cuts, tokens read, and the
@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from nanodp.config import SparseConfig
+from nanodp.config import SparseConfig, floor_arg
 from nanodp.engine import Engine
 from nanodp.kernels.decode import decode_ref
 from nanodp.kernels.doublep import group_scores, select_clusters, sparse_ref
@@ -38,8 +38,10 @@ def main():
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--p1", type=float, default=0.95)
     ap.add_argument("--p2", type=float, default=0.7)
+    ap.add_argument("--floor", type=floor_arg, default=(0, 0.0), help="N tokens or F%% per head (default: none)")
     args = ap.parse_args()
-    sp = SparseConfig(attention="doublep", p1=args.p1, p2=args.p2)
+    fl = dict(floor=args.floor[0], floor_frac=args.floor[1])
+    sp = SparseConfig(attention="doublep", p1=args.p1, p2=args.p2, **fl)
     eng = Engine(None, device="cpu", dtype="fp32", max_batch=1, max_len=args.length + 64, sparse=sp, quiet=True)
     ids, key = passkey_prompt(eng.tok, args.length)
     seen = {}
@@ -59,7 +61,8 @@ def main():
     z, G, valid = group_scores(q, layer)
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
-    exact, pseudo, t1, t2 = select_clusters(G, valid, sizes, args.p1, args.p2)
+    exact, pseudo, t1, t2 = select_clusters(G, valid, sizes, args.p1, args.p2, **fl)
+    n2p = int(select_clusters(G, valid, sizes, args.p1, args.p2)[0][0, h].sum())     # without the floor
     Gh, order = G[0, h, :n_cl].sort(descending=True)
     cum = Gh.cumsum(0)
     print("stage 1: z = q.C/sqrt(d) + ln s, P_h = softmax over clusters, G = mean of the heads' P_h")
@@ -69,8 +72,10 @@ def main():
               f"{[round(float(x), 2) for x in z[0, h, :, i]]}  G {float(Gh[r]):.3f}  cumulative {float(cum[r]):.3f}")
     n2, n1 = int(exact[0, h].sum()), int((exact | pseudo)[0, h].sum())
     ex_tok = int((sizes[0, h] * exact[0, h]).sum())
-    print(f"cuts: n2 = {n2} clusters reach p2 = {args.p2} -> read exactly ({ex_tok} tokens); n1 = {n1} reach "
-          f"p1 = {args.p1} -> {n1 - n2} pseudo-tokens; {n_cl - n1} clusters dropped")
+    f = max(fl["floor"], fl["floor_frac"] * int(sizes[0, h].sum()))
+    print(f"cuts: {n2p} clusters reach p2 = {args.p2}" + (f"; the floor ({f:.0f} tokens by rank) raises that to {n2}"
+          if f > 0 else "") + f" -> read exactly ({ex_tok} tokens); n1 = {n1} reach p1 = {args.p1} -> "
+          f"{n1 - n2} pseudo-tokens; {n_cl - n1} clusters dropped")
     steady = S + (L - T0)
     print(f"read: {steady} steady + {ex_tok} exact clustered tokens = {steady + ex_tok} of {L} "
           f"({100 * (steady + ex_tok) / L:.1f}%), plus {n1 - n2} pseudo-tokens and the {n_cl} centroids scanned")
@@ -89,7 +94,7 @@ def main():
         print(f"  query head {h * g + j}: true mass on steady {float(p[steady_m].sum()):.3f}, exact clusters "
               f"{float(p[member].sum()):.3f}, pseudo clusters {float(p[approx].sum()):.3f}")
     dense = decode_ref(q, layer.k, layer.v, lens)
-    o, _ = sparse_ref(q, layer, lens, ts, eng.cache.cfg.sinks, args.p1, args.p2)
+    o, _ = sparse_ref(q, layer, lens, ts, eng.cache.cfg.sinks, args.p1, args.p2, **fl)
     err = [float((o[0, i] - dense[0, i]).norm() / dense[0, i].norm()) for i in range(h * g, h * g + g)]
     print(f"output error |o - o_dense| / |o_dense| for these heads: {[round(e, 4) for e in err]}")
 

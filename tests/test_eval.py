@@ -53,6 +53,8 @@ def test_methods_parse_and_score():
     args, ntok = SimpleNamespace(dense_layers=0), 1000 + ccfg.sinks + ccfg.window
     sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7:f10%"), 1000, ntok, {}, args, ccfg)
     assert (sp.floor, sp.floor_frac) == (0, 0.1)
+    sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7"), 1000, ntok, {}, args, ccfg)     # no floor: none
+    assert (sp.floor, sp.floor_frac) == (0, 0.0)
     assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, ntok, {}, args, ccfg).budget == 100
     with pytest.raises(ValueError):
         ev.parse_method("doublep:0.95:0.7:f10%%")

@@ -44,9 +44,11 @@ def test_doublep_all_exact_equals_dense(dense_tokens, kw):
 
 
 def test_doublep_reads_less(dense_tokens):
-    eng, toks = run("doublep", p1=0.95, p2=0.7, n=8)
+    eng, toks = run("doublep", p1=0.95, p2=0.7, floor_frac=0.0, n=8)
     s = eng.ctx.stats.summary()
     assert 0 < s["kv_read_fraction"] < 0.9 and s["pseudo_fraction"] > 0
+    eng, toks = run("doublep", n=8)                   # the defaults: + a floor of 40% of the clustered tokens
+    assert s["kv_read_fraction"] < eng.ctx.stats.summary()["kv_read_fraction"] < 1
 
 
 def test_triton_kernels_equal_torch_twins(default_model):
