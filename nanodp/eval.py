@@ -79,7 +79,7 @@ def parse_method(spec: str) -> dict:
     floor = a.pop()[1:] if len(a) == 3 and a[2][:1] == "f" and _amount(a[2][1:]) else "0"
     if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
             and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
-        SparseConfig(p1=float(a[0]), p2=float(a[1]))  # validates
+        SparseConfig(p1=float(a[0]), p2=float(a[1]), **floor_kw(floor))  # validates
         gauss = "gauss" in tags or "gaussp" in tags
         return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
                 "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
@@ -201,7 +201,8 @@ def main(argv=None):
     a("--out", default=None, help="folder: results.json (written as results come) and plots")
     a("--resume", action="store_true", help="keep what --out/results.json holds for the same prompts")
     a("--pick-from", default=None, help="folder of a development-seed run: add its picked method, report it here")
-    a("--plot-only", default=None, metavar="DIR", help="run nothing: the tables and plots of DIR/results.json")
+    a("--plot-only", default=None, metavar="DIR",
+      help="run no model: the tables, pick and plots of DIR/results.json again (results.json gets them too)")
     args = ap.parse_args(argv)
     from . import plots
     if args.plot_only:

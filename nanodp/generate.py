@@ -26,8 +26,8 @@ def add_engine_args(ap: argparse.ArgumentParser):
     ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
                     help="pseudo-token logit: the centroid's, or the --estimate's")
     ap.add_argument("--floor", type=floor_arg, default=(SparseConfig.floor, SparseConfig.floor_frac),
-                    help="doublep: at least N exact clustered tokens per head (or F%% of its clustered tokens), "
-                         "by rank (0: none)")
+                    help="doublep: at least N exact clustered tokens per head, or F%% of its clustered tokens, "
+                         "by rank (replaces the default 40%%; 0: none)")
     ap.add_argument("--dense-layers", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
     ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")

@@ -56,8 +56,9 @@ def test_methods_parse_and_score():
     sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7"), 1000, ntok, {}, args, ccfg)     # no floor: none
     assert (sp.floor, sp.floor_frac) == (0, 0.0)
     assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, ntok, {}, args, ccfg).budget == 100
-    with pytest.raises(ValueError):
-        ev.parse_method("doublep:0.95:0.7:f10%%")
+    for bad in ("doublep:0.95:0.7:f10%%", "doublep:0.95:0.7:f150%"):       # refused before anything runs
+        with pytest.raises(ValueError):
+            ev.parse_method(bad)
     assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
     assert ev.parse_method("topk:5%")["budget"] == "5%"
     for bad in ("doublep:0.5:0.9", "topk", "sparse"):
@@ -132,9 +133,10 @@ def test_read_masks_match_the_kernel_selection():
     torch.manual_seed(0)
     q, layer, lens, tail = make_synthetic(2, 6, 2, 32, 700, device="cpu", dtype=torch.float32, rel_frac=0.1, boost=2.0)
     lens = lens - torch.tensor([0, 50], dtype=torch.int32)
-    for sp in (SparseConfig("doublep", 0.8, 0.8), SparseConfig("doublep", 0.8, 0.8, "max"),
-               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6),
-               SparseConfig("doublep", 0.8, 0.8, floor=120), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):
+    nf = dict(floor_frac=0.0)                                     # SparseConfig's default has a 40% floor
+    for sp in (SparseConfig("doublep", 0.8, 0.8, **nf), SparseConfig("doublep", 0.8, 0.8, "max", **nf),
+               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6, **nf),
+               SparseConfig("doublep", 0.8, 0.8, floor=120, **nf), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):
         o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget,
                            floor=sp.floor, floor_frac=sp.floor_frac)
         exact, kept = eval_metrics.read_masks(q, layer, lens, tail, sp, 4)
