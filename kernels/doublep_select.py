@@ -156,8 +156,8 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         t = _bisect(Gv, tl.zeros([2, CPAD], tl.float32) + Gv[None, :], tgt, lo0)
         t1 = _pick(t, 0)
         t2 = _pick(t, 1)
-        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk),
-            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))   # f = max(floor, frac * clustered)
+        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk)
+            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))
             W = tl.zeros([2, CPAD], tl.float32) + sz.to(tl.float32)[None, :]
             t2 = tl.minimum(t2, _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + f, zero2), 0))
             t1 = tl.minimum(t1, t2)

@@ -174,8 +174,8 @@ def _select_fast_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
         t2 = _pick(t, 1)
         st = tl.load(cst + i, mask=valid, other=0)
         sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
-        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk),
-            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))   # f = max(floor, frac * clustered)
+        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk)
+            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))
             tf = _pick(_search(Gb, sz.to(tl.float32), tl.zeros([2], tl.float32) + f, zero2, 0), 0)
             t2 = tl.minimum(t2, tf)
             t1 = tl.minimum(t1, t2)

@@ -119,7 +119,7 @@ def bench_e2e(argv):
     p.add_argument("--p2", type=float, default=0.7)
     p.add_argument("--group-rule", default=SparseConfig.group_rule)
     p.add_argument("--estimate", default="centroid", choices=["centroid", "gauss"])
-    p.add_argument("--floor", type=floor_arg, default=(0, 0.0), help="doublep: N tokens or F%% per head")
+    p.add_argument("--floor", type=floor_arg, default=floor_arg("0"), help="doublep: N tokens or F%% per head")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -142,7 +142,7 @@ def bench_e2e(argv):
                     max_len = min(ctx, 8192) if real else ctx + args.steps + 64
                     fill = ctx - args.steps - 8 if real else ctx
                     sp = SparseConfig(attention=att, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
-                                      estimate=args.estimate, floor=args.floor[0], floor_frac=args.floor[1])
+                                      estimate=args.estimate, **args.floor)
 
                     def cell():
                         eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)

@@ -138,10 +138,11 @@ class SparseConfig:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
 
 
-def floor_arg(x: str):
-    """--floor N (tokens) or F% (of each head's clustered tokens) -> (floor, floor_frac)."""
+def floor_arg(x: str) -> dict:
+    """--floor N (tokens) or F% (of each head's clustered tokens) -> SparseConfig's floor and floor_frac."""
     try:
-        return (0, float(x[:-1]) / 100) if x.endswith("%") else (int(x), 0.0)
+        return {"floor": 0, "floor_frac": float(x[:-1]) / 100} if x.endswith("%") else \
+            {"floor": int(x), "floor_frac": 0.0}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N tokens or F%, got {x!r}") from None
 

@@ -43,7 +43,7 @@ import time
 import torch
 
 from .cache import ClusterConfig
-from .config import SparseConfig
+from .config import SparseConfig, floor_arg
 from .eval_metrics import KVTally, Observer, spread, teacher_force, use  # noqa: F401
 from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, prompts_sha, score
 
@@ -55,12 +55,6 @@ class OutOfTime(Exception):
 def _amount(x: str) -> bool:
     """N tokens or F% of the prompt's clustered tokens (a topk budget, a doublep floor)."""
     return x.isdigit() or (x.endswith("%") and x[:-1].replace(".", "", 1).isdigit())
-
-
-def floor_kw(amount: str) -> dict:
-    """A doublep floor: N tokens, or F% of each head's clustered tokens (resolved at every decode step)."""
-    return {"floor": 0, "floor_frac": float(amount[:-1]) / 100} if amount.endswith("%") else \
-        {"floor": int(amount), "floor_frac": 0.0}
 
 
 def _tokens(amount: str, ntok, ccfg) -> int:
@@ -79,7 +73,7 @@ def parse_method(spec: str) -> dict:
     floor = a.pop()[1:] if len(a) == 3 and a[2][:1] == "f" and _amount(a[2][1:]) else "0"
     if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
             and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
-        SparseConfig(p1=float(a[0]), p2=float(a[1]), **floor_kw(floor))  # validates
+        SparseConfig(p1=float(a[0]), p2=float(a[1]), **floor_arg(floor))  # validates
         gauss = "gauss" in tags or "gaussp" in tags
         return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
                 "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
@@ -97,7 +91,7 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
     if m["attention"] == "doublep":
         return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
                             estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"),
-                            **floor_kw(m.get("floor", "0")))
+                            **floor_arg(m.get("floor", "0")))     # F%: per head, at every step
     estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))

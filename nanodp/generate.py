@@ -25,7 +25,7 @@ def add_engine_args(ap: argparse.ArgumentParser):
                          "variance); topk ranks by it too")
     ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
                     help="pseudo-token logit: the centroid's, or the --estimate's")
-    ap.add_argument("--floor", type=floor_arg, default=(SparseConfig.floor, SparseConfig.floor_frac),
+    ap.add_argument("--floor", type=floor_arg, default=dict(floor=SparseConfig.floor, floor_frac=SparseConfig.floor_frac),
                     help="doublep: at least N exact clustered tokens per head, or F%% of its clustered tokens, "
                          "by rank (replaces the default 40%%; 0: none)")
     ap.add_argument("--dense-layers", type=int, default=0)
@@ -39,7 +39,7 @@ def build_engine(args, max_batch):
     from .engine import Engine
     sparse = SparseConfig(attention=args.attention, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
                           budget=args.budget, dense_layers=args.dense_layers, estimate=args.estimate,
-                          pseudo_bias=args.pseudo_bias, floor=args.floor[0], floor_frac=args.floor[1])
+                          pseudo_bias=args.pseudo_bias, **args.floor)
     return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
                   kernels=args.kernels, sparse=sparse, yarn=args.yarn,
                   cluster=ClusterConfig(recluster_every=args.recluster_every), eager=args.eager)

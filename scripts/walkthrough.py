@@ -38,9 +38,9 @@ def main():
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--p1", type=float, default=0.95)
     ap.add_argument("--p2", type=float, default=0.7)
-    ap.add_argument("--floor", type=floor_arg, default=(0, 0.0), help="N tokens or F%% per head (default: none)")
+    ap.add_argument("--floor", type=floor_arg, default=floor_arg("0"), help="N tokens or F%% per head (default: none)")
     args = ap.parse_args()
-    fl = dict(floor=args.floor[0], floor_frac=args.floor[1])
+    fl = args.floor
     sp = SparseConfig(attention="doublep", p1=args.p1, p2=args.p2, **fl)
     eng = Engine(None, device="cpu", dtype="fp32", max_batch=1, max_len=args.length + 64, sparse=sp, quiet=True)
     ids, key = passkey_prompt(eng.tok, args.length)

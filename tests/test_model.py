@@ -119,7 +119,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="floor"):
         SparseConfig(floor_frac=1.5)
     from nanodp.config import floor_arg
-    assert floor_arg("256") == (256, 0.0) and floor_arg("40%") == (0, 0.4)
+    assert floor_arg("256") == dict(floor=256, floor_frac=0.0) and floor_arg("40%") == dict(floor=0, floor_frac=0.4)
     with pytest.raises(argparse.ArgumentTypeError, match="F%"):
         floor_arg("many")
     with pytest.raises(ConfigError, match="rope_scaling"):
