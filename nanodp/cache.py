@@ -16,30 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from nanodp.cluster import MAX_ROWS, Tables, cluster_jobs, split_segments
-
-
-@dataclass
-class ClusterConfig:
-    sinks: int = 4               # first tokens, always attended exactly
-    window: int = 64             # newest tokens, always attended exactly
-    cluster_size: int = 16       # about this many tokens per cluster (k = n // cluster_size)
-    kmeans_iters: int = 10
-    segment_len: int = 8192      # k-means runs on segments of this many consecutive tokens
-    recluster_every: int = 256   # cluster the oldest tail tokens once this many lie beyond the window
-
-    def __post_init__(self):
-        for name, low in (("sinks", 0), ("window", 0), ("cluster_size", 1), ("kmeans_iters", 1),
-                          ("segment_len", 1), ("recluster_every", 1)):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"ClusterConfig.{name} must be an int, got {val!r}")
-            if val < low:
-                raise ValueError(f"ClusterConfig.{name} must be >= {low}, got {val}")
-        for name in ("segment_len", "recluster_every"):
-            if getattr(self, name) < self.cluster_size:
-                raise ValueError(f"ClusterConfig.{name} ({getattr(self, name)}) must be >= cluster_size "
-                                 f"({self.cluster_size}): a segment must hold at least one cluster")
+from .cluster import MAX_ROWS, Tables, cluster_jobs, split_segments
+from .config import ClusterConfig
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Configs as self-validating dataclasses: the model (from config.json) and the sparse-decode knobs."""
 import argparse
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +99,29 @@ class ModelConfig:
 
 
 @dataclass
+class ClusterConfig:
+    sinks: int = 4               # first tokens, always attended exactly
+    window: int = 64             # newest tokens, always attended exactly
+    cluster_size: int = 16       # about this many tokens per cluster (k = n // cluster_size)
+    kmeans_iters: int = 10
+    segment_len: int = 8192      # k-means runs on segments of this many consecutive tokens
+    recluster_every: int = 256   # cluster the oldest tail tokens once this many lie beyond the window
+
+    def __post_init__(self):
+        for name, low in (("sinks", 0), ("window", 0), ("cluster_size", 1), ("kmeans_iters", 1),
+                          ("segment_len", 1), ("recluster_every", 1)):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"ClusterConfig.{name} must be an int, got {val!r}")
+            if val < low:
+                raise ConfigError(f"ClusterConfig.{name} must be >= {low}, got {val}")
+        for name in ("segment_len", "recluster_every"):
+            if getattr(self, name) < self.cluster_size:
+                raise ConfigError(f"ClusterConfig.{name} ({getattr(self, name)}) must be >= cluster_size "
+                                 f"({self.cluster_size}): a segment must hold at least one cluster")
+
+
+@dataclass
 class SparseConfig:
     """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget).
 
@@ -145,41 +167,3 @@ def floor_arg(x: str) -> dict:
             {"floor": int(x), "floor_frac": 0.0}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N tokens or F%, got {x!r}") from None
-
-
-def rope_tables(cfg: ModelConfig):
-    """Inverse frequencies and the attention (cos/sin) factor for RoPE, as Hugging Face defines them."""
-    import torch
-    d, base = cfg.head_dim, cfg.rope_theta
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    rs = cfg.rope_scaling or {}
-    kind, factor, attn = rs.get("rope_type", rs.get("type", "default")), rs.get("factor", 1.0), 1.0
-    if kind == "linear":
-        inv = inv / factor
-    elif kind == "llama3":
-        # Long wavelengths are slowed down by `factor`, short ones kept, and the band between is blended.
-        old = rs["original_max_position_embeddings"]
-        lo, hi = old / rs.get("low_freq_factor", 1.0), old / rs.get("high_freq_factor", 4.0)
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > lo, inv / factor, inv)
-        smooth = (old / wavelen - rs.get("low_freq_factor", 1.0)) / (
-            rs.get("high_freq_factor", 4.0) - rs.get("low_freq_factor", 1.0))
-        mid = (wavelen >= hi) & (wavelen <= lo)
-        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    elif kind == "yarn":
-        # YaRN: interpolate the low frequencies, keep the high ones, ramp between; scale logits by mscale.
-        old = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
-        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
-        attn = rs.get("attention_factor") or (
-            mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
-            if rs.get("mscale") and rs.get("mscale_all_dim") else mscale(factor))
-        corr = lambda rot: d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
-        lo, hi = corr(rs.get("beta_fast") or 32), corr(rs.get("beta_slow") or 1)
-        if rs.get("truncate", True):
-            lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, d - 1)
-        hi = hi + 0.001 if lo == hi else hi
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
-        extrap = 1 - ramp
-        inv = (inv / factor) * (1 - extrap) + inv * extrap
-    return inv.float(), float(attn)

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import AttentionContext
-from .cache import ClusterConfig, KVCache
-from .config import SparseConfig
+from .cache import KVCache
+from .config import ClusterConfig, SparseConfig
 from .loader import load_model, resolve_model_dir
 from .sampler import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer

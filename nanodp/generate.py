@@ -4,45 +4,7 @@ import json
 import sys
 import time
 
-from .cache import ClusterConfig
-from .config import SparseConfig, floor_arg
-
-
-def add_engine_args(ap: argparse.ArgumentParser):
-    ap.add_argument("--model", default=None, help="Llama safetensors folder (default: SmolLM2-135M-Instruct, "
-                                                  "fetched on first use)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    ap.add_argument("--attention", default=SparseConfig.attention, choices=["doublep", "dense", "topk"],
-                    help="decode attention (default dense: see README, Accuracy)")
-    ap.add_argument("--p1", type=float, default=SparseConfig.p1)
-    ap.add_argument("--p2", type=float, default=SparseConfig.p2)
-    ap.add_argument("--group-rule", default=SparseConfig.group_rule, choices=["mean", "max"])
-    ap.add_argument("--budget", type=int, default=SparseConfig.budget, help="topk: exact tokens per head")
-    ap.add_argument("--estimate", default=SparseConfig.estimate, choices=["centroid", "gauss"],
-                    help="stage-1 cluster mass: centroid (the paper's) or gauss (+ 1/2 q^2.var, per-dim key "
-                         "variance); topk ranks by it too")
-    ap.add_argument("--pseudo-bias", default=SparseConfig.pseudo_bias, choices=["centroid", "estimate"],
-                    help="pseudo-token logit: the centroid's, or the --estimate's")
-    ap.add_argument("--floor", type=floor_arg, default=dict(floor=SparseConfig.floor, floor_frac=SparseConfig.floor_frac),
-                    help="doublep: at least N exact clustered tokens per head, or F%% of its clustered tokens, "
-                         "by rank (replaces the default 40%%; 0: none)")
-    ap.add_argument("--dense-layers", type=int, default=0)
-    ap.add_argument("--max-len", type=int, default=None, help="KV cache tokens per sequence (default: model's)")
-    ap.add_argument("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
-    ap.add_argument("--recluster-every", type=int, default=ClusterConfig.recluster_every)
-    ap.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps")
-
-
-def build_engine(args, max_batch):
-    from .engine import Engine
-    sparse = SparseConfig(attention=args.attention, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
-                          budget=args.budget, dense_layers=args.dense_layers, estimate=args.estimate,
-                          pseudo_bias=args.pseudo_bias, **args.floor)
-    return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
-                  kernels=args.kernels, sparse=sparse, yarn=args.yarn,
-                  cluster=ClusterConfig(recluster_every=args.recluster_every), eager=args.eager)
+from . import flags
 
 
 def read_prompts(args) -> list:
@@ -72,24 +34,17 @@ def main(argv=None):
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="file: one prompt per line, or .jsonl with 'prompt' or chat 'messages'")
     ap.add_argument("--chat", action="store_true", help="apply the model's chat template to plain prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
     ap.add_argument("--output", help="JSONL file: one record per prompt, written as each finishes")
-    add_engine_args(ap)
+    flags.add(ap, *flags.SAMPLING, *flags.ENGINE)
     args = ap.parse_args(argv)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .sampler import SamplingParams
     con = Console(stderr=True)
     try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
+        params = flags.sampling_from_args(args, stop=args.stop)
     except ValueError as e:
         ap.error(str(e))
     if args.batch_size < 1:
@@ -98,7 +53,7 @@ def main(argv=None):
     if not items:
         ap.error("give --prompt TEXT (repeatable) or --prompts FILE")
     try:
-        eng = build_engine(args, max_batch=min(args.batch_size, len(items)))
+        eng = flags.build_engine(args, max_batch=min(args.batch_size, len(items)))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         con.print(f"[red]error:[/red] {e}")
         return 2

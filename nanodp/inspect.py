@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from .bench_e2e import prose
-from .generate import add_engine_args, build_engine
+from . import flags
+from .eval.tasks import prose
 
 
 def layer_report(layer, b, lo, hi):
@@ -32,10 +32,10 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-file", help="a text file to prefill (default: generated prose)")
     ap.add_argument("--length", type=int, default=2048, help="tokens of generated prose when no file is given")
-    add_engine_args(ap)
+    flags.add(ap, *flags.ENGINE)
     args = ap.parse_args(argv)
     args.attention = "doublep" if args.attention == "dense" else args.attention
-    eng = build_engine(args, max_batch=1)
+    eng = flags.build_engine(args, max_batch=1)
     ids = eng.tok.encode(open(args.prompt_file).read()) if args.prompt_file else prose(eng.tok, args.length, 0)
     ids = ids[:eng.max_len - 1]
     eng.prefill([ids], [0])

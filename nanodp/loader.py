@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig
+from .fetch import DEFAULT_DIR as DEFAULT_MODEL
 from .model import LlamaForCausalLM, Rope
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "SmolLM2-135M-Instruct"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -21,7 +21,7 @@ def resolve_model_dir(path=None, fetch_default=True, quiet=False) -> Path:
     """`None` means the default model, fetched and converted on first use."""
     if path is None:
         if not (DEFAULT_MODEL / ".complete").is_file() and fetch_default:
-            from .default_model import ensure_default_model
+            from .fetch import ensure_default_model
             if not quiet:
                 print(f"nanodp: the default model is not in {DEFAULT_MODEL}; fetching it now (one time, ~92 MB)")
             ensure_default_model(DEFAULT_MODEL, quiet=quiet)
@@ -33,7 +33,7 @@ def resolve_model_dir(path=None, fetch_default=True, quiet=False) -> Path:
                 f"{path!r} looks like a Hugging Face hub id; nanodp never downloads from a model hub at run time. "
                 f"Fetch it first, e.g. `huggingface-cli download {path} --local-dir weights/{p.name}`, "
                 f"then pass --model weights/{p.name}")
-        raise WeightsError(f"model folder {str(p)!r} does not exist. Run `python weights/fetch_default.py` for the "
+        raise WeightsError(f"model folder {str(p)!r} does not exist. Run `python -m nanodp.fetch` for the "
                            "default model, or see weights/README.md for Hugging Face Llama checkpoints")
     return p
 

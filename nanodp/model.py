@@ -5,10 +5,12 @@ between the GEMMs runs as fused kernels chosen by the forward context `ctx` (nan
 CUDA, torch twins on CPU): residual add + RMSNorm, SiLU * up, and, inside `ctx.attend`, RoPE + the KV-cache
 store. The residual stream is carried beside the activations so each add fuses into the next norm.
 """
+import math
+
 import torch
 from torch import nn
 
-from .config import ModelConfig, rope_tables
+from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -21,6 +23,43 @@ class RMSNorm(nn.Module):
         """r = x + residual (x alone when residual is None); returns (w * r / sqrt(mean(r^2) + eps), r),
         normalised in fp32 like Hugging Face (kernels/fused.py add_rmsnorm_ref)."""
         return ctx.ops.add_rmsnorm(x, residual, self.weight, self.eps)
+
+
+def rope_tables(cfg: ModelConfig):
+    """Inverse frequencies and the attention (cos/sin) factor for RoPE, as Hugging Face defines them."""
+    d, base = cfg.head_dim, cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind, factor, attn = rs.get("rope_type", rs.get("type", "default")), rs.get("factor", 1.0), 1.0
+    if kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, and the band between is blended.
+        old = rs["original_max_position_embeddings"]
+        lo, hi = old / rs.get("low_freq_factor", 1.0), old / rs.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > lo, inv / factor, inv)
+        smooth = (old / wavelen - rs.get("low_freq_factor", 1.0)) / (
+            rs.get("high_freq_factor", 4.0) - rs.get("low_freq_factor", 1.0))
+        mid = (wavelen >= hi) & (wavelen <= lo)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind == "yarn":
+        # YaRN: interpolate the low frequencies, keep the high ones, ramp between; scale logits by mscale.
+        old = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+        attn = rs.get("attention_factor") or (
+            mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+            if rs.get("mscale") and rs.get("mscale_all_dim") else mscale(factor))
+        corr = lambda rot: d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+        lo, hi = corr(rs.get("beta_fast") or 32), corr(rs.get("beta_slow") or 1)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extrap = 1 - ramp
+        inv = (inv / factor) * (1 - extrap) + inv * extrap
+    return inv.float(), float(attn)
 
 
 class Rope:

@@ -42,6 +42,7 @@ print("prefill logits max diff", (outs["torch"][1] - outs["triton"][1]).abs().ma
 import transformers  # noqa: E402
 
 from nanodp.sampler import SamplingParams  # noqa: E402
+
 hf = transformers.AutoModelForCausalLM.from_pretrained(str(eng.model_dir), dtype=torch.bfloat16,
                                                        attn_implementation="sdpa").cuda().eval()
 x = torch.tensor([ids], device="cuda")
@@ -60,6 +61,7 @@ print("transformers:", repr(eng.tok.decode(ref)))
 
 # 4. the GPU test sequence (graph engines first, then torch vs triton logits), watching for later corruption
 from nanodp.sampler import SamplingParams  # noqa: E402,F811
+
 for attention in ("dense", "doublep", "topk"):
     for eager in (True, False):
         e = Engine(None, device="cuda", max_batch=2, max_len=2048, eager=eager,

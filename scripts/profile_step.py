@@ -9,9 +9,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanodp.bench_e2e import prose
 from nanodp.config import SparseConfig
 from nanodp.engine import Engine
+from nanodp.eval.tasks import prose
 
 p = argparse.ArgumentParser()
 p.add_argument("--ctx", type=int, default=8192)

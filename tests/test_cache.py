@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from nanodp.cache import ClusterConfig, KVCache, max_clusters
+from nanodp.cache import KVCache, max_clusters
+from nanodp.config import ClusterConfig
 from nanodp.cluster import cluster_block, cluster_range, kmeans, split_segments
 from nanodp.kernels.kmeans import (assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton,
                                    reorder_rows_ref, reorder_rows_triton)

@@ -1,15 +1,14 @@
 """The evaluation harness cannot silently break: task generators (sizes, answers, determinism) and a tiny
 `python -m nanodp.eval` run on the CPU (dense answers a passkey; every metric is there and sane)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from types import SimpleNamespace
-
-from nanodp import eval as ev
-from nanodp.cache import ClusterConfig
-from nanodp import eval_metrics
-from nanodp.tasks import KINDS, make_tasks
+from nanodp.config import ClusterConfig
+from nanodp.eval import harness as ev
+from nanodp.eval import metrics as eval_metrics
+from nanodp.eval.tasks import KINDS, make_tasks
 from nanodp.tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -46,9 +45,9 @@ def test_tasks_sized_answered_and_deterministic(tok, tmp_path):
 
 
 def test_methods_parse_and_score():
-    assert ev.parse_method("doublep-max:0.95:0.7")["group_rule"] == "max"
-    assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["floor"] == "256"
-    assert ev.parse_method("doublep:0.95:0.7")["floor"] == "0"
+    assert ev.parse_method("doublep-max:0.95:0.7")["sparse"]["group_rule"] == "max"
+    assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["sparse"]["floor"] == 256
+    assert ev.parse_method("doublep:0.95:0.7")["sparse"]["floor_frac"] == 0.0
     ccfg = ClusterConfig()           # a floor of F% of each head's clustered tokens; topk:F% of the prompt's
     args, ntok = SimpleNamespace(dense_layers=0), 1000 + ccfg.sinks + ccfg.window
     sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7:f10%"), 1000, ntok, {}, args, ccfg)
@@ -71,7 +70,7 @@ def test_methods_parse_and_score():
 def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--device", "cpu", "--lengths", "300", "--tasks", "passkey,single_needle", "--n", "1", "--depths", "0.5",
-            "--max-new-tokens", "10", "--methods", "dense,doublep:0.95:0.7", "--topk-match", "--fidelity-n", "1",
+            "--answer-tokens", "10", "--methods", "dense,doublep:0.95:0.7", "--topk-match", "--fidelity-n", "1",
             "--teacher-tokens", "3", "--batch-size", "2", "--out", str(out)]
     assert ev.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
@@ -127,7 +126,7 @@ def test_read_masks_match_the_kernel_selection():
 
     import torch
 
-    from nanodp.bench_sparse import make_synthetic
+    from nanodp.bench.sparse import make_synthetic
     from nanodp.config import SparseConfig
     from nanodp.kernels.doublep import sparse_ref
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_batch_equals_alone(tmp_path):
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match="hub id.*huggingface-cli download"):
         Engine("meta-llama/Llama-3.2-1B", device="cpu")
-    with pytest.raises(WeightsError, match="does not exist.*fetch_default"):
+    with pytest.raises(WeightsError, match="does not exist.*nanodp.fetch"):
         Engine(str(tmp_path / "nope"), device="cpu")
     make_tiny(tmp_path)
     eng = Engine(str(tmp_path), device="cpu", max_batch=1, max_len=32, sparse=SparseConfig(attention="dense"))

@@ -2,8 +2,7 @@
 Triton kernels (interpreter on CPU) give the torch twins' tokens."""
 import pytest
 
-from nanodp.cache import ClusterConfig
-from nanodp.config import SparseConfig
+from nanodp.config import ClusterConfig, SparseConfig
 from nanodp.engine import Engine
 from nanodp.sampler import SamplingParams
 

