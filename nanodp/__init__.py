@@ -5,3 +5,8 @@ unrelated top-level `kernels` package can never shadow ours; run.sh installs the
 """
 
 __version__ = "0.1.0"
+
+from .api import LLM, Output  # noqa: E402
+from .sampler import SamplingParams  # noqa: E402
+
+__all__ = ["LLM", "Output", "SamplingParams"]

@@ -23,6 +23,11 @@ class Result:
     token_ids: list = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""  # "stop" (EOS or a stop string), "length" (max_new_tokens), "context" (cache full)
+    time_s: float = 0.0      # from the start of its group's prefill until it finished
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
@@ -57,24 +62,38 @@ class Engine:
             kernels = "triton" if self.device.type == "cuda" else "torch"
         if kernels not in ("triton", "torch"):
             raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
-        self.max_batch = max_batch
-        dt = self.model.model.embed_tokens.weight.dtype
-        cluster = cluster or ClusterConfig()
-        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
-                                                        self.cfg.head_dim, dt, cluster)
-        self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
-        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
-                             self.cfg.head_dim, dt, self.device, cluster, backend=kernels)
-        if not quiet:
-            print(f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
-                  f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)", file=sys.stderr)
+        self.kernels, self.cluster, self.quiet = kernels, cluster or ClusterConfig(), quiet
         self.cluster_enabled = self.sparse.attention != "dense"
-        self.ctx = AttentionContext(self.cache, self.sparse, kernels)
         self.counters = Counters()
         # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
         self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
+        self.cache = None
+        self._allocate(max_batch, max_len)
+
+    def _allocate(self, max_batch, max_len):
+        """(Re)build the KV cache for max_batch sequences of max_len tokens (None: the model's context, capped
+        by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history."""
+        self.cache = self.ctx = None                     # free the old cache before allocating the new one
+        dt = self.model.model.embed_tokens.weight.dtype
+        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
+                                                        self.cfg.head_dim, dt, self.cluster)
+        self.max_batch = max_batch
+        self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
+        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
+                             self.cfg.head_dim, dt, self.device, self.cluster, backend=self.kernels)
+        if not self.quiet:
+            print(f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
+                  f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)", file=sys.stderr)
+        self.ctx = AttentionContext(self.cache, self.sparse, self.kernels)
         self.graphs, self.graph_pool = {}, None
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
+
+    def reserve(self, max_batch, max_len):
+        """Grow the KV cache (never shrink it) to at least max_batch sequences of max_len tokens, capped at
+        the model's context; what the cache held is dropped when it grows."""
+        max_len = min(max_len, self.cfg.max_position_embeddings)
+        if max_batch > self.max_batch or max_len > self.max_len:
+            self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
 
     def set_sparse(self, sparse: SparseConfig):
         """Switch the decode attention (e.g. between methods of an evaluation); takes effect from the next
@@ -101,9 +120,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def check_fits(self, n):
-        if n + 1 > self.max_len:
-            raise PromptTooLong(f"prompt has {n} tokens but the context holds {self.max_len} "
+    def check_fits(self, n, limit=None):
+        """A prompt of n tokens leaves room for one new token in `limit` (default: the cache's max_len)."""
+        limit = limit or self.max_len
+        if n + 1 > limit:
+            raise PromptTooLong(f"prompt has {n} tokens but the context holds {limit} "
                                 f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)")
 
     @torch.inference_mode()
@@ -179,22 +200,32 @@ class Engine:
     def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
         `on_done(i, result)` fires as each prompt finishes. A prompt that does not fit raises before any work."""
+        results = {}
+        for kind, i, x in self.events(prompts, params):
+            if kind == "text" and on_text:
+                on_text(i, x)
+            elif kind == "done":
+                results[i] = x
+                if on_done:
+                    on_done(i, x)
+        return [results[i] for i in range(len(prompts))]
+
+    def events(self, prompts, params: SamplingParams):
+        """The generator behind `generate`: yields ("text", i, piece) as text arrives and ("done", i, Result)."""
         for p in prompts:
             self.check_fits(len(p))
-        results = []
         for g in range(0, len(prompts), self.max_batch):
-            group = prompts[g:g + self.max_batch]
-            results += self._run_group(group, params, g, on_text, on_done)
-        return results
+            yield from self._run_group(prompts[g:g + self.max_batch], params, g)
 
-    def _run_group(self, group, params, base, on_text, on_done, starts=None, reset=True):
+    def _run_group(self, group, params, base, starts=None, reset=True):
         B = len(group)
         for b in range(B if reset else 0):
             self.cache.reset(b)
         starts = starts or [0] * B
+        t_start = time.perf_counter()
+        res = self.partial = [Result(prompt_tokens=starts[b] + len(group[b])) for b in range(B)]
         logits = self.prefill(group, starts)
         sampler = Sampler(params, self.device)
-        res = self.partial = [Result(prompt_tokens=starts[b] + len(group[b])) for b in range(B)]
         streams = [StreamDecoder(self.tok) for _ in range(B)]
         active = torch.ones(B, dtype=torch.bool, device=self.device)
         done = [False] * B
@@ -217,8 +248,8 @@ class Engine:
                     piece = streams[b].push(t)
                     res[b].text += piece
                     reason = self._stop_string(res[b], params)
-                    if reason is None and piece and on_text:
-                        on_text(base + b, piece)
+                    if reason is None and piece:
+                        yield "text", base + b, piece
                     if reason is None and len(res[b].token_ids) >= params.max_new_tokens:
                         reason = "length"
                     elif reason is None and self.cache.lens_host[b] + 1 >= self.max_len:
@@ -228,12 +259,11 @@ class Engine:
                     if reason != "stop" or t in self.tok.eos_ids:
                         tail = streams[b].flush()
                         res[b].text += tail
-                        if tail and on_text:
-                            on_text(base + b, tail)
-                    res[b].finish_reason = reason
+                        if tail:
+                            yield "text", base + b, tail
+                    res[b].finish_reason, res[b].time_s = reason, time.perf_counter() - t_start
                     active[b] = False
-                    if on_done:
-                        on_done(base + b, res[b])
+                    yield "done", base + b, res[b]
             if all(done):
                 break
             logits = self.decode_step(tok, active)
@@ -241,7 +271,6 @@ class Engine:
             self.counters.decode_tokens += B - sum(done)
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))
-        return res
 
     def _stop_string(self, r: Result, params):
         for s in params.stop:
@@ -253,8 +282,15 @@ class Engine:
 
     # -- chat: one conversation in slot 0, the cache kept across turns --------------------------------------
     def stream(self, ids, params: SamplingParams, on_text=None) -> Result:
+        """`stream_events` with a callback `on_text(0, piece)`; returns the Result."""
+        for kind, i, x in self.stream_events(ids, params):
+            if kind == "text" and on_text:
+                on_text(i, x)
+        return x
+
+    def stream_events(self, ids, params: SamplingParams):
         """Generate for `ids` in slot 0, reusing the cached prefix: only the tokens after the longest common
-        prefix with what slot 0 already holds are prefilled (the next chat turn)."""
+        prefix with what slot 0 already holds are prefilled (the next chat turn). Yields as `events`."""
         self.check_fits(len(ids))
         n = 0
         for a, b in zip(self.history, ids):
@@ -267,9 +303,10 @@ class Engine:
             n = 0
         else:
             self.cache.set_len(0, n)
+        self.history = ids[:n]
         try:
-            return self._run_group([ids[n:]], params, 0, on_text, None, starts=[n], reset=False)[0]
-        finally:  # also on Ctrl-C: remember exactly what the cache holds now
+            yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
+        finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
             self.history = (ids + self.partial[0].token_ids)[:self.cache.lens_host[0]]
 
     def reset_chat(self):
