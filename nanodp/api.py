@@ -48,7 +48,8 @@ class LLM:
     attention: decode attention, "dense", "doublep" or "topk"; further SparseConfig fields (p1, p2, floor, ...)
     and ClusterConfig fields (cluster_size, recluster_every, ...) go as keywords, and Engine options
     (device, dtype, kernels, max_len, yarn, eager, quiet). max_batch: prompts decoded together.
-    The KV cache grows to what a call needs (longest prompt + max_new_tokens, capped at the context).
+    The KV cache grows to what a call needs (longest prompt + max_new_tokens, capped at the context), unless
+    max_len fixes it (a number, or "auto": the model's whole context, as far as memory allows).
     Bad options raise ValueError with the message the command line prints.
     """
 
@@ -66,9 +67,11 @@ class LLM:
         cluster = ClusterConfig(**{k: v for k, v in options.items() if k in cluster_fields})
         eng = {k: v for k, v in options.items() if k in ENGINE_ARGS}
         eng.setdefault("quiet", True)
-        self.fixed_len = eng.get("max_len") is not None
-        eng.setdefault("max_len", 256)   # grown by reserve() to what each call needs
-        self.engine = Engine(model, max_batch=max_batch, sparse=sparse, cluster=cluster, **eng)
+        self.fixed_len = eng.get("max_len") is not None       # "auto": the model's context (capped by memory)
+        eng["max_len"] = None if eng.get("max_len") == "auto" else eng.get("max_len") or 256
+        eng["max_batch"] = 1 if not self.fixed_len else max_batch   # else grown by reserve() to what a call needs
+        self.max_batch = max_batch     # prompts per decode group; the cache grows to it on demand
+        self.engine = Engine(model, sparse=sparse, cluster=cluster, **eng)
         self.tokenizer = self.engine.tok
 
     # -- prompts -> token ids
@@ -95,12 +98,17 @@ class LLM:
             raise ValueError("no prompts given")
         return [self.encode(p, chat) for p in items]
 
-    def _fit(self, ids_list, params: SamplingParams, batch: int):
+    def context_limit(self) -> int:
+        """The most tokens one sequence can hold: the model's context, or max_len when it was given."""
+        return self.engine.max_len if self.fixed_len else self.engine.cfg.max_position_embeddings
+
+    def reserve(self, ids_list, params: SamplingParams):
+        """Size the KV cache for these prompts: the longest + max_new_tokens, capped at the context."""
         eng = self.engine
         longest = max(len(ids) for ids in ids_list)
-        eng.check_fits(longest, limit=eng.cfg.max_position_embeddings if not self.fixed_len else None)
+        eng.check_fits(longest, limit=self.context_limit())
         if not self.fixed_len:
-            eng.reserve(batch, longest + params.max_new_tokens + 1)
+            eng.reserve(min(len(ids_list), self.max_batch), longest + params.max_new_tokens + 1)
 
     # -- generation
     def generate(self, prompts, sampling: SamplingParams | None = None, chat: bool = False, on_done=None) -> list:
@@ -108,7 +116,7 @@ class LLM:
         Returns one Output per prompt, in order; on_done(Output) fires as each one finishes."""
         params = sampling or SamplingParams()
         ids_list = self._batch(prompts, chat)
-        self._fit(ids_list, params, min(len(ids_list), self.engine.max_batch))
+        self.reserve(ids_list, params)
         outs = {}
         for kind, i, r in self.engine.events(ids_list, params):
             if kind == "done":
@@ -124,7 +132,7 @@ class LLM:
         ids = self._batch(prompt, chat)
         if len(ids) != 1:
             raise ValueError("stream takes one prompt")
-        self._fit(ids, params, 1)
+        self.reserve(ids, params)
         for kind, _, piece in self.engine.events(ids, params):
             if kind == "text":
                 yield piece
@@ -138,6 +146,6 @@ class LLM:
         ids = self.encode(messages)
         eng = self.engine
         if not self.fixed_len and len(ids) + params.max_new_tokens + 1 > eng.max_len:
-            self._fit([ids], params, 1)      # grows the cache (the conversation is prefilled afresh)
+            self.reserve([ids], params)      # grows the cache (the conversation is prefilled afresh)
         r = eng.stream(ids, params, on_text=on_text)
         return Output(0, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.time_s)

@@ -225,7 +225,7 @@ class Engine:
         t_start = time.perf_counter()
         res = self.partial = [Result(prompt_tokens=starts[b] + len(group[b])) for b in range(B)]
         logits = self.prefill(group, starts)
-        sampler = Sampler(params, self.device)
+        sampler = Sampler(params, self.device, prompts=group if reset else [self.history + group[0]])
         streams = [StreamDecoder(self.tok) for _ in range(B)]
         active = torch.ones(B, dtype=torch.bool, device=self.device)
         done = [False] * B

@@ -72,7 +72,8 @@ def add(ap: argparse.ArgumentParser, *names, **defaults):
         dest = name.replace("-", "_")
         if dest in defaults:
             kw["default"] = defaults[dest]
-            kw["help"] = kw.get("help", "").split(" (default")[0] + " (default: %(default)s)"
+            shown = "%(default)s" if defaults[dest] is not None else "the model's generation_config.json, else nanodp's"
+            kw["help"] = kw.get("help", "").split(" (default")[0] + f" (default: {shown})"
         ap.add_argument(f"--{name}", **kw)
     return ap
 
@@ -92,10 +93,34 @@ def sampling_from_args(args, **kw) -> SamplingParams:
                           max_new_tokens=args.max_new_tokens, seed=args.seed, **kw)
 
 
-def build_engine(args, max_batch, **kw):
-    """An Engine from the ENGINE flags (kw: further Engine arguments, e.g. quiet=True)."""
-    from .engine import Engine
+def check_engine_args(args):
+    """What the flags alone can tell is wrong, before anything loads (ValueError naming the flag)."""
+    if args.max_len is not None and args.max_len < 2:
+        raise ValueError(f"--max-len must be at least 2 tokens (a prompt token and a new one), got {args.max_len}")
+    if args.yarn is not None and not args.yarn > 1:
+        raise ValueError(f"--yarn factor must be > 1, got {args.yarn}")
+    if args.device not in (None, "cpu") and args.device.startswith("cuda"):
+        import torch
 
-    return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
-                  kernels=args.kernels, sparse=sparse_from_args(args), yarn=args.yarn,
-                  cluster=cluster_from_args(args), eager=args.eager, **kw)
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+    sparse_from_args(args)
+    cluster_from_args(args)
+
+
+def llm_options(args) -> dict:
+    """The keywords of nanodp.LLM for the ENGINE flags."""
+    sp = sparse_from_args(args)
+    cc = cluster_from_args(args)
+    return dict(device=args.device, dtype=args.dtype, kernels=args.kernels, max_len=args.max_len, yarn=args.yarn,
+                eager=args.eager, **{k: getattr(sp, k) for k in sp.__dataclass_fields__ if k != "attention"},
+                recluster_every=cc.recluster_every, cluster_size=cc.cluster_size)
+
+
+def build_llm(args, max_batch, **kw):
+    """A nanodp.LLM from the ENGINE flags (kw: further options, e.g. quiet=False)."""
+    from .api import LLM
+
+    check_engine_args(args)
+    return LLM(args.model, attention=args.attention, max_batch=max_batch, **(llm_options(args) | kw))

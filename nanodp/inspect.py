@@ -10,6 +10,7 @@ import time
 import torch
 
 from . import flags
+from .sampler import SamplingParams
 from .eval.tasks import prose
 
 
@@ -35,9 +36,11 @@ def main(argv=None):
     flags.add(ap, *flags.ENGINE)
     args = ap.parse_args(argv)
     args.attention = "doublep" if args.attention == "dense" else args.attention
-    eng = flags.build_engine(args, max_batch=1)
+    llm = flags.build_llm(args, max_batch=1)
+    eng = llm.engine
     ids = eng.tok.encode(open(args.prompt_file).read()) if args.prompt_file else prose(eng.tok, args.length, 0)
-    ids = ids[:eng.max_len - 1]
+    ids = ids[:llm.context_limit() - 1]
+    llm.reserve([ids], SamplingParams(max_new_tokens=1))
     eng.prefill([ids], [0])
     c = eng.counters
     lo, hi = min(eng.cache.cfg.sinks, eng.cache.tail_host[0]), eng.cache.tail_host[0]
