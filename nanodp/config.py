@@ -81,9 +81,15 @@ class ModelConfig:
             raise ConfigError(f"{path} is missing: a model folder needs config.json, *.safetensors and "
                               "tokenizer.json (see weights/README.md)")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not a {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({path})" if str(path) not in str(e) else str(e)) from None
 
     def with_yarn(self, factor: float) -> "ModelConfig":
         """Extend the context `factor` times with YaRN (run-time option, DESIGN.md section 3)."""

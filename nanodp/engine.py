@@ -58,6 +58,9 @@ class Engine:
             self.tok = Tokenizer(self.model_dir)
         self.cfg = self.model.cfg
         self.sparse = sparse or SparseConfig()
+        if self.sparse.dense_layers > self.cfg.num_hidden_layers:
+            raise ValueError(f"--dense-layers {self.sparse.dense_layers} exceeds the model's "
+                             f"{self.cfg.num_hidden_layers} layers")
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" else "torch"
         if kernels not in ("triton", "torch"):

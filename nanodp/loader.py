@@ -28,7 +28,8 @@ def resolve_model_dir(path=None, fetch_default=True, quiet=False) -> Path:
         path = DEFAULT_MODEL
     p = Path(path).expanduser()
     if not p.is_dir():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not p.exists():
+        # "org/name" with no local folder "org" is a hub id; "weights/name" (weights/ exists) is a local path
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not p.exists() and not p.parent.exists():
             raise WeightsError(
                 f"{path!r} looks like a Hugging Face hub id; nanodp never downloads from a model hub at run time. "
                 f"Fetch it first, e.g. `huggingface-cli download {path} --local-dir weights/{p.name}`, "

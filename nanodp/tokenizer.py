@@ -10,7 +10,11 @@ class Tokenizer:
         self.cfg = _read_json(d / "tokenizer_config.json")
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
-            self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            try:
+                self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+                raise ValueError(f"{d / 'tokenizer.json'} cannot be read as a tokenizer ({str(e)[:120]}); "
+                                 "re-fetch or re-convert the model") from None
             self._sp = None
             self.vocab_size = self._tok.get_vocab_size()
         elif (d / "tokenizer.model").is_file():
@@ -56,7 +60,8 @@ class Tokenizer:
     def render_chat(self, messages, add_generation_prompt=True) -> str:
         """The model's own chat template, rendered as transformers' apply_chat_template does."""
         if not self.chat_template:
-            raise ValueError("this model has no chat_template in tokenizer_config.json; use plain prompts")
+            raise ValueError("this model has no chat_template in tokenizer_config.json: chat prompts need one; "
+                             "give plain prompts (no --chat)")
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -105,7 +110,16 @@ class StreamDecoder:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object from `path` ({} if there is none); a broken file is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-create the file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(d).__name__}")
+    return d
 
 
 def _token_str(t):

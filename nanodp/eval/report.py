@@ -181,6 +181,8 @@ def make_plots(R, out) -> list:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, then python -m nanodp.eval "
+              "--plot-only DIR)", file=sys.stderr)
         return []
     out, S, files = Path(out), R.get("summary") or summarize(R), []
     lens = sorted({int(x) for s in S.values() for x in s["per_length"]})
