@@ -32,7 +32,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nanodp.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-file", help="a text file to prefill (default: generated prose)")
-    ap.add_argument("--length", type=int, default=2048, help="tokens of generated prose when no file is given")
+    ap.add_argument("--length", type=int, default=2048, help="tokens of generated prose when no file is given (default: %(default)s)")
     flags.add(ap, *flags.ENGINE)
     args = ap.parse_args(argv)
     args.attention = "doublep" if args.attention == "dense" else args.attention

@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from nanodp import LLM  # noqa: E402
 from nanodp import generate as gen_cli  # noqa: E402
 from nanodp.config import SparseConfig  # noqa: E402
 from nanodp.engine import Engine  # noqa: E402
@@ -79,14 +80,14 @@ def test_generate_cli_keeps_records_when_a_prompt_fails(tmp_path, monkeypatch):
         {"prompt": "x " * 3000}, {"prompt": "One, two, three,"}]) + "\n")
     out = tmp_path / "out.jsonl"
     calls = {"n": 0}
-    real = Engine.generate
+    real = LLM.generate
 
     def flaky(self, *a, **k):  # the second group dies mid-run
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated failure")
         return real(self, *a, **k)
-    monkeypatch.setattr(Engine, "generate", flaky)
+    monkeypatch.setattr(LLM, "generate", flaky)
     rc = gen_cli.main(["--prompts", str(prompts), "--output", str(out), "--batch-size", "1", "--max-new-tokens", "6",
                        "--max-len", "512", "--device", "cpu", "--attention", "dense"])
     recs = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
