@@ -7,8 +7,9 @@ Work list (written by _select_kernel, kernels/doublep_select.py), per (sequence,
   Dense fallback: when the selection needs more than CAP exact clustered tokens, the select kernel
              writes S0 = T0 = T1 = len, nX = nP = 0: the head's whole cache [0, len) becomes one range,
              which needs no list at all, so any length fits and nothing is synchronised with the host.
-Launches: score, select, attention (grid B*Hkv x NS splits), combine. Grids depend on shapes and Python
-ints only, so a decode step can be captured in a CUDA graph.
+Launches: score (B*Hkv x chunks [+ the steady pass]), select (B*Hkv), attention (B*Hkv x NS splits) whose last
+split per head combines the splits (a counter per head, reset by that program). Grids depend on shapes and
+Python ints only, so a decode step can be captured in a CUDA graph.
 """
 import math
 
@@ -34,10 +35,10 @@ def _online(m, l, acc, s, vt, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr, po_ptr, pml_ptr,
-                 sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr, po_ptr, pml_ptr, o_ptr, cnt_ptr,
+                 sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c, so_b, so_h,
                  qk_scale, HKV, C, CAP, NS,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
                  PREC: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -97,16 +98,21 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
     tl.store(pml_ptr + part * 2 * GP + GP + r, l)
     tl.store(po_ptr + (part * GP + r[:, None]) * D + dd[None, :], acc, mask=(r < G)[:, None])
 
+    # the last split of this (sequence, KV head) to finish combines all of them (no combine launch): the
+    # barrier orders every thread's partial stores before the counter's release; acq_rel makes them
+    # visible to the program that draws NS - 1, which resets the counter for the next launch / graph replay
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NS - 1:
+        tl.store(cnt_ptr + bh, 0)
+        for rr in tl.static_range(G):
+            _combine(po_ptr, pml_ptr, o_ptr, so_b, so_h, bh, b, h * G + rr, rr, NS, GP, D, NSP)
+
 
 @triton.jit
-def _combine_kernel(po_ptr, pml_ptr, o_ptr, so_b, so_h, HQ, HKV, NS,
-                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NSP: tl.constexpr):
-    """Log-sum-exp combine of the splits: o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
-    pid = tl.program_id(0)
-    b = pid // HQ
-    hq = pid % HQ
-    bh = b * HKV + hq // G
-    r = hq % G
+def _combine(po_ptr, pml_ptr, o_ptr, so_b, so_h, bh, b, hq, r, NS, GP: tl.constexpr, D: tl.constexpr,
+             NSP: tl.constexpr):
+    """Log-sum-exp combine of the splits of query head hq (row r of KV head bh):
+    o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
     s = tl.arange(0, NSP)
     dd = tl.arange(0, D)
     part = bh * NS + s
@@ -118,12 +124,25 @@ def _combine_kernel(po_ptr, pml_ptr, o_ptr, so_b, so_h, HQ, HKV, NS,
     tl.store(o_ptr + b.to(tl.int64) * so_b + hq * so_h + dd, o.to(o_ptr.dtype.element_ty))
 
 
+_COUNTERS = {}
+
+
+def _counters(dev, n):
+    """Per-(sequence, KV head) split counters, zero between launches (the combining program resets its own):
+    allocated once per device and grown, never freed, so CUDA graphs keep their address. One stream at a time."""
+    buf = _COUNTERS.get(str(dev))
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[str(dev)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
+    return buf
+
+
 def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None):
-    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref` (sp: a SparseConfig)."""
+def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_out=None):
+    """Triton Double-P decode; same signature, semantics and stats as `sparse_ref` (sp: a SparseConfig).
+    plan_out (a dict, for tests and inspection) receives the work list: idx, pid, meta, cap."""
     q, k, v = _c(q), _c(layer.k), _c(layer.v)
     cent, vmean, logsize, cstart = _c(layer.centroids), _c(layer.vmean), _c(layer.logsize), _c(layer.cstart)
     B, Hq, d = q.shape
@@ -193,15 +212,16 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None):
         MAXRULE=sp.group_rule == "max", UNION=union, WHOLE=whole, TOPK=topk, FLOOR=floor,
         TILE_R=64, TILE_J=32, num_warps=8)
 
+    if plan_out is not None:
+        plan_out.update(idx=idx.view(BH, cap), pid=pid.view(BH, C), meta=meta.view(BH, 8), cap=cap)
+
     BLOCK_N = 16 if interp else 64
     _attn_kernel[(BH, NS)](
-        q, k, v, zc, vmean, idx, pid, meta, po, pml,
+        q, k, v, zc, vmean, idx, pid, meta, po, pml, o, _counters(dev, BH),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
-        scale * LOG2E, Hkv, C, cap, NS, G=g, GP=GP, D=d, BLOCK_N=BLOCK_N, PREC=prec,
-        num_warps=8 if d >= 128 else 4, num_stages=2)
-    _combine_kernel[(B * Hq,)](po, pml, o, o.stride(0), o.stride(1), Hq, Hkv, NS,
-                               G=g, GP=GP, D=d, NSP=max(2, triton.next_power_of_2(NS)), num_warps=4)
+        v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2), o.stride(0), o.stride(1),
+        scale * LOG2E, Hkv, C, cap, NS, G=g, GP=GP, D=d, BLOCK_N=BLOCK_N,
+        NSP=max(2, triton.next_power_of_2(NS)), PREC=prec, num_warps=8 if d >= 128 else 4, num_stages=2)
 
     if stats_out is not None:   # the engine's per-step slab: no conversion launches
         return o, dict(zip(STAT_KEYS, st))
