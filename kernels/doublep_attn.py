@@ -201,8 +201,10 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         scale, Hkv, C, NCS, chunk, int(sinks), G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss,
         SPLIT=gauss, WHOLE=whole, num_warps=4)
 
-    # select: one program per (sequence, KV head); BLK clusters per step (union: g rows of them)
-    BLK = max(16, min(256, 2048 // GP2)) if union else 256
+    # select: one program per (sequence, KV head), BLK clusters per step of its two passes: a [GP2, BLK] z tile
+    # of ~8K fp32 (32 registers a thread at 8 warps), so 8K clusters take 4 dependent steps a pass on the GPU;
+    # the interpreter keeps 256 so that small tests cross block boundaries
+    BLK = 256 if interp else max(16, min(8192 // GP2, triton.next_power_of_2(C)))
     _select_kernel[(BH,)](
         zbuf, ml, cstart, layer.ncl, lens, tail_start, tok, idx, pid, xd, xo, meta, st,
         cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
