@@ -4,15 +4,13 @@ Contract (docs/INTERNALS.md, "Dense decode"):
     q [B, Hq, d], k/v [B, Hkv, L, d], lens [B] int32: query head h of sequence b attends keys
     0 .. lens[b]-1 of KV head h // (Hq // Hkv). `max_len` (python int) only sizes the grid.
 """
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .common import LOG2E, interpreting as _interpreting, num_sms as _num_sms
 
 
 def decode_ref(q, k, v, lens, sm_scale=None, max_len=None):
@@ -133,17 +131,6 @@ def _decode_combine_kernel(Mp, Lp, Ap, O, LENS, chunk, n_splits, sob, soh, sod,
     n_valid = tl.minimum(tl.cdiv(tl.load(LENS + b), chunk), n_splits)
     _combine_head(Mp, Lp, Ap, pid * n_splits, n_valid,
                   O + b.to(tl.int64) * sob + h * soh + tl.arange(0, D) * sod, D, S_BLOCK)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device):
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):

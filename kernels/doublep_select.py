@@ -1,127 +1,146 @@
-"""Double-P decode, stages 1 and 2 as Triton kernels: cluster scoring and the top-p cuts.
+"""Double-P decode, stages 1 and 2 as Triton kernels: cluster scoring and the top-p cuts by histogram.
+The definition both follow is the torch twin, kernels/doublep.py (its docstring: units, bins, the cut).
 
-_score_kernel   grid (B*Hkv, chunks): z = q.C*scale + ln s for the g query heads of a KV group in one
-                tl.dot (g padded to 16 rows), z kept in fp32 scratch, plus each chunk's softmax max/sum.
-                EST (estimate="gauss"): z += 1/2 (q*q).var * scale^2, a second dot; SPLIT: the centroid
-                z (without that term) also goes to a second scratch, for pseudo-token logits.
-_select_kernel  grid (B*Hkv,): the group distribution G, the two thresholds by bisection (no sort), and
-                the work list the attention kernel reads (see kernels/doublep_attn.py for its layout).
-The definition both follow is the torch twin, kernels/doublep.py.
+_score_kernel   grid (B*Hkv, NCS [+ 1 with WHOLE]): z = q.C*scale + ln s for the g query heads of a KV group in
+                one tl.dot (g padded to 16 rows), kept in fp32 scratch, plus each chunk's base-2 softmax
+                partials (max, sum) per head. EST (gauss): z += 1/2 (q*q).var * scale^2, a second dot; SPLIT:
+                the centroid z also goes to a second scratch (the pseudo-token logits). WHOLE: program NCS runs
+                the same online softmax over the steady tokens' exact logits instead (their K, ~S + tail rows).
+_select_kernel  grid (B*Hkv,): two passes over the clusters of one (sequence, KV head), BLK at a time.
+                pass 1: every unit's bin per cluster (log2 domain), counted with tl.histogram (one call: the g
+                        heads of union side by side), tokens per bin by int32 atomics (floor, topk); counts
+                        and integers are exact and order-free, so pass 1 could be split over programs and merged.
+                cuts:   cumulative sum over the NB bins of count x midpoint weight (one tl.cumsum), n(p) = the
+                        number of bins below the target, as the twin.
+                pass 2: classify (exact / pseudo), the mass kept per head, and the compacted work list.
+                Then the exact-token list idx (the layout is in kernels/doublep_attn.py) and the stats.
 """
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-NEG = tl.constexpr(-1.0e30)        # "minus infinity" for running maxima: finite, so exp2(NEG - NEG) = 1
-INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf; floats >= 0 order like their int32 bits
+from .common import LOG2E_C as LOG2E
+from .common import NEG_C as NEG
 
 
 @triton.jit
-def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr,
-                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h, sv_b, sv_h, sv_c,
-                  sm_scale, HKV, C, NCS, CHUNK,
+def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr, k_ptr, lens_ptr, ts_ptr,
+                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h, sv_b, sv_h, sv_c, sk_b, sk_h, sk_l,
+                  sm_scale, HKV, C, NCS, CHUNK, sinks,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                  PREC: tl.constexpr, EST: tl.constexpr, SPLIT: tl.constexpr):
+                  PREC: tl.constexpr, EST: tl.constexpr, SPLIT: tl.constexpr, WHOLE: tl.constexpr):
     bh = tl.program_id(0)
     cs = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
     r = tl.arange(0, GP)
     dd = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :],
                 mask=(r < G)[:, None], other=0.0)
-    cbase = c_ptr + b.to(tl.int64) * sc_b + h * sc_h
-    if EST:
-        qf = q.to(tl.float32)
-        qq = qf * qf            # (q_j)^2, the weights of the per-dimension variances; fp32 (no fp16 overflow)
-        vbase = var_ptr + b.to(tl.int64) * sv_b + h * sv_h
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
-    lo = cs * CHUNK
-    hi = tl.minimum(lo + CHUNK, ncl)
-    for i0 in range(lo, hi, BLOCK_C):
-        i = i0 + tl.arange(0, BLOCK_C)
-        ok = i < hi
-        c = tl.load(cbase + i[:, None] * sc_c + dd[None, :], mask=ok[:, None], other=0.0)
-        ls = tl.load(ls_ptr + b * sl_b + h * sl_h + i, mask=ok, other=0.0)
-        # stage 1: size-weighted centroid logits, all g heads of the group in one dot
-        z = tl.dot(q, tl.trans(c), input_precision=PREC) * sm_scale + ls[None, :]
-        z = tl.where(ok[None, :], z, float("-inf"))
-        if SPLIT:
-            tl.store(zc_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
-        if EST:
-            # gauss: ln E e^{q.k} ~ q.C + var(q.k)/2 with var(q.k) = sum_j q_j^2 var_j (dims independent)
-            vr = tl.load(vbase + i[:, None] * sv_c + dd[None, :], mask=ok[:, None], other=0.0)
-            # fp32 "ieee" dot: matches the twin's fp32 math to rounding (tf32 would round q^2 to 10 bits)
-            z += tl.dot(qq, tl.trans(vr.to(tl.float32)), input_precision="ieee") * (0.5 * sm_scale * sm_scale)
-        tl.store(z_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
-        # online softmax statistics over this chunk (base 2): m = max, l = sum 2^(z*log2e - m)
-        z2 = z * LOG2E
-        m_new = tl.maximum(m, tl.max(z2, 1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), 1)
-        m = m_new
-    tl.store(ml_ptr + (bh * NCS + cs) * 2 * GP + r, m)
-    tl.store(ml_ptr + (bh * NCS + cs) * 2 * GP + GP + r, l)
-
-
-@triton.jit
-def _bisect(Gv, W, tgt, lo0):
-    """Two searches side by side, one reduction per step (rows of W [2, CPAD], tgt [2], lo0 [2]):
-    the largest bit pattern x (as a float) with sum(W[k] over Gv >= x) >= tgt[k]. That x is t(p) of
-    the twin: no element lies in [t, x], so {Gv >= x} = {Gv >= t}, ties included. If no x qualifies
-    (target never reached) the result stays lo0 = 0: every valid cluster is kept; tgt <= 0 gives +inf:
-    none is kept. lo0 may start higher where S(lo0) >= tgt is known; 31 halvings cover [0, INF]."""
-    lo = lo0
-    hi = tl.zeros_like(lo0) + (INF_BITS + 1)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        s = tl.sum(tl.where(Gv[None, :] >= mid.to(tl.float32, bitcast=True)[:, None], W, 0.0), 1)
-        ok = s >= tgt
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    return lo.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pick(x, k: tl.constexpr):
-    """Element k of a 2-vector, as a scalar."""
-    return tl.sum(tl.where(tl.arange(0, 2) == k, x, tl.zeros_like(x)), 0)
-
-
-@triton.jit
-def _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G: tl.constexpr, GP: tl.constexpr,
-                NCSP: tl.constexpr, MAXRULE: tl.constexpr):
-    """The group distribution G over clusters i: per head, P_r = softmax_i z[r, i] with the global
-    max / sum combined from the score kernel's chunk partials; mean over heads (or renormalised max).
-    Invalid slots get -1, so they never pass a threshold >= 0."""
-    s = tl.arange(0, NCSP)
-    Gv = tl.zeros(i.shape, tl.float32)
-    for r in tl.static_range(G):
-        mp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + r, mask=s < NCS, other=NEG)
-        lp = tl.load(ml_ptr + (bh * NCS + s) * 2 * GP + GP + r, mask=s < NCS, other=0.0)
-        mx = tl.max(mp, 0)
-        tot = tl.sum(lp * tl.exp2(mp - mx), 0)
-        z = tl.load(z_ptr + (bh * G + r) * C + i, mask=valid, other=float("-inf"))
-        P = tl.exp2(z * LOG2E - mx) * (1.0 / tl.maximum(tot, 1e-30))   # softmax_i z[r, i]
-        if MAXRULE:
-            Gv = tl.maximum(Gv, P)
-        else:
-            Gv = Gv + P
-    if MAXRULE:
-        Gv = Gv / tl.maximum(tl.sum(tl.where(valid, Gv, 0.0), 0), 1e-30)
+    if cs == NCS:   # only with WHOLE: steady tokens [0, S) u [ts, len), storage index t(p) of stream position p
+        ln = tl.load(lens_ptr + b)
+        ts = tl.load(ts_ptr + b)
+        S = tl.minimum(ts, sinks)
+        kb = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+        for p0 in range(0, S + ln - ts, BLOCK_C):
+            p = p0 + tl.arange(0, BLOCK_C)
+            ok = p < S + ln - ts
+            t = tl.where(p < S, p, p - S + ts)
+            kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * (sm_scale * LOG2E)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
     else:
-        Gv = Gv / G
-    return tl.where(valid, Gv, -1.0)   # never -0.0 (sums and maxima of exp2 >= +0): floats >= 0 order like bits
+        ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
+        cbase = c_ptr + b.to(tl.int64) * sc_b + h * sc_h
+        if EST:
+            qf = q.to(tl.float32)
+            qq = qf * qf        # (q_j)^2, the weights of the per-dimension variances; fp32 (no fp16 overflow)
+            vbase = var_ptr + b.to(tl.int64) * sv_b + h * sv_h
+        lo = cs * CHUNK
+        hi = tl.minimum(lo + CHUNK, ncl)
+        for i0 in range(lo, hi, BLOCK_C):
+            i = i0 + tl.arange(0, BLOCK_C)
+            ok = i < hi
+            c = tl.load(cbase + i[:, None] * sc_c + dd[None, :], mask=ok[:, None], other=0.0)
+            ls = tl.load(ls_ptr + b * sl_b + h * sl_h + i, mask=ok, other=0.0)
+            # stage 1: size-weighted centroid logits, all g heads of the group in one dot
+            z = tl.dot(q, tl.trans(c), input_precision=PREC) * sm_scale + ls[None, :]
+            z = tl.where(ok[None, :], z, float("-inf"))
+            if SPLIT:
+                tl.store(zc_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
+            if EST:
+                # gauss: ln E e^{q.k} ~ q.C + var(q.k)/2 with var(q.k) = sum_j q_j^2 var_j (dims independent);
+                # an fp32 "ieee" dot matches the twin's fp32 math to rounding (tf32 would round q^2 to 10 bits)
+                vr = tl.load(vbase + i[:, None] * sv_c + dd[None, :], mask=ok[:, None], other=0.0)
+                z += tl.dot(qq, tl.trans(vr.to(tl.float32)), input_precision="ieee") * (0.5 * sm_scale * sm_scale)
+            tl.store(z_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
+            # online softmax partials over this chunk (base 2): m = max, l = sum 2^(z log2e - m)
+            z2 = z * LOG2E
+            m_new = tl.maximum(m, tl.max(z2, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), 1)
+            m = m_new
+    NCS1 = NCS + WHOLE
+    tl.store(ml_ptr + (bh * NCS1 + cs) * 2 * GP + r, m)
+    tl.store(ml_ptr + (bh * NCS1 + cs) * 2 * GP + GP + r, l)
 
 
 @triton.jit
-def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
-                   idx_ptr, pid_ptr, xd_ptr, meta_ptr, st_ptr,
+def _lae2(a, b):
+    """log2(2^a + 2^b), -inf when both are."""
+    mx = tl.maximum(a, b)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log2(tl.exp2(a - mx) + tl.exp2(b - mx))
+
+
+@triton.jit
+def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: tl.constexpr,
+            MAXRULE: tl.constexpr):
+    """Clusters i [BLK]: lp = log2 P_r[i] [GP2, BLK] (-inf where invalid), the group unit's fine bin fg [BLK]
+    and every head's fh [GP2, BLK] (bins of the twin: floor((R - ln u) * 64 per nat), clamped; NB where invalid)."""
+    r = tl.arange(0, GP2)
+    okr = (r < G)[:, None] & ok[None, :]
+    z = tl.load(z_ptr + zoff + r[:, None] * C + i[None, :], mask=okr, other=0.0)
+    lp = tl.where(okr, z * LOG2E - LSE2[:, None], float("-inf"))
+    if MAXRULE:
+        lg = tl.max(lp, 0)
+    else:   # log2 mean_r 2^lp, stably (max first)
+        mx = tl.where(ok, tl.max(lp, 0), 0.0)
+        lg = mx + tl.log2(tl.sum(tl.exp2(lp - mx[None, :]), 0)) - tl.log2(G * 1.0)
+    fg = tl.where(ok, tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0).to(tl.int32)
+    fh = tl.where(okr, tl.minimum(tl.maximum(tl.floor((R2h[:, None] - lp) * BPB), 0.0), NB - 1.0), NB * 1.0)
+    return lp, fg, fh.to(tl.int32)
+
+
+@triton.jit
+def _mass_cut(cnt, R2, S, p, BPB, NB: tl.constexpr):
+    """n(p) per unit row (twin: mass_cuts): cnt [U, NB] counts, R2, S [U]; bin k weighs 2^(R2 - (k + 1/2)/BPB)."""
+    k = tl.arange(0, NB)
+    cum = tl.cumsum(cnt.to(tl.float32) * tl.exp2(R2[:, None] - (k[None, :] + 0.5) / BPB), 1)
+    tgt = p * (S + tl.max(cum, 1))
+    n = tl.sum((S[:, None] + cum < tgt[:, None]).to(tl.int32), 1)
+    n = tl.where(tgt > S, tl.minimum(n, NB - 1), -1)
+    return tl.where(p >= 1.0, NB - 1, n)
+
+
+@triton.jit
+def _count_cut(cum, tgt, NB: tl.constexpr):
+    """min(#{k: cum_k < tgt}, NB - 1), -1 for tgt <= 0 (twin: cut); cum [NB] non-decreasing, tgt a scalar."""
+    n = tl.sum((cum.to(tl.float32) < tgt).to(tl.int32), 0)
+    return tl.where(tgt > 0, tl.minimum(n, NB - 1), -1)
+
+
+@triton.jit
+def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
+                   idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, st_ptr,
                    scs_b, scs_h, sn_b, sn_h,
-                   HKV, C, NCS, CAP, NBH, sinks, tgt1, tgt2, est, floor, floor_frac,
-                   G: tl.constexpr, GP: tl.constexpr, CPAD: tl.constexpr, NCSP: tl.constexpr,
-                   BLK: tl.constexpr, MAXRULE: tl.constexpr, TOPK: tl.constexpr, FLOOR: tl.constexpr):
+                   HKV, C, NCS, CAP, NBH, sinks, p1, p2, budget, est, floor, floor_frac, BPB,
+                   G: tl.constexpr, GP: tl.constexpr, GP2: tl.constexpr, NCSP: tl.constexpr, NB: tl.constexpr,
+                   BLK: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, WHOLE: tl.constexpr,
+                   TOPK: tl.constexpr, FLOOR: tl.constexpr, TILE_R: tl.constexpr, TILE_J: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -130,78 +149,138 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr,
     ts = tl.load(ts_ptr + b)
     S = tl.minimum(ts, sinks)
     cst = cst_ptr + b * scs_b + h * scs_h
-    i = tl.arange(0, CPAD)
-    valid = i < ncl
+    zoff = bh * G * C
+    k = tl.arange(0, NB)
+    TOK: tl.constexpr = FLOOR or TOPK
+    if TOK:
+        tl.store(tok_ptr + bh * NB + k, tl.zeros([NB], tl.int32))
+        tl.debug_barrier()
 
-    Gv = _group_dist(z_ptr, ml_ptr, bh, i, valid, C, NCS, G, GP, NCSP, MAXRULE)
-    st = tl.load(cst + i, mask=valid, other=0)
-    sz = tl.where(valid, tl.load(cst + i + 1, mask=valid, other=0) - st, 0)
-
-    # the cuts: t2 (exact) and t1 (exact + pseudo)
-    two = tl.arange(0, 2)
-    zero2 = tl.zeros([2], tl.int32)
-    if TOPK:
-        # exact: top clusters until `budget` (= tgt2) tokens; then the next `est` clusters by rank
-        W = tl.zeros([2, CPAD], tl.float32) + sz.to(tl.float32)[None, :]
-        t2 = _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + tgt2, zero2), 0)
-        n1 = tl.minimum(tl.sum((Gv >= t2).to(tl.int32), 0) + est, ncl)
-        W = tl.zeros([2, CPAD], tl.float32) + valid.to(tl.float32)[None, :]
-        t1 = _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + n1.to(tl.float32), zero2), 0)
+    # the score kernel's partials -> per head r: LSE2 = log2 of the softmax denominator (clusters, + steady
+    # tokens with WHOLE), steady share e, R2h = log2 max_i P_r[i]; the group unit's reference Rg and share Sg
+    r = tl.arange(0, GP2)
+    rok = r < G
+    s = tl.arange(0, NCSP)
+    NCS1 = NCS + WHOLE
+    mp = tl.load(ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :],
+                 other=NEG)
+    lp_ = tl.load(ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + GP + r[:, None],
+                  mask=rok[:, None] & (s < NCS)[None, :], other=0.0)
+    M2 = tl.max(mp, 1)
+    lse2 = M2 + tl.log2(tl.sum(lp_ * tl.exp2(mp - M2[:, None]), 1))        # -inf without clusters
+    if WHOLE:
+        mE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + r, mask=rok, other=NEG)
+        lE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + GP + r, mask=rok, other=0.0)
+        lseE = mE + tl.log2(lE)
+        LSE2 = _lae2(lse2, lseE)
+        e = tl.where(rok, tl.exp2(lseE - LSE2), 0.0)
     else:
-        # S(v) >= total - ncl * v, so t >= v0 = (total - p) / (2 ncl): start there when safely positive
-        tgt = tl.where(two == 0, tgt1, tgt2)
-        total = tl.sum(tl.where(valid, Gv, 0.0), 0)
-        v0 = (total - tgt) / (2 * tl.maximum(ncl, 1)).to(tl.float32)
-        lo0 = tl.where(total - tgt > 1e-4, v0.to(tl.int32, bitcast=True), 0)
-        t = _bisect(Gv, tl.zeros([2, CPAD], tl.float32) + Gv[None, :], tgt, lo0)
-        t1 = _pick(t, 0)
-        t2 = _pick(t, 1)
-        if FLOOR:   # per-head floor: also the top clusters by rank until they hold f tokens (as topk)
-            f = tl.maximum(floor, floor_frac * tl.sum(sz, 0).to(tl.float32))
-            W = tl.zeros([2, CPAD], tl.float32) + sz.to(tl.float32)[None, :]
-            t2 = tl.minimum(t2, _pick(_bisect(Gv, W, tl.zeros([2], tl.float32) + f, zero2), 0))
-            t1 = tl.minimum(t1, t2)
-    E = Gv >= t2
-    need = tl.sum(tl.where(E, sz, 0), 0)
+        LSE2 = lse2
+        e = tl.zeros([GP2], tl.float32)
+    R2h = tl.where(rok, M2 - LSE2, float("-inf"))
+    if MAXRULE:
+        Rg = tl.max(R2h, 0)
+    else:
+        rm = tl.max(R2h, 0)
+        Rg = rm + tl.log2(tl.sum(tl.exp2(R2h - rm), 0)) - tl.log2(G * 1.0)
+    Sg = tl.sum(e, 0) / G
+
+    # pass 1: histograms (cluster counts per bin of each unit; tokens per bin of the group unit)
+    cntg = tl.zeros([NB], tl.int32)
+    cnth = tl.zeros([GP2 * NB], tl.int32)
+    for i0 in range(0, ncl, BLK):
+        i = i0 + tl.arange(0, BLK)
+        ok = i < ncl
+        lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
+        if UNION:
+            okr = rok[:, None] & ok[None, :]
+            cnth += tl.histogram(tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB,
+                                 mask=tl.reshape(okr, [GP2 * BLK]))
+        else:
+            cntg += tl.histogram(fg, NB, mask=ok)
+        if TOK:
+            st = tl.load(cst + i, mask=ok, other=0)
+            sz = tl.load(cst + i + 1, mask=ok, other=0) - st
+            tl.atomic_add(tok_ptr + bh * NB + fg, sz, mask=ok & (sz > 0), sem="relaxed")
+
+    # the cuts: fine bins n1 (exact + pseudo) and n2 (exact), per head with UNION; nf: the floor's
+    if TOK:
+        tl.debug_barrier()
+        cumt = tl.cumsum(tl.load(tok_ptr + bh * NB + k, volatile=True), 0)
+    if TOPK:
+        n2 = _count_cut(cumt, budget * 1.0, NB)
+        n1 = _count_cut(tl.cumsum(cntg, 0), tl.sum(tl.where(k <= n2, cntg, 0), 0) + est * 1.0, NB)
+    elif UNION:
+        cnt2 = tl.reshape(cnth, [GP2, NB])
+        n1h = _mass_cut(cnt2, R2h, e, p1, BPB, NB)
+        n2h = _mass_cut(cnt2, R2h, e, p2, BPB, NB)
+    else:
+        one = tl.zeros([1], tl.float32)
+        n1 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p1, BPB, NB), 0)
+        n2 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p2, BPB, NB), 0)
+    if FLOOR:   # at least f exact clustered tokens, by the group unit's bins
+        nf = _count_cut(cumt, tl.maximum(floor, floor_frac * tl.max(cumt, 0).to(tl.float32)), NB)
+
+    # pass 2: classify, mass kept per head, compacted exact clusters (start, size) and pseudo cluster ids
+    kept = tl.zeros([GP2], tl.float32)
+    need = ncl * 0
+    msz = ncl * 0
+    nex = ncl * 0
+    nxc = ncl * 0
+    nP = ncl * 0
+    for i0 in range(0, ncl, BLK):
+        i = i0 + tl.arange(0, BLK)
+        ok = i < ncl
+        st = tl.load(cst + i, mask=ok, other=0)
+        sz = tl.where(ok, tl.load(cst + i + 1, mask=ok, other=0) - st, 0)
+        lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
+        if UNION:
+            okr = rok[:, None] & ok[None, :]
+            ex = tl.max((okr & (fh <= n2h[:, None])).to(tl.int32), 0) > 0
+            kp = tl.max((okr & (fh <= n1h[:, None])).to(tl.int32), 0) > 0
+        else:
+            ex = fg <= n2
+            kp = fg <= n1
+        if FLOOR:
+            ex = ex | (fg <= nf)
+        ex = ex & ok
+        kp = (kp | ex) & ok
+        kept += tl.sum(tl.where(kp[None, :], tl.exp2(lp), 0.0), 1)
+        need += tl.sum(tl.where(ex, sz, 0), 0)
+        msz = tl.maximum(msz, tl.max(tl.where(ex, sz, 0), 0))
+        nex += tl.sum(ex.to(tl.int32), 0)
+        ec = (ex & (sz > 0)).to(tl.int32)
+        pc = (kp & ~ex).to(tl.int32)
+        pk = tl.cumsum(ec + (pc << 16), 0)          # exact ranks in the low 16 bits, pseudo above (BLK < 65536)
+        rank = nxc + (pk & 0xFFFF) - ec
+        tl.store(xd_ptr + bh * C + rank, st, mask=ec > 0)
+        tl.store(xo_ptr + bh * C + rank, sz, mask=ec > 0)
+        tl.store(pid_ptr + bh * C + nP + (pk >> 16) - pc, i, mask=pc > 0)
+        nxc += tl.sum(ec, 0)
+        nP += tl.sum(pc, 0)
     fb = need > CAP                          # work list too small: this head attends densely
-    kept = tl.where(fb, valid, Gv >= tl.minimum(t1, t2))
-    mass = tl.sum(tl.where(kept, Gv, 0.0), 0)
-    ncx = tl.where(fb, ncl, tl.sum(E.to(tl.int32), 0))
     nX = tl.where(fb, 0, need)
-    # marker pass below needs idx[0:nX) zeroed
-    for p0 in range(0, nX, BLK):
-        p = p0 + tl.arange(0, BLK)
-        tl.store(idx_ptr + bh * CAP + p, tl.zeros([BLK], tl.int32), mask=p < nX)
+    nxc = tl.where(fb, 0, nxc)
+    nP = tl.where(fb, 0, nP)
+    ncx = tl.where(fb, ncl, nex)
+    tot = tl.where(rok & (ncl > 0), tl.exp2(lse2 - LSE2), 0.0)      # sum_i P_r[i]: what a fallback head keeps
+    mass = tl.sum(tl.where(fb, tot, kept) + e, 0) / G
+
+    # exact-token list: cluster e's j-th token goes to idx[o_e + j] = cstart_e + j, o_e = exclusive prefix
+    # sum of the compacted sizes (block by block over the short compacted list)
     tl.debug_barrier()
+    run = nxc * 0
+    for e0 in range(0, nxc, TILE_R):
+        ee = e0 + tl.arange(0, TILE_R)
+        n_e = tl.load(xo_ptr + bh * C + ee, mask=ee < nxc, other=0)
+        s_e = tl.load(xd_ptr + bh * C + ee, mask=ee < nxc, other=0)
+        o = tl.cumsum(n_e, 0) - n_e + run
+        run += tl.sum(n_e, 0)
+        for j0 in range(0, msz, TILE_J):
+            j = j0 + tl.arange(0, TILE_J)
+            tl.store(idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :],
+                     mask=j[None, :] < n_e[:, None])
 
-    # Work list. Exact clusters, in storage order, get stream offsets o_i (exclusive prefix sum of
-    # their sizes) and ranks e. The token at stream position p of the cluster of rank e is
-    # p + delta_e, delta_e = cstart_i - o_i. Mark each o_i with a 1: a prefix sum over the stream gives
-    # every position its cluster rank e(p) + 1, then idx[p] = p + delta[e(p)].
-    lst = i < tl.where(fb, 0, ncl)           # a fallback head lists nothing
-    ex = lst & E & (sz > 0)
-    xs = tl.where(ex, sz, 0)
-    off = tl.cumsum(xs, 0) - xs
-    ec = ex.to(tl.int32)
-    rank = tl.cumsum(ec, 0) - ec
-    tl.store(idx_ptr + bh * CAP + off, ec, mask=ex)
-    tl.store(xd_ptr + bh * C + rank, st - off, mask=ex)
-    pc = (lst & (Gv >= t1) & (Gv < t2)).to(tl.int32)     # pseudo clusters, compacted
-    tl.store(pid_ptr + bh * C + tl.cumsum(pc, 0) - pc, i, mask=pc > 0)
-    nP = tl.sum(pc, 0)
-    tl.debug_barrier()
-    run = tl.program_id(0) * 0
-    for p0 in range(0, nX, BLK):
-        p = p0 + tl.arange(0, BLK)
-        e = tl.cumsum(tl.load(idx_ptr + bh * CAP + p, mask=p < nX, other=0), 0) + run
-        tl.store(idx_ptr + bh * CAP + p, p + tl.load(xd_ptr + bh * C + e - 1, mask=p < nX, other=0), mask=p < nX)
-        run = tl.max(e, 0)
-
-    _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass)
-
-
-@triton.jit
-def _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mass):
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)
     T0 = tl.where(fb, ln, ts)
@@ -210,10 +289,12 @@ def _write_plan(meta_ptr, st_ptr, bh, NBH, fb, ln, ts, S, nX, nP, ncx, need, mas
     tl.store(meta_ptr + bh * 8 + 2, ln)
     tl.store(meta_ptr + bh * 8 + 3, nX)
     tl.store(meta_ptr + bh * 8 + 4, nP)
-    # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS (tl.cast: some callers pass literals)
-    tl.store(st_ptr + bh, tl.cast(S0 + (ln - T0) + nX, tl.float32))  # exact_tokens
-    tl.store(st_ptr + NBH + bh, tl.cast(nP, tl.float32))              # pseudo_tokens
-    tl.store(st_ptr + 2 * NBH + bh, tl.cast(ncx, tl.float32))         # exact_clusters
-    tl.store(st_ptr + 3 * NBH + bh, tl.cast(need, tl.float32))        # need_tokens
-    tl.store(st_ptr + 4 * NBH + bh, tl.cast(mass, tl.float32))        # est_mass
-    tl.store(st_ptr + 5 * NBH + bh, tl.cast(fb, tl.float32))          # fallback
+    # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS
+    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))        # exact_tokens
+    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))                       # pseudo_tokens
+    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))                  # exact_clusters
+    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))                 # need_tokens
+    tl.store(st_ptr + 4 * NBH + bh, mass)                                # est_mass
+    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))                   # fallback
+    tl.store(st_ptr + 6 * NBH + bh, ncl.to(tl.float32))                  # scored_clusters
+    tl.store(st_ptr + 7 * NBH + bh, (WHOLE * (S + ln - ts)).to(tl.float32))   # steady_scored

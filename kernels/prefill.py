@@ -5,13 +5,12 @@ Contract (docs/INTERNALS.md, "Dense prefill"):
     Row i < q_len[b] of sequence b attends keys j <= q_start[b] + i; rows i >= q_len[b] are never written.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .common import LOG2E, interpreting as _interpreting
 
 
 def prefill_ref(q, k, v, q_start, q_len, sm_scale=None):
@@ -125,10 +124,6 @@ def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
     o = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def prefill_config(d, dtype, interpret=None):

@@ -114,11 +114,7 @@ class AttentionContext:
                 st[0].copy_(self.lens_after[:, None].expand(-1, layer.k.shape[1]))
         else:
             o, _ = self.sparse_fn(q1, _SlotLayer(layer, B, self.max_len), self.lens_after,
-                                  self.cache.tail_start[:B], self.cache.cfg.sinks, sp.p1, sp.p2,
-                                  group_rule=sp.group_rule, mode="topk" if sp.attention == "topk" else "doublep",
-                                  budget=sp.budget, est_clusters=sp.est_clusters, capacity=sp.capacity,
-                                  estimate=sp.estimate, pseudo_bias=sp.pseudo_bias, floor=sp.floor,
-                                  floor_frac=sp.floor_frac,
+                                  self.cache.tail_start[:B], self.cache.cfg.sinks, sp,
                                   stats_out=self.stats.slab(B)[layer_idx])
         if self.observer is not None:
             self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,

@@ -130,22 +130,23 @@ class ClusterConfig:
 @dataclass
 class SparseConfig:
     """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget).
+    kernels/doublep.py (the twin) defines every field's meaning; validated here once, not in the kernels.
 
     The Double-P defaults are the pick of nanodp's own evaluation on its development seed (README "Accuracy",
-    docs/results/h200-floor2-*): the paper's p1=0.95, p2=0.7 with the centroid estimate, plus a per-head floor of
-    40% of the clustered tokens, without which the default model loses most needles. The default attention stays
-    `dense`: at that setting Double-P reads ~44% of the KV at 8K and is slower than dense on the default model
-    (README "Performance"); switch with --attention doublep."""
+    docs/results/h200-floor2-*): the paper's p1=0.95, p2=0.7 with the centroid estimate and the group mean, plus
+    a per-head floor of 40% of the clustered tokens (floor_frac=0 gives the paper's setting as is). The default
+    attention stays `dense`: at that setting Double-P reads ~44% of the KV at 8K and is slower than dense on
+    the default model (README "Performance"); switch with --attention doublep."""
     attention: str = "dense"
     p1: float = 0.95
     p2: float = 0.7
-    group_rule: str = "mean"
+    group_rule: str = "mean"    # mean (the paper's), max, or union (each query head cuts its own P_h)
+    whole: bool = False         # doublep: the steady tokens join stage 1's softmax (the whole-attention cut)
     budget: int = 1024          # topk: exact clustered tokens per (sequence, KV head)
     est_clusters: int = 0       # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
     dense_layers: int = 0       # the first N layers always decode densely
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
     estimate: str = "centroid"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
-    pseudo_bias: str = "centroid"  # pseudo-token logit: centroid z, or the estimate's (kernels/doublep.py)
     floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank ...
     floor_frac: float = 0.4     # ... and at least this fraction of the head's clustered tokens
 
@@ -154,16 +155,23 @@ class SparseConfig:
             raise ConfigError(f"--attention must be dense, doublep or topk, got {self.attention!r}")
         if not (0.0 <= self.p2 <= self.p1 <= 1.0):
             raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
-        if self.group_rule not in ("mean", "max"):
-            raise ConfigError(f"--group-rule must be mean or max, got {self.group_rule!r}")
+        if self.group_rule not in ("mean", "max", "union"):
+            raise ConfigError(f"--group-rule must be mean, max or union, got {self.group_rule!r}")
+        if self.whole and self.group_rule == "max":
+            raise ConfigError("--whole works with the mean and union group rules, not max")
         if self.floor < 0 or not 0.0 <= self.floor_frac <= 1.0:
             raise ConfigError(f"--floor must be >= 0 tokens or 0-100%, got {self.floor} / {self.floor_frac:.0%}")
         if self.estimate not in ("centroid", "gauss"):
             raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
-        if self.pseudo_bias not in ("centroid", "estimate"):
-            raise ConfigError(f"--pseudo-bias must be centroid or estimate, got {self.pseudo_bias!r}")
         if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
+        if self.capacity is not None and self.capacity < 0:
+            raise ConfigError(f"--capacity must be >= 0, got {self.capacity}")
+
+    @property
+    def mode(self) -> str:
+        """The selection the sparse kernels run: "topk" for attention="topk", else "doublep"."""
+        return "topk" if self.attention == "topk" else "doublep"
 
 
 def floor_arg(x: str) -> dict:

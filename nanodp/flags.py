@@ -35,8 +35,12 @@ FLAGS = {
                       help="decode attention (default: %(default)s)"),
     "p1": dict(type=float, default=_SP.p1, help="doublep: top-p of exact + pseudo clusters (default: %(default)s)"),
     "p2": dict(type=float, default=_SP.p2, help="doublep: top-p of exact clusters, <= p1 (default: %(default)s)"),
-    "group-rule": dict(default=_SP.group_rule, choices=["mean", "max"],
-                       help="how the query heads of a KV group share one cut (default: %(default)s)"),
+    "group-rule": dict(default=_SP.group_rule, choices=["mean", "max", "union"],
+                       help="how the query heads of a KV group share one cut: the mean of their distributions "
+                            "(the paper's), their max, or the union of per-head cuts (default: %(default)s)"),
+    "whole": dict(action=argparse.BooleanOptionalAction, default=_SP.whole,
+                  help="whole-attention cut: the steady tokens join stage 1's softmax, so p is a share of the head's "
+                       "whole attention (default: %(default)s)"),
     "estimate": dict(default=_SP.estimate, choices=["centroid", "gauss"],
                      help="stage-1 cluster score: centroid (the paper's) or gauss (+ 1/2 q^2 . key variance) "
                           "(default: %(default)s)"),
@@ -59,7 +63,7 @@ FLAGS = {
     "seed": dict(type=int, default=None, help="sampling seed (default: random)"),
 }
 MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager")
-SPARSE = ("attention", "p1", "p2", "group-rule", "estimate", "floor", "budget", "dense-layers")
+SPARSE = ("attention", "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")
 CACHE = ("recluster-every", "cluster-size")
 ENGINE = MODEL + SPARSE + CACHE
 SAMPLING = ("max-new-tokens", "temperature", "top-p", "top-k", "seed")
@@ -79,8 +83,9 @@ def add(ap: argparse.ArgumentParser, *names, **defaults):
 
 
 def sparse_from_args(args, **override) -> SparseConfig:
-    kw = dict(attention=args.attention, p1=args.p1, p2=args.p2, group_rule=args.group_rule,
-              estimate=args.estimate, budget=args.budget, dense_layers=args.dense_layers, **args.floor)
+    kw = dict(attention=getattr(args, "attention", "doublep"), p1=args.p1, p2=args.p2, group_rule=args.group_rule,
+              whole=args.whole, estimate=args.estimate, budget=args.budget, dense_layers=args.dense_layers,
+              **args.floor)
     return SparseConfig(**(kw | override))
 
 

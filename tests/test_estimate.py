@@ -6,9 +6,9 @@ from dataclasses import make_dataclass
 import pytest
 import torch
 
-from nanodp.kernels.doublep import group_scores, sparse_ref, stage1_logits
-from tests.test_doublep import RAGGED, check, dense, make_case, tri
-from tests.test_doublep import safe_p as _safe_p
+from nanodp.config import SparseConfig
+from nanodp.kernels.doublep import sparse_ref, stage1_logits, unit_scores
+from tests.doublep_cases import RAGGED, check, dense, make_case, safe, sp, tri
 
 LayerV = make_dataclass("LayerV", ["k", "v", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"])
 
@@ -33,9 +33,10 @@ def case(**kw):
     return q, with_kvar(layer), lens, ts, sinks
 
 
-def safe_p(q, layer, *ps, **kw):
-    """tests/test_doublep.py's safe_p for the gauss ranking (unless told otherwise)."""
-    return _safe_p(q, layer, *ps, **{"estimate": "gauss", **kw})
+def gs(q, layer, estimate):
+    """The group mean G [B, Hkv, C] of the twin's ranking."""
+    lu = unit_scores(q, layer, None, None, 4, sp(estimate=estimate))[0]
+    return lu[:, :, 0].exp()
 
 
 # ---------------------------------------------------------------- the twin against the definition
@@ -104,8 +105,7 @@ def test_gauss_lifts_a_needle_cluster():
                                         ncl=torch.tensor([[10]])))())
     true = torch.logsumexp((k[0, 0] @ q[0, 0] / 8).view(10, 16), 1)
     assert int(true.argmax()) == 0
-    _, Gc, _ = group_scores(q, layer, estimate="centroid")
-    _, Gg, _ = group_scores(q, layer, estimate="gauss")
+    Gc, Gg = gs(q, layer, "centroid"), gs(q, layer, "gauss")
     assert int((Gc[0, 0] > Gc[0, 0, 0]).sum()) >= 5          # centroid: the needle cluster ranks low
     assert int(Gg[0, 0].argmax()) == 0
 
@@ -113,66 +113,46 @@ def test_gauss_lifts_a_needle_cluster():
 @pytest.mark.parametrize("g,d", [(1, 64), (3, 64), (4, 128)])
 def test_twin_all_exact_is_dense_with_gauss(g, d):
     q, layer, lens, ts, sinks = case(g=g, d=d, **RAGGED)
-    for pb in ("centroid", "estimate"):
-        o, st = sparse_ref(q, layer, lens, ts, sinks, 1.0, 1.0, estimate="gauss", pseudo_bias=pb)
-        assert (o - dense(q, layer, lens)).abs().max() < 1e-5 and (st["pseudo_tokens"] == 0).all()
+    o, st = sparse_ref(q, layer, lens, ts, sinks, sp(1.0, 1.0, estimate="gauss"))
+    assert (o - dense(q, layer, lens)).abs().max() < 1e-5 and (st["pseudo_tokens"] == 0).all()
 
 
-def test_twin_pseudo_bias():
-    """p1 = 1, p2 = 0 (all pseudo): pseudo_bias="centroid" gives the centroid method's output whatever the
-    estimate; "estimate" differs (its logits carry the variance term)."""
+def test_twin_pseudo_logits_are_the_centroids():
+    """p1 = 1, p2 = 0 (all pseudo): the pseudo-token logit is the centroid z whatever the estimate."""
     q, layer, lens, ts, sinks = case(g=3, d=64, **RAGGED)
-    oc, _ = sparse_ref(q, layer, lens, ts, sinks, 1.0, 0.0)
-    og, _ = sparse_ref(q, layer, lens, ts, sinks, 1.0, 0.0, estimate="gauss")
-    oe, _ = sparse_ref(q, layer, lens, ts, sinks, 1.0, 0.0, estimate="gauss", pseudo_bias="estimate")
-    assert (oc - og).abs().max() < 1e-6 and (oc - oe).abs().max() > 1e-3
+    oc, _ = sparse_ref(q, layer, lens, ts, sinks, sp(1.0, 0.0))
+    og, _ = sparse_ref(q, layer, lens, ts, sinks, sp(1.0, 0.0, estimate="gauss"))
+    assert (oc - og).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------- the kernels against the twin
 @pytest.mark.parametrize("g,d,dtype,style", [
     (1, 64, torch.float32, "skewed"), (3, 64, torch.float16, "flat"), (4, 128, torch.float32, "flat"),
-    (4, 64, torch.float16, "skewed"), (3, 128, torch.float32, "skewed")])
+    (4, 64, torch.float16, "skewed")])
 def test_kernel_matches_twin_gauss(g, d, dtype, style):
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = case(g=g, d=d, dtype=dtype, style=style, seed=seed, **RAGGED)
     atol = 1e-4 if dtype == torch.float32 else 1e-2
-    for pb in ("centroid", "estimate"):
-        for p1, p2 in [(0.95, 0.7), (0.6, 0.25)]:
-            p1, p2 = safe_p(q, layer, p1, p2)
-            o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, estimate="gauss", pseudo_bias=pb)
-            o2, st2 = tri(q, layer, lens, ts, sinks, p1, p2, estimate="gauss", pseudo_bias=pb)
-            check(o1, st1, o2, st2, atol, f"seed {seed} p {p1} {p2} {pb}")
+    for cfg in (sp(0.95, 0.7, estimate="gauss"), sp(0.6, 0.25, estimate="gauss", group_rule="union", whole=True)):
+        cfg = safe(q, layer, lens, ts, sinks, cfg)
+        o1, st1 = sparse_ref(q, layer, lens, ts, sinks, cfg)
+        check(o1, st1, *tri(q, layer, lens, ts, sinks, cfg), atol, f"seed {seed} {cfg}")
 
 
 def test_kernel_gauss_all_exact_topk_and_max():
     q, layer, lens, ts, sinks = case(g=4, d=64, **RAGGED)
-    o, _ = tri(q, layer, lens, ts, sinks, 1.0, 1.0, estimate="gauss")
+    o, _ = tri(q, layer, lens, ts, sinks, sp(1.0, 1.0, estimate="gauss"))
     assert (o - dense(q, layer, lens)).abs().max() < 1e-5
-    kw = dict(mode="topk", budget=40, est_clusters=2, estimate="gauss")
-    o1, st1 = sparse_ref(q, layer, lens, ts, sinks, 1.0, 1.0, **kw)
-    check(o1, st1, *tri(q, layer, lens, ts, sinks, 1.0, 1.0, **kw), 1e-4, "topk gauss")
-    p1, p2 = safe_p(q, layer, 0.9, 0.6, group_rule="max")
-    kw = dict(group_rule="max", estimate="gauss")
-    o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, **kw)
-    check(o1, st1, *tri(q, layer, lens, ts, sinks, p1, p2, **kw), 1e-4, "max gauss")
+    for cfg in (SparseConfig("topk", budget=40, est_clusters=2, estimate="gauss"),
+                safe(q, layer, lens, ts, sinks, sp(0.9, 0.6, group_rule="max", estimate="gauss"))):
+        o1, st1 = sparse_ref(q, layer, lens, ts, sinks, cfg)
+        check(o1, st1, *tri(q, layer, lens, ts, sinks, cfg), 1e-4, f"{cfg}")
 
 
-# ---------------------------------------------------------------- the option through config and eval
-def test_config_and_eval_specs():
-    from nanodp.config import ConfigError, SparseConfig
-    from nanodp.eval import parse_method
+def test_config_estimate():
+    from nanodp.config import ConfigError
     with pytest.raises(ConfigError, match="estimate"):
         SparseConfig(estimate="max")
-    with pytest.raises(ConfigError, match="pseudo-bias"):
-        SparseConfig(pseudo_bias="gauss")
-    m = parse_method("doublep-max-gauss:0.95:0.9")
-    assert (m["group_rule"], m["estimate"], m["pseudo_bias"]) == ("max", "gauss", "centroid")
-    m = parse_method("doublep-gaussp:0.9:0.5")
-    assert (m["group_rule"], m["estimate"], m["pseudo_bias"]) == ("mean", "gauss", "estimate")
-    assert parse_method("doublep:0.9:0.5")["estimate"] == "centroid"
-    for bad in ("doublep-gauss-gaussp:0.9:0.5", "doublep-gauss-gauss:0.9:0.5", "doublep-foo:0.9:0.5"):
-        with pytest.raises(ValueError):
-            parse_method(bad)
 
 
 @pytest.mark.gpu
@@ -181,8 +161,8 @@ def test_gpu_bf16_gauss(g, d):
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = case(g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130),
                                      tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
-    p1, p2 = safe_p(q, layer, 0.95, 0.7)
-    for kw in [dict(), dict(pseudo_bias="estimate"), dict(mode="topk", budget=300, est_clusters=8)]:
-        o1, st1 = sparse_ref(q, layer, lens, ts, sinks, p1, p2, estimate="gauss", **kw)
-        o2, st2 = tri(q, layer, lens, ts, sinks, p1, p2, estimate="gauss", **kw)
-        check(o1, st1, o2, st2, 2e-2, f"seed {seed} {kw}")
+    for cfg in (sp(estimate="gauss"), sp(estimate="gauss", group_rule="union", whole=True),
+                SparseConfig("topk", budget=300, est_clusters=8, estimate="gauss")):
+        cfg = safe(q, layer, lens, ts, sinks, cfg)
+        o1, st1 = sparse_ref(q, layer, lens, ts, sinks, cfg)
+        check(o1, st1, *tri(q, layer, lens, ts, sinks, cfg), 2e-2, f"seed {seed} {cfg}")

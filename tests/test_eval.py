@@ -136,8 +136,7 @@ def test_read_masks_match_the_kernel_selection():
     for sp in (SparseConfig("doublep", 0.8, 0.8, **nf), SparseConfig("doublep", 0.8, 0.8, "max", **nf),
                SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6, **nf),
                SparseConfig("doublep", 0.8, 0.8, floor=120, **nf), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):
-        o, st = sparse_ref(q, layer, lens, tail, 4, sp.p1, sp.p2, sp.group_rule, sp.attention, sp.budget,
-                           floor=sp.floor, floor_frac=sp.floor_frac)
+        o, st = sparse_ref(q, layer, lens, tail, 4, sp)
         exact, kept = eval_metrics.read_masks(q, layer, lens, tail, sp, 4)
         assert torch.equal(exact.sum(-1).int(), st["exact_tokens"])
         assert bool((kept.sum(-1) > exact.sum(-1)).any()) == bool(st["pseudo_tokens"].sum() > 0)

@@ -82,7 +82,7 @@ def bench_e2e(argv):
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--contexts", default="8k,32k,128k", help="(the default model runs at most its 8K)")
     p.add_argument("--attentions", default="dense,doublep", help="decode attentions to time (default: %(default)s)")
-    flags.add(p, "p1", "p2", "group-rule", "estimate", "floor", "budget", "dense-layers")   # the engine's defaults
+    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")   # the engine's defaults
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)

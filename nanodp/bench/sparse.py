@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import flags
 from .timing import common_parser, require_cuda, time_us
 
 SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}   # (query heads, KV heads, head dim)
@@ -102,13 +103,15 @@ def bench_sparse(args=None):
         return {"skipped": "needs CUDA"}
     from nanodp.kernels.doublep_attn import sparse_triton
     batches, contexts, shapes = a("batches", [1, 8, 32]), a("contexts", [32768, 131072]), a("shapes", list(SHAPES))
-    p1, p2, reps = a("p1", 0.95), a("p2", 0.7), a("reps", 30)
-    est = dict(estimate=a("estimate", "centroid"))
+    from nanodp.config import SparseConfig
+
+    sp = flags.sparse_from_args(args, attention="doublep") if args is not None else SparseConfig("doublep")
+    p1, p2, reps = sp.p1, sp.p2, a("reps", 30)
+    est = dict(estimate=sp.estimate)
     rows = []
     hdr = (f"{'shape':8} {'B':>3} {'ctx':>7} {'exact%':>7} {'pseudo%':>7} {'dense':>9} {'sdpa':>9} {'doublep':>9} "
            f"{'x':>6} {'topk':>9} {'x':>6} {'eager':>9}")
-    print(f"Double-P decode step vs dense (bf16, us per layer step, CUDA-graph replay, p1={p1} p2={p2}, "
-          f"estimate {est['estimate']})")
+    print(f"Double-P decode step vs dense (bf16, us per layer step, CUDA-graph replay, {sp})")
     print(hdr)
     for shape in shapes:
         Hq, Hkv, d = SHAPES[shape]
@@ -119,16 +122,16 @@ def bench_sparse(args=None):
                     print(f"{shape:8} {B:>3} {ctx:>7}  skipped: needs {need / 2**30:.0f} GiB")
                     continue
                 q, layer, lens, ts = make_synthetic(B, Hq, Hkv, d, ctx)
-                _, st = sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est)
+                _, st = sparse_triton(q, layer, lens, ts, SINKS, sp)
                 exact = st["exact_tokens"].float().mean().item() / ctx
                 pseudo = st["pseudo_tokens"].float().mean().item() / ctx
                 budget = int(st["need_tokens"].float().mean().item())
                 dense = {n: time_us(f, reps) for n, f in _dense_fns(q, layer, lens, ctx).items()}
                 base = dense.get("decode_triton", dense["sdpa"])
-                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est), reps)
-                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est), reps, graph=False)
-                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, 1.0, 1.0, mode="topk", budget=budget,
-                                                     **est), reps)
+                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp), reps)
+                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp), reps, graph=False)
+                tk = SparseConfig("topk", budget=budget, estimate=sp.estimate)
+                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, tk), reps)
                 row = dict(shape=shape, B=B, ctx=ctx, exact_frac=exact, pseudo_frac=pseudo, topk_budget=budget,
                            dense_us=base, dense_kernel="decode_triton" if "decode_triton" in dense else "sdpa",
                            sdpa_us=dense["sdpa"], doublep_us=t_dp, doublep_eager_us=t_eager, topk_us=t_tk,
@@ -136,7 +139,7 @@ def bench_sparse(args=None):
                            fallback_heads=int(st["fallback"].sum().item()))
                 if a("profile", False) and B == batches[0] and ctx == contexts[-1]:
                     row["kernels_us"] = kernel_breakdown(
-                        lambda: sparse_triton(q, layer, lens, ts, SINKS, p1, p2, **est))
+                        lambda: sparse_triton(q, layer, lens, ts, SINKS, sp))
                 rows.append(row)
                 print(f"{shape:8} {B:>3} {ctx:>7} {100 * exact:>6.2f}% {100 * pseudo:>6.2f}% {base:>9.1f} "
                       f"{dense['sdpa']:>9.1f} {t_dp:>9.1f} {base / t_dp:>5.1f}x {t_tk:>9.1f} {base / t_tk:>5.1f}x "
@@ -147,7 +150,7 @@ def bench_sparse(args=None):
                 torch.cuda.empty_cache()
     print("dense = decode_triton if importable else SDPA; x = dense / sparse; eager = doublep without a graph;"
           " topk at the mean exact clustered-token count of doublep")
-    return {"rows": rows, "p1": p1, "p2": p2, **est, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
+    return {"rows": rows, "sparse": sp.__dict__, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
 
 
 def section_sparse(argv):
@@ -156,11 +159,9 @@ def section_sparse(argv):
     p.add_argument("--batches", type=int, nargs="+")
     p.add_argument("--contexts", type=int, nargs="+")
     p.add_argument("--shapes", nargs="+")
-    p.add_argument("--p1", type=float)
-    p.add_argument("--p2", type=float)
-    p.add_argument("--reps", type=int)
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--estimate", choices=["centroid", "gauss"], help="stage-1 estimate (default centroid)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default: 30)")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of one cell (torch profiler)")
+    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")
     args = p.parse_args(argv)
     require_cuda("sparse")
     return args, bench_sparse(args)

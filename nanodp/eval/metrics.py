@@ -5,7 +5,7 @@ import math
 import torch
 
 from ..config import SparseConfig
-from ..kernels.doublep import group_scores, select_clusters
+from ..kernels.doublep import select_ref
 
 
 def spread(x) -> dict:
@@ -62,21 +62,10 @@ def _members(cstart, sel, L):
 
 
 def read_masks(q, layer, lens, tail_start, sp: SparseConfig, sinks):
-    """The method's selection recomputed with the twin, as token masks [B, Hkv, L] over storage: (exact, kept).
+    """The method's selection (the twin's select_ref), as token masks [B, Hkv, L] over storage: (exact, kept).
     exact = steady tokens + tokens of the exact clusters X; kept = exact + tokens of the pseudo clusters A."""
-    L = layer.k.shape[2]
-    z, G, valid = group_scores(q, layer, 1.0 / math.sqrt(q.shape[-1]), sp.group_rule, sp.estimate)
-    cst = layer.cstart.long()
-    sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
-    ex, ps, _, _ = select_clusters(G, valid, sizes, sp.p1, sp.p2, "topk" if sp.attention == "topk" else "doublep",
-                                   sp.budget, sp.est_clusters, sp.floor, sp.floor_frac)
-    if sp.capacity is not None:                                    # over capacity: that head attends densely
-        fb = (sizes * ex).sum(-1) > sp.capacity
-        ex, ps = torch.where(fb[..., None], valid, ex), ps & ~fb[..., None]
-    t, ts = torch.arange(L, device=q.device)[None], tail_start.long()[:, None]
-    steady = ((t < ts.clamp(max=sinks)) | ((t >= ts) & (t < lens.long()[:, None])))[:, None]
-    exact = steady | _members(cst, ex, L)
-    return exact, exact | _members(cst, ps, L)
+    s = select_ref(q, layer, lens, tail_start, sinks, sp)
+    return s.tokens, s.tokens | _members(layer.cstart, s.pseudo, layer.k.shape[2])
 
 
 class Observer:
