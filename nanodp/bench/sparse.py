@@ -106,8 +106,7 @@ def bench_sparse(args=None):
     from nanodp.config import SparseConfig
 
     sp = flags.sparse_from_args(args, attention="doublep") if args is not None else SparseConfig("doublep")
-    p1, p2, reps = sp.p1, sp.p2, a("reps", 30)
-    est = dict(estimate=sp.estimate)
+    reps = a("reps", 30)
     rows = []
     hdr = (f"{'shape':8} {'B':>3} {'ctx':>7} {'exact%':>7} {'pseudo%':>7} {'dense':>9} {'sdpa':>9} {'doublep':>9} "
            f"{'x':>6} {'topk':>9} {'x':>6} {'eager':>9}")
