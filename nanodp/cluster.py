@@ -1,4 +1,4 @@
-"""Clustering of the KV cache: batched k-means over post-RoPE keys, then the in-place reorder.
+"""Clustering of the KV cache: batched centred spherical k-means over post-RoPE keys, then the in-place reorder.
 
 A clustering job takes storage [s, e) of one sequence in every layer and KV head: N = n_layers * Hkv
 independent problems of n = e - s keys each, solved together as one batched [N, n, d] k-means. Each
@@ -28,6 +28,11 @@ def _counts(a, k):
     return c.scatter_add_(1, a.long(), torch.ones_like(a, dtype=torch.float32))
 
 
+def _unit(x):
+    """Rows scaled to unit length in fp32; a zero row stays zero (x / max(|x|, 1e-12), F.normalize's rule)."""
+    return torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-12)
+
+
 def _kmeans(keys, k, iters, backend):
     """kmeans() with the final assignment as int32 [N, n] and its member counts [N, k] (fp32)."""
     N, n, d = keys.shape
@@ -38,24 +43,30 @@ def _kmeans(keys, k, iters, backend):
     tri = _use_triton(keys, backend)
     assign, sums = (assign_triton, cluster_sums_triton) if tri else (assign_ref, cluster_sums_ref)
     a = torch.empty(N, n, dtype=torch.int32, device=keys.device)
-    cent = keys[:, torch.arange(k, device=keys.device) * n // k].float()   # evenly spaced init
+    y = _unit(keys.float() - keys.float().mean(1, keepdim=True))      # centred unit keys, fp32
+    yd = y.to(keys.dtype)                                             # what the assignment multiplies
+    cent = yd[:, torch.arange(k, device=keys.device) * n // k]         # evenly spaced init
     for it in range(iters):
-        assign(keys, cent.to(keys.dtype), out=a)         # nearest centroid by inner product
+        assign(yd, cent, out=a)                          # largest cosine
         if it == iters - 1:
             break
-        cnt = _counts(a, k)[..., None]                    # mean of members; empty keeps its centroid
-        cent = torch.where(cnt > 0, sums(keys, a, k) / cnt.clamp_min(1), cent)
+        s = sums(y, a, k)                                # normalised mean of members; a zero sum
+        nrm = s.norm(dim=2, keepdim=True)                # (empty cluster) keeps its centroid
+        cent = torch.where(nrm > 0, s / nrm.clamp_min(1e-30), cent.float()).to(keys.dtype)
     return a, _counts(a, k)
 
 
 def kmeans(keys, k, iters, backend="auto"):
-    """keys [N, n, d] -> assign [N, n] int64: `iters` rounds of maximum-inner-product k-means.
+    """keys [N, n, d] -> assign [N, n] int64: `iters` rounds of centred spherical k-means, per problem.
 
-    init      c_j = x_{floor(j n / k)}                  (evenly spaced over the segment, j = 0..k-1)
-    assign    a_t = argmax_j x_t . c_j                  (ties -> lowest j; Triton kernel or its twin)
-    update    c_j = mean{x_t : a_t = j}                 (an empty cluster keeps its previous c_j)
-    Round i assigns against the centroids of round i-1; the last round's assignment is returned, and its
-    update (the member means) is what the caller stores as the final centroids.
+    centre    y_t = u(x_t - m),  m = (1/n) sum_t x_t,  u(z) = z / max(|z|, 1e-12)   (fp32; y_t = 0 if x_t = m)
+    init      c_j = y_{floor(j n / k)}                  (evenly spaced over the segment, j = 0..k-1)
+    assign    a_t = argmax_j y_t . c_j                  (largest cosine: |c_j| = 1; ties -> lowest j)
+    update    c_j = u(sum{y_t : a_t = j})               (a zero sum, e.g. an empty cluster, keeps c_j)
+    The assignment multiplies y and c rounded to the keys' dtype (fp32 accumulation); sums are fp32.
+    Round i assigns against the centroids of round i-1; the last round's assignment is returned. What the
+    caller stores is not c_j but the plain mean of the members' raw keys (see cluster_block), so q.C is the
+    mean logit of the cluster; spherical assignment only decides who the members are.
     backend: "auto" (Triton on CUDA, torch otherwise), "triton" (also on CPU, in the interpreter), "torch".
     """
     return _kmeans(keys, k, iters, backend)[0].long()
@@ -66,13 +77,16 @@ class ClusterResult(NamedTuple):
     centroids: torch.Tensor  # [N, k, d] keys' dtype; rows >= nkept are padding (zeros)
     vmean: torch.Tensor      # [N, k, d]
     logsize: torch.Tensor    # [N, k] fp32; -inf on padding rows
-    kvar: torch.Tensor       # [N, k, d] keys' dtype: per-dimension variance of the member keys (padding: 0)
+    kvar: torch.Tensor       # [N, k, d] keys' dtype: per-dimension variance of the member keys (padding: 0);
+    #                          computed in fp32, rounded once on storing: bf16 keeps fp32's range, and its
+    #                          2^-9 relative rounding is below that of the centroid it corrects (q.C)
     starts: torch.Tensor     # [N, k + 1] int64: cluster i is rows [starts[i], starts[i+1]); = n past nkept
     nkept: torch.Tensor      # [N] int64: non-empty clusters
 
 
 def cluster_block(keys, values, k, iters, backend="auto"):
-    """Cluster N problems of n tokens: k-means on keys, then the order and the statistics.
+    """Cluster N problems of n tokens: k-means on keys (kmeans(): centred spherical, so membership is decided
+    by direction about the segment mean), then the order and the statistics of the raw rows.
 
     Reorder: a stable sort of the tokens by cluster id, so cluster j's members become contiguous and keep
     their original order inside it. Empty clusters have zero length in that order; they are moved behind
