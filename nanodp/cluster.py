@@ -187,3 +187,57 @@ def cluster_range(layer, b, lo, hi, cfg, backend="auto"):
     for s, e in segs:
         cluster_jobs(tab, [(b, s, e)], cfg, backend)
     return segs[-1][1] if segs else lo
+
+
+SIZE_EDGES = (1, 2, 4, 8, 16, 32, 64)   # size_report histogram bins [e_i, e_{i+1}); the last is [64, inf)
+
+
+def size_report(src, slot, cluster_size=None, edges=SIZE_EDGES):
+    """Cluster sizes of sequence `slot`, per layer over all its KV heads (for `python -m nanodp.inspect`).
+
+    src: a KVCache (cluster_size defaults to its cfg), its Tables (`cache.store`), or one layer (a LayerCache
+    or anything with its `cstart` [B, Hkv, C + 1] and `ncl` [B, Hkv]). Returns a dict of plain Python values:
+      cluster_size  the target size; big = clusters over 3 x cluster_size
+      edges         the histogram bins [edges[i], edges[i+1]), the last one open
+      layers        one dict per layer: clusters (per KV head), tokens (clustered), largest, mean,
+                    over_3x (share of the clustered tokens that sit in big clusters), hist (clusters per bin)
+      all           the same over every layer (clusters is the total)
+    Copies the slot's cstart and ncl to the host once (a sync: meant for inspection, not the serving loop).
+    """
+    if hasattr(src, "store") and hasattr(src, "cfg"):
+        tab, cluster_size = src.store, cluster_size or src.cfg.cluster_size
+    elif isinstance(src, Tables):
+        tab = src
+    else:
+        tab = Tables(*(getattr(src, f).unsqueeze(0) if hasattr(src, f) else None for f in Tables._fields))
+    if not cluster_size:
+        raise ValueError("size_report needs cluster_size when src is not a KVCache")
+    cs, ncl = tab.cstart[:, slot].long().cpu(), tab.ncl[:, slot].long().cpu()          # [nl, H, C+1], [nl, H]
+    valid = torch.arange(cs.shape[-1] - 1) < ncl[..., None]                            # [nl, H, C]
+    sizes = torch.where(valid, cs[..., 1:] - cs[..., :-1], 0)
+    bounds = list(edges) + [1 << 62]
+
+    def one(sz, ok, clusters):
+        s = sz[ok]
+        tokens = int(s.sum())
+        return dict(clusters=clusters, tokens=tokens, largest=int(s.max()) if s.numel() else 0,
+                    mean=tokens / max(1, s.numel()),
+                    over_3x=float(s[s > 3 * cluster_size].sum()) / max(1, tokens),
+                    hist=[int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(bounds, bounds[1:])])
+
+    layers = [one(sizes[i], valid[i], ncl[i].tolist()) for i in range(sizes.shape[0])]
+    return dict(cluster_size=cluster_size, edges=list(edges), layers=layers,
+                all=one(sizes, valid, int(ncl.sum())))
+
+
+def format_size_report(rep):
+    """size_report() as a table: one line per layer, then `all`."""
+    e = rep["edges"]
+    bins = [str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(e, e[1:])] + [f"{e[-1]}+"]
+    big = 3 * rep["cluster_size"]
+    lines = [f"layer  clusters/head  tokens  largest   mean  >{big}(tok%)  sizes: " + " ".join(f"{b:>5}" for b in bins)]
+    for name, r in [(str(i), r) for i, r in enumerate(rep["layers"])] + [("all", rep["all"])]:
+        cl = "/".join(map(str, r["clusters"])) if isinstance(r["clusters"], list) else str(r["clusters"])
+        lines.append(f"{name:>5}  {cl:>13}  {r['tokens']:6d}  {r['largest']:7d}  {r['mean']:5.1f}  "
+                     f"{100 * r['over_3x']:10.1f}  " + " " * 7 + " ".join(f"{h:5d}" for h in r["hist"]))
+    return "\n".join(lines)

@@ -76,3 +76,45 @@ def test_spherical_no_giant_cluster_where_inner_product_makes_one(backend):
     a = kmeans(x[None].to(DEV if backend == "triton" else "cpu"), k, 10, backend)[0].cpu()
     sph = torch.bincount(a, minlength=k)
     assert sph.max() <= 3 * n // k, sph.tolist()                            # none over 3x the target
+
+
+# ------------------------------------------------------------------------------------- size report
+def test_size_report():
+    from types import SimpleNamespace
+    from nanodp.cache import ClusterConfig, KVCache
+    from nanodp.cluster import format_size_report, size_report
+    # hand-made table: layer 0 heads of sizes [1, 16, 50, 3] and [20]; layer 1 empty; slot 1 (slot 0 is noise)
+    C = 6
+    cstart = torch.zeros(2, 2, 2, C + 1, dtype=torch.int32)
+    ncl = torch.zeros(2, 2, 2, dtype=torch.int32)
+    cstart[:, 0] = 7
+    ncl[:, 0] = 5
+    cstart[0, 1, 0, :5] = torch.tensor([4, 5, 21, 71, 74])
+    cstart[0, 1, 0, 5:] = 99                               # past ncl: ignored
+    cstart[0, 1, 1, :2] = torch.tensor([4, 24])
+    ncl[0, 1] = torch.tensor([4, 1])
+    layer = lambda i: SimpleNamespace(cstart=cstart[i], ncl=ncl[i])   # noqa: E731
+    r0 = size_report(layer(0), 1, cluster_size=16)
+    L = r0["layers"][0]
+    assert (L["clusters"], L["tokens"], L["largest"]) == ([4, 1], 90, 50)
+    assert L["over_3x"] == 50 / 90 and L["mean"] == 18
+    assert L["hist"] == [1, 1, 0, 0, 2, 1, 0]               # bins 1, 2-3, 4-7, 8-15, 16-31, 32-63, >= 64
+    assert size_report(layer(1), 1, cluster_size=16)["layers"][0] == dict(
+        clusters=[0, 0], tokens=0, largest=0, mean=0.0, over_3x=0.0, hist=[0] * 7)
+    with pytest.raises(ValueError, match="cluster_size"):
+        size_report(layer(0), 1)
+    # a real cache: every clustered token is counted once, in every layer
+    cfg = ClusterConfig(sinks=4, window=8, cluster_size=4, kmeans_iters=3, segment_len=32, recluster_every=16)
+    c = KVCache(2, 2, 2, 128, 8, torch.float32, "cpu", cfg, "torch")
+    c.store.k.normal_(generator=torch.Generator().manual_seed(0))
+    c.set_len(1, 100)
+    c.cluster_pending(force=True)
+    rep = size_report(c, 1)
+    assert rep["cluster_size"] == 4 and len(rep["layers"]) == 2
+    for i, r in enumerate(rep["layers"]):
+        assert r["tokens"] == 2 * (c.tail_host[1] - 4) and sum(r["hist"]) == sum(r["clusters"])
+        assert r["clusters"] == c.layers[i].ncl[1].tolist()
+    assert rep["all"]["tokens"] == 4 * (c.tail_host[1] - 4)
+    assert size_report(c.store, 1, cluster_size=4) == rep
+    text = format_size_report(rep)
+    assert len(text.splitlines()) == 4 and text.splitlines()[-1].lstrip().startswith("all")
