@@ -9,9 +9,9 @@ cluster_sums_ref / _triton    s[p, j] = sum_{t : a[p, t] = j} x[p, t]           
 
 The clustering pass (nanodp/cluster.py) reads the rows of each problem where they lie in the cache: `Rows`
 says where (problem p = (j * nl + l) * H + h is rows s_j .. s_j + n - 1 of k[l, b_j, h]), so no scratch copy
-of the keys is made to cluster them. Centred spherical k-means, with u(z) = z / max(|z|, 1e-12):
+of the keys is made to cluster them. Centred spherical k-means, with u(z) = z * (1 / max(|z|, 1e-12)):
 mean_init   m = (1/n) sum_t x_t (fp32);  c_j = u(x_{floor(j n / k)} - m)                          1 launch
-step        y_t = u(x_t - m);  a_t = argmax_j y_t . c_j;  S_j = sum_{a_t = j} y_t;
+step        y_t = u(x_t - m), rounded to the keys' dtype;  a_t = argmax_j y_t . c_j;  S_j = sum_{a_t = j} y_t;
             c_j <- u(S_j) where S_j != 0 (else c_j stays)                                  1 launch a round
 final       a_t as in step (no update); cnt_j = |{t : a_t = j}|; optionally the raw rows of
             K, V, pos copied to a scratch (the source of the in-place reorder)                     1 launch
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12   # u(z) = z / max(|z|, EPS), torch.nn.functional.normalize's rule
+EPS = 1e-12   # u(z) = z * (1 / max(|z|, EPS)): F.normalize's rule, with one division a row
 
 
 def _block_d(d):
@@ -196,14 +196,15 @@ def _problem(JOBS, J, NL, H, p):
 
 @triton.jit
 def _unit(z):
-    """u(z) row-wise, fp32 (rounded like the twin: correctly rounded sqrt and division)."""
-    nrm = tl.sqrt_rn(tl.sum(z * z, 1))
-    return tl.div_rn(z, tl.maximum(nrm, 1e-12)[:, None])
+    """u(z) row-wise, fp32, as the twin rounds it: correctly rounded sqrt and 1 / |z|, then one multiply."""
+    nrm = tl.maximum(tl.sqrt_rn(tl.sum(z * z, 1)), 1e-12)
+    return z * tl.div_rn(tl.full(nrm.shape, 1.0, tl.float32), nrm)[:, None]
 
 
 def centred_unit_ref(x, mu):
-    """y = u(x - m) in fp32: x [N, n, d], mu [N, d] fp32."""
-    return torch.nn.functional.normalize(x.float() - mu[:, None], dim=-1, eps=EPS)
+    """y = u(x - m) in fp32: x [N, n, d], mu [N, d] fp32; u(z) = z * (1 / max(|z|, 1e-12))."""
+    z = x.float() - mu[:, None]
+    return z * (1.0 / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(EPS))
 
 
 # ------------------------------------------------------------------------------------ mean + init
@@ -250,22 +251,24 @@ def mean_init_triton(r, k, mu, c, ctr, block_t=128, block_k=64):
 
 # ------------------------------------------------------------------------------------------ step
 def step_ref(x, mu, c):
-    """One round: assign by largest cosine, c_j <- u(sum of the members' y) where that sum is not 0."""
-    y = centred_unit_ref(x, mu)
-    s = cluster_sums_ref(y, assign_ref(y.to(c.dtype), c), c.shape[1])
+    """One round: assign by largest cosine, c_j <- u(sum of the members' y) where that sum is not 0 (y as the
+    assignment multiplies it: rounded to the keys' dtype; the sums are fp32)."""
+    y = centred_unit_ref(x, mu).to(c.dtype)
+    s = cluster_sums_ref(y, assign_ref(y, c), c.shape[1])
     norm = torch.linalg.vector_norm(s, dim=2, keepdim=True)
     return torch.where(norm > 0, s / norm.clamp_min(1e-30), c.float()).to(c.dtype)
 
 
 @triton.jit
-def _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d):
-    """Rows offs_t of a problem: (raw tile, y = u(x - m) fp32, row mask, 2-d mask)."""
+def _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d, dtype: tl.constexpr):
+    """Rows offs_t of a problem: (raw tile, y = u(x - m) rounded to dtype, row mask, 2-d mask). Only the
+    rounded y stays live through the centroid loop (16 registers a thread at 128 x 64, bf16, 8 warps)."""
     dm = offs_d < d
     rm = offs_t < n
     m2 = rm[:, None] & dm[None, :]
     x = tl.load(kb + offs_t[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
     mu = tl.load(MU + p * d + offs_d, mask=dm, other=0.0)
-    return x, _unit(tl.where(m2, x.to(tl.float32) - mu[None, :], 0.0)), rm, m2
+    return x, _unit(tl.where(m2, x.to(tl.float32) - mu[None, :], 0.0)).to(dtype), rm, m2
 
 
 @triton.jit
@@ -276,9 +279,9 @@ def _step_kernel(K, JOBS, J, NL, H, n, sk0, sk1, sk2, sk3, sk4, MU, C, S, CTR, k
     kb = K + l * sk0 + b * sk1 + h * sk2 + s * sk3
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    x, y, rm, m2 = _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d)
-    j = _argmax_dot(y.to(C.dtype.element_ty), C + p * k * d, k, d, 1, offs_d, d, BLOCK_T, BLOCK_K, IEEE)
-    tl.atomic_add(S + (p * k + j[:, None]) * d + offs_d[None, :], y, mask=m2, sem="relaxed")
+    x, y, rm, m2 = _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d, C.dtype.element_ty)
+    j = _argmax_dot(y, C + p * k * d, k, d, 1, offs_d, d, BLOCK_T, BLOCK_K, IEEE)
+    tl.atomic_add(S + (p * k + j[:, None]) * d + offs_d[None, :], y.to(tl.float32), mask=m2, sem="relaxed")
     tl.debug_barrier()
     if tl.atomic_add(CTR + p, 1, sem="acq_rel") == T - 1:    # last program: update c, zero S
         for c0 in range(0, k, BLOCK_K):
@@ -322,17 +325,17 @@ def _final_kernel(K, JOBS, J, NL, H, n, sk0, sk1, sk2, sk3, sk4, MU, C, A, CNT, 
     kb = K + l * sk0 + b * sk1 + h * sk2 + s * sk3
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    x, y, rm, m2 = _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d)
-    j = _argmax_dot(y.to(C.dtype.element_ty), C + p * k * d, k, d, 1, offs_d, d, BLOCK_T, BLOCK_K, IEEE)
-    tl.store(A + p * n + offs_t, j.to(A.dtype.element_ty), mask=rm)
-    tl.atomic_add(CNT + p * k + j, tl.full([BLOCK_T], 1, tl.int32), mask=rm, sem="relaxed")
-    if COPY:   # the raw rows, read here anyway: the source of the in-place reorder
+    x, y, rm, m2 = _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d, C.dtype.element_ty)
+    if COPY:   # the raw rows, read here anyway: the source of the in-place reorder (before the loop: x dies)
         so = (p * n + offs_t[:, None]) * d + offs_d[None, :]
         tl.store(XS + so, x, mask=m2)
         vb = V + l * sk0 + b * sk1 + h * sk2 + s * sk3
         tl.store(VS + so, tl.load(vb + offs_t[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2), mask=m2)
         pb = P + l * sp0 + b * sp1 + h * sp2 + s * sp3
         tl.store(PS + p * n + offs_t, tl.load(pb + offs_t * sp3, mask=rm), mask=rm)
+    j = _argmax_dot(y, C + p * k * d, k, d, 1, offs_d, d, BLOCK_T, BLOCK_K, IEEE)
+    tl.store(A + p * n + offs_t, j.to(A.dtype.element_ty), mask=rm)
+    tl.atomic_add(CNT + p * k + j, tl.full([BLOCK_T], 1, tl.int32), mask=rm, sem="relaxed")
 
 
 def final_triton(r, mu, c, a, cnt, scratch=None, block_t=None, block_k=64, num_warps=None):

@@ -81,11 +81,12 @@ def _kmeans_torch(x, k, iters):
 def kmeans(keys, k, iters, backend="auto"):
     """keys [N, n, d] -> assign [N, n] int64: `iters` rounds of centred spherical k-means, per problem.
 
-    centre    y_t = u(x_t - m),  m = (1/n) sum_t x_t,  u(z) = z / max(|z|, 1e-12)   (fp32; y_t = 0 if x_t = m)
+    centre    y_t = u(x_t - m),  m = (1/n) sum_t x_t,  u(z) = z / max(|z|, 1e-12)   (fp32; y_t = 0 if x_t = m;
+              then rounded to the keys' dtype, the precision the assignment multiplies in)
     init      c_j = y_{floor(j n / k)}                  (evenly spaced over the segment, j = 0..k-1)
     assign    a_t = argmax_j y_t . c_j                  (largest cosine: |c_j| = 1; ties -> lowest j)
     update    c_j = u(sum{y_t : a_t = j})               (a zero sum, e.g. an empty cluster, keeps c_j)
-    The assignment multiplies y and c rounded to the keys' dtype (fp32 accumulation); sums are fp32.
+    y and c are kept in the keys' dtype (products accumulated in fp32); the sums are fp32.
     Round i assigns against the centroids of round i-1; the last round's assignment is returned. What the
     caller stores is not c_j but the plain mean of the members' raw keys (see cluster_block), so q.C is the
     mean logit of the cluster; spherical assignment only decides who the members are.
