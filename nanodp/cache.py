@@ -18,6 +18,7 @@ import torch
 
 from .cluster import MAX_ROWS, Tables, cluster_jobs, split_segments
 from .config import ClusterConfig
+from .kernels.kmeans import to_device
 
 
 @dataclass
@@ -160,6 +161,6 @@ class KVCache:
                     cluster_jobs(self.store, jobs[i:i + per], self.cfg, self.backend)
         for ev in events:
             self.tail_host[ev.slot] = ev.hi
-        idx = torch.tensor([ev.slot for ev in events], device=self.device)
-        self.tail_start[idx] = torch.tensor([ev.hi for ev in events], dtype=torch.int32, device=self.device)
+        idx, hi = to_device([[ev.slot for ev in events], [ev.hi for ev in events]], self.device)
+        self.tail_start[idx] = hi.to(torch.int32)       # (torch.tensor(..., device=cuda) would sync)
         return events

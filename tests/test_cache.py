@@ -9,8 +9,7 @@ import torch
 from nanodp.cache import KVCache, max_clusters
 from nanodp.config import ClusterConfig
 from nanodp.cluster import cluster_block, cluster_range, kmeans, split_segments
-from nanodp.kernels.kmeans import (assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton,
-                                   reorder_rows_ref, reorder_rows_triton)
+from nanodp.kernels.kmeans import assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton
 
 SMALL = dict(sinks=4, window=8, cluster_size=4, kmeans_iters=3, segment_len=32, recluster_every=16)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # Triton needs CUDA, or the CPU interpreter
@@ -266,19 +265,6 @@ def test_cluster_sums_kernel_matches_twin(dtype):
     assert s.dtype == torch.float32
     torch.testing.assert_close(s, cluster_sums_ref(x, a, k), rtol=1e-5, atol=1e-5)
     assert (s[:, k - 2:] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reorder_kernel_matches_twin(dtype):
-    g = torch.Generator().manual_seed(8)
-    nl, H, n, d = 2, 3, 77, 24
-    src = torch.randn(nl * H, n, d, generator=g).to(DEV, dtype)
-    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(nl * H)]).to(DEV)
-    big = torch.zeros(nl, 2, H, n + 9, d, dtype=dtype, device=DEV)        # a strided cache slice
-    want = reorder_rows_ref(src, perm, big.clone()[:, 1, :, 5:5 + n])
-    got = reorder_rows_triton(src, perm, big[:, 1, :, 5:5 + n], block_t=32)
-    assert torch.equal(got, want) and torch.equal(big[:, 1, :, 5:5 + n], want)
-    assert big[:, 0].eq(0).all() and big[:, 1, :, :5].eq(0).all() and big[:, 1, :, 5 + n:].eq(0).all()
 
 
 # ------------------------------------------------------------------------------------- real keys
