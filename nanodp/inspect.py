@@ -1,8 +1,9 @@
 """Look inside the clustered KV cache: `python -m nanodp.inspect [--prompt-file F | --length N]`.
 
-Prefills one prompt, clusters it, and prints per layer: clusters per KV head, the cluster-size histogram,
-the fraction of the keys' squared norm their centroid explains (1 - sum |k - C|^2 / sum |k|^2) and the
-clustering time, plus the cache's bytes per token (K/V and cluster metadata).
+Prefills one prompt, clusters it, and prints per layer: the fraction of the keys' squared norm their centroid
+explains (1 - sum |k - C|^2 / sum |k|^2), clusters per KV head, the largest cluster, the share of clustered
+tokens in clusters over 3x the target size and the cluster-size histogram; plus the clustering time and the
+cache's bytes per token (K/V and cluster metadata).
 """
 import argparse
 import time
@@ -10,6 +11,7 @@ import time
 import torch
 
 from . import flags
+from .cluster import format_size_report, size_report
 from .sampler import SamplingParams
 from .eval.tasks import prose
 
@@ -48,16 +50,9 @@ def main(argv=None):
     print(f"{len(ids)} tokens | clustered storage [{lo}, {hi}) | prefill {c.prefill_s * 1e3:.0f} ms, "
           f"clustering {c.cluster_s * 1e3:.0f} ms ({100 * c.cluster_s / max(c.prefill_s, 1e-9):.0f}% of prefill)")
     print(f"bytes per token of capacity: K/V {kv:.0f}, cluster metadata {meta:.0f} ({100 * meta / kv:.1f}%)")
-    edges = [1, 2, 4, 8, 16, 32, 64, 1 << 30]
-    print("layer  clusters/head  explained  size histogram " + " ".join(f"<{e}" if e < 1 << 30 else f">={edges[-2]}"
-                                                                         for e in edges[1:]))
-    for i, layer in enumerate(eng.cache.layers):
-        rep = layer_report(layer, 0, lo, hi)
-        sizes = torch.cat([r[1] for r in rep])
-        hist = [int(((sizes >= a) & (sizes < b)).sum()) for a, b in zip(edges, edges[1:])]
-        print(f"{i:5d}  {'/'.join(str(r[0]) for r in rep):>13}  {sum(r[2] for r in rep) / len(rep):9.3f}  "
-              + " ".join(f"{x:>4}" for x in hist))
-
+    expl = [sum(r[2] for r in layer_report(layer, 0, lo, hi)) / layer.k.shape[1] for layer in eng.cache.layers]
+    print("explained fraction per layer: " + " ".join(f"{x:.2f}" for x in expl))
+    print(format_size_report(size_report(eng.cache, 0)))
 
 if __name__ == "__main__":
     t = time.time()

@@ -81,7 +81,8 @@ def test_spherical_no_giant_cluster_where_inner_product_makes_one(backend):
 # ------------------------------------------------------------------------------------- size report
 def test_size_report():
     from types import SimpleNamespace
-    from nanodp.cache import ClusterConfig, KVCache
+    from nanodp.cache import KVCache
+    from nanodp.config import ClusterConfig
     from nanodp.cluster import format_size_report, size_report
     # hand-made table: layer 0 heads of sizes [1, 16, 50, 3] and [20]; layer 1 empty; slot 1 (slot 0 is noise)
     C = 6
@@ -303,7 +304,8 @@ def count_device_ops(fn, monkeypatch):
 def test_launches_per_clustering_call(monkeypatch):
     """One cluster_pending of two sequences (one batch): 1 memset, iters + 3 Triton launches, 1 sort (and the
     tail_start update). The version before the fused pass ran 165 device ops here."""
-    from nanodp.cache import ClusterConfig, KVCache
+    from nanodp.cache import KVCache
+    from nanodp.config import ClusterConfig
     cfg = ClusterConfig(sinks=4, window=8, cluster_size=4, kmeans_iters=10, segment_len=128, recluster_every=16)
     c = KVCache(2, 2, 2, 160, 16, torch.float32, DEV, cfg, "triton")
     c.store.k.normal_(generator=torch.Generator(device=DEV).manual_seed(0))
