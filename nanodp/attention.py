@@ -86,8 +86,10 @@ class AttentionContext:
         self.q_len = torch.tensor(self.q_len_list, dtype=torch.int32, device=dev)
 
     # -- decode: one new token per slot, stored at index lens[slot]; `active` marks unfinished sequences
-    def begin_decode(self, slots: torch.Tensor, active: torch.Tensor, max_len: int):
+    def begin_decode(self, slots: torch.Tensor, active: torch.Tensor, max_len: int, attention=None):
+        """attention: this step's decode attention (what `auto` chose; default: the config's)."""
         self.mode, self.slots_t, self.active, self.max_len = "decode", slots, active, max_len
+        self.step_attention = attention or self.sparse.attention
         self.write_at = self.cache.lens[slots].long()
         self.lens_after = (self.write_at + 1).to(torch.int32)
         if self.sparse.attention != "dense":  # the denominator of the sparse stats (on device: no sync)
@@ -105,7 +107,7 @@ class AttentionContext:
         B = q.shape[0]
         q1 = self.ops.rope_store(q, k, v, cos, sin, layer.k[:B], layer.v[:B], self.write_at)[:, 0]  # [B, Hq, d]
         sp = self.sparse
-        if sp.attention == "dense" or layer_idx < sp.dense_layers:
+        if self.step_attention == "dense" or layer_idx < sp.dense_layers:
             o = self.decode_fn(q1, layer.k[:B], layer.v[:B], self.lens_after,
                                max_len=self.max_len)
             if sp.attention != "dense":   # a dense layer of a sparse run reads every token exactly
@@ -138,7 +140,7 @@ class _SlotLayer:
     `upto` tokens (an upper bound of the lengths), so the torch twin never scans the unused capacity."""
 
     def __init__(self, layer, n, upto=None):
-        for name in ("k", "v", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"):
+        for name in ("k", "v", "pos", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar"):
             setattr(self, name, getattr(layer, name)[:n])
         if upto is not None:
             self.k, self.v = self.k[:, :, :upto], self.v[:, :, :upto]

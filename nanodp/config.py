@@ -151,8 +151,8 @@ class SparseConfig:
     floor_frac: float = 0.4     # ... and at least this fraction of the head's clustered tokens
 
     def __post_init__(self):
-        if self.attention not in ("dense", "doublep", "topk"):
-            raise ConfigError(f"--attention must be dense, doublep or topk, got {self.attention!r}")
+        if self.attention not in ("dense", "doublep", "topk", "auto"):
+            raise ConfigError(f"--attention must be dense, doublep, topk or auto, got {self.attention!r}")
         if not (0.0 <= self.p2 <= self.p1 <= 1.0):
             raise ConfigError(f"need 0 <= p2 <= p1 <= 1, got p1={self.p1}, p2={self.p2}")
         if self.group_rule not in ("mean", "max", "union"):

@@ -37,11 +37,18 @@ class Counters:
     decode_tokens: int = 0
     decode_s: float = 0.0
     cluster_s: float = 0.0
+    steps: dict = field(default_factory=dict)   # decode steps per attention that ran ("dense", "doublep", ...)
 
     def line(self, kv=None) -> str:
         s = (f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
              f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s")
-        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "")
+        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + self.ran()
+
+    def ran(self) -> str:
+        """Which decode attention ran, when more than one did (--attention auto)."""
+        n = sum(self.steps.values())
+        return "" if len(self.steps) < 2 else " | " + ", ".join(
+            f"{a} {100 * k / n:.0f}%" for a, k in sorted(self.steps.items())) + " of steps"
 
 
 class Engine:
@@ -70,7 +77,7 @@ class Engine:
         self.counters = Counters()
         # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
         self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
-        self.cache = None
+        self.cache, self.auto_table = None, None
         self._allocate(max_batch, max_len)
 
     def _allocate(self, max_batch, max_len):
@@ -162,6 +169,8 @@ class Engine:
         B = tokens.shape[0]
         # the dense kernel sizes its split grid from an upper bound of the lengths: a power-of-two bucket
         bucket = min(self.max_len, max(1024, 1 << max(self.cache.lens_host[:B]).bit_length()))
+        att = self.step_attention(B, bucket)
+        self.counters.steps[att] = self.counters.steps.get(att, 0) + 1
         if not self.use_graphs:
             return self._step(tokens, active, bucket)
         g = self.graphs.get((B, bucket))
@@ -172,9 +181,22 @@ class Engine:
         g["graph"].replay()
         return g["logits"]
 
+    def step_attention(self, B, bucket) -> str:
+        """The decode attention of a step of B sequences in this context bucket (--attention auto: nanodp/auto.py)."""
+        if self.sparse.attention != "auto":
+            return self.sparse.attention
+        if self.auto_table is None:
+            from . import auto
+
+            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+            self.auto_table = auto.load(name, self.model_dir.name if self.model_dir else "model")
+        from .auto import choose
+
+        return choose(self.auto_table, B, bucket)
+
     def _step(self, tokens, active, bucket):
         slots = torch.arange(tokens.shape[0], device=self.device)
-        self.ctx.begin_decode(slots, active.float(), bucket)
+        self.ctx.begin_decode(slots, active.float(), bucket, attention=self.step_attention(tokens.shape[0], bucket))
         logits = self.model(tokens[:, None], self.cache.lens[:tokens.shape[0], None].long(), self.ctx)
         self.ctx.end_decode()
         return logits

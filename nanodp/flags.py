@@ -31,8 +31,9 @@ FLAGS = {
     "yarn": dict(type=float, default=None, help="extend the context this many times with YaRN (default: off)"),
     "eager": dict(action="store_true", help="no CUDA graphs for decode steps"),
     # decode attention (SparseConfig)
-    "attention": dict(default=_SP.attention, choices=["dense", "doublep", "topk"],
-                      help="decode attention (default: %(default)s)"),
+    "attention": dict(default=_SP.attention, choices=["dense", "doublep", "topk", "auto"],
+                      help="decode attention; auto: Double-P where bench e2e --write-auto measured it faster on "
+                           "this GPU, dense elsewhere (default: %(default)s)"),
     "p1": dict(type=float, default=_SP.p1, help="doublep: top-p of exact + pseudo clusters (default: %(default)s)"),
     "p2": dict(type=float, default=_SP.p2, help="doublep: top-p of exact clusters, <= p1 (default: %(default)s)"),
     "group-rule": dict(default=_SP.group_rule, choices=["mean", "max", "union"],

@@ -102,7 +102,7 @@ def test_generate_cli_keeps_records_when_a_prompt_fails(tmp_path, monkeypatch):
 def test_generate_cli_refuses_bad_sampling(capsys):
     with pytest.raises(SystemExit):
         gen_cli.main(["--prompt", "hi", "--top-p", "0"])
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p (--top-p) must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_chat_through_stdin():

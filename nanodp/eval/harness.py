@@ -34,6 +34,12 @@ Metrics (the layout of --out/results.json is described in nanodp/eval/report.py)
            (dense rows show the floor of the kernels' rounding)
   mass     dense attention probability, per query head, on the tokens the method reads exactly or through a
            pseudo-token (steady tokens included); mass_x on exactly read tokens only; dense layers count 1.
+  under    calibration: the share of (layer, query head, step) whose exactly read tokens hold less than p2 of
+           the head's true attention (doublep only)
+  needle   of the dense attention mass on the needle's tokens (tasks with one needle), the share the method
+           reads exactly or through a pseudo-token
+  KV read  also counts every byte stage 1 reads: per scored cluster its centroid, ln s and offset (+ variances
+           with gauss), and the steady tokens' keys with the whole-attention cut
 """
 import argparse
 import math
@@ -46,7 +52,7 @@ import torch
 from .. import flags
 from ..config import ClusterConfig, SparseConfig, floor_arg
 from .metrics import KVTally, Observer, spread, teacher_force, use
-from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, prompts_sha, score
+from .tasks import KINDS, MAX_NEW, by_length, fidelity_subset, make_tasks, needle_positions, prompts_sha, score
 
 
 class OutOfTime(Exception):
@@ -152,7 +158,8 @@ def run_fidelity(eng, m, tasks, args, R, save, ref, tick, deadline):
             if time.perf_counter() > deadline:
                 raise OutOfTime
             use(eng, sparse_for(m, length, sum(len(t["prompt_ids"]) for t in ts) / len(ts), R, args, eng.cache.cfg))
-            obs = eng.ctx.observer = Observer(eng)
+            pos = [needle_positions(eng.tok, t) for t in ts]
+            obs = eng.ctx.observer = Observer(eng, [None if x is None else torch.tensor(x) for x in pos])
             feed, lp = teacher_force(eng, [t["prompt_ids"] for t in ts], args.teacher_tokens,
                                      None if dense else ref[length][0].to(eng.device))
             if dense:

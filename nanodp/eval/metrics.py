@@ -39,11 +39,17 @@ class KVTally:
             return {"kv_bytes": 1.0, "exact": spread([1.0]), "pseudo": spread([0.0])}
         nl, nh = self.s["exact_tokens"].shape
         D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
-        ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, self.scan / D
+        scored = self.s["scored_clusters"] if "scored_clusters" in self.s else self.scan   # what stage 1 scored
+        ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, scored / D
         # bytes over dense's (K and V of every token): an exact token reads K and V, a pseudo-token its V̄ (its
         # centroid was read by the scan), the stage-1 scan every centroid and its ln s (fp32), + its key
         # variances with estimate="gauss"
-        kvb = (ex * 2 * d * es + ps * d * es + sc * ((1 + self.gauss) * d * es + 4)) / (2 * d * es)
+        # bytes over dense's (K and V of every token): an exact token reads K and V, a pseudo-token its V̄ (its
+        # centroid was read by the scan); the stage-1 scan reads per scored cluster its centroid, ln s and cstart
+        # (+ its key variances with estimate="gauss"), and with the whole-attention cut the steady tokens' keys
+        # (read again as exact tokens: counted twice, an upper bound). kernels/doublep.py lists them.
+        steady = self.s.get("steady_scored", torch.zeros(nl, nh)) / D
+        kvb = (ex * 2 * d * es + ps * d * es + sc * ((1 + self.gauss) * d * es + 8) + steady * d * es) / (2 * d * es)
         need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl:].sum()  # exact clustered tokens asked for
         return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex),
                 "pseudo": spread(ps), "scan": sc.mean().item(),
@@ -72,12 +78,16 @@ class Observer:
     """eng.ctx.observer: per layer and query head, sums over steps and sequences of the output's relative error
     against dense attention over the same cache, the true mass kept and the mass read exactly."""
 
-    def __init__(self, eng):
+    def __init__(self, eng, needles=None):
+        """needles: per batch sequence, the original positions of its needle tokens (or None)."""
         nl, hq = eng.cfg.num_hidden_layers, eng.cfg.num_attention_heads
         self.eng, z = eng, dict(dtype=torch.float64, device=eng.device)
-        self.err, self.mass, self.mass_x = (torch.zeros(nl, hq, **z) for _ in range(3))
+        self.err, self.mass, self.mass_x, self.under = (torch.zeros(nl, hq, **z) for _ in range(4))
         self.n = torch.zeros(nl, **z)
         self.mass_min = torch.ones(nl, hq, **z)
+        self.needles = needles
+        self.needle_dense = torch.zeros(nl, hq, **z)     # dense attention mass on the needle tokens ...
+        self.needle_kept = torch.zeros(nl, hq, **z)      # ... of which the method reads exactly or as pseudo
 
     def __call__(self, li, q, layer, lens, tail_start, o, active):
         B, Hq, d = q.shape
@@ -91,12 +101,23 @@ class Observer:
         err = (o.float() - od).norm(dim=-1) / od.norm(dim=-1).clamp_min(1e-30)
         sp = self.eng.sparse
         if sp.attention == "dense" or li < sp.dense_layers:
-            kept = kept_x = torch.ones(B, Hq, device=q.device)
+            mx = mk = torch.ones(B, Hkv, L, dtype=torch.bool, device=q.device)
         else:
             mx, mk = read_masks(q, layer, lens, tail_start, sp, self.eng.cache.cfg.sinks)
-            kept_x = (p * mx[:, :, None]).sum(-1).reshape(B, Hq)
-            kept = (p * mk[:, :, None]).sum(-1).reshape(B, Hq)
+        kept_x = (p * mx[:, :, None]).sum(-1).reshape(B, Hq)
+        kept = (p * mk[:, :, None]).sum(-1).reshape(B, Hq)
         w = active.double()[:, None]
+        # calibration: the heads whose exact set holds less of their true attention than the cut asked for (p2;
+        # for dense and topk p2 does not apply: 0). The steady tokens count as read (they always are).
+        if sp.attention == "doublep" and li >= sp.dense_layers:
+            self.under[li] += ((kept_x < sp.p2).double() * w).sum(0)
+        if self.needles is not None:
+            nd = torch.zeros(B, Hkv, L, dtype=torch.bool, device=q.device)
+            for b, pos in enumerate(self.needles):
+                if pos is not None:
+                    nd[b] = torch.isin(layer.pos[b, :, :L].long(), pos.to(q.device)) & live[b]
+            self.needle_dense[li] += ((p * nd[:, :, None]).sum(-1).reshape(B, Hq) * w).sum(0)
+            self.needle_kept[li] += ((p * (nd & mk)[:, :, None]).sum(-1).reshape(B, Hq) * w).sum(0)
         self.err[li] += (err * w).sum(0)
         self.mass[li] += (kept * w).sum(0)
         self.mass_x[li] += (kept_x * w).sum(0)
@@ -106,7 +127,10 @@ class Observer:
     def summary(self):
         n = self.n.clamp_min(1)[:, None].cpu()
         e, m, mx = self.err.cpu() / n, self.mass.cpu() / n, self.mass_x.cpu() / n
+        nd = self.needle_dense.sum().item()
         return {"err": spread(e), "mass": spread(m), "mass_x": spread(mx), "mass_min": self.mass_min.min().item(),
+                "under_p": (self.under.cpu() / n).mean().item(),
+                "needle_mass": self.needle_kept.sum().item() / nd if nd > 0 else None,
                 "err_layers": e.mean(1).tolist(), "mass_layers": m.mean(1).tolist(),
                 "mass_x_layers": mx.mean(1).tolist()}
 

@@ -8,6 +8,8 @@ Kinds (scored by `score` at the end of this file):
   multi_query        4 keys with a number each, all asked at once (niah_multiquery)
   variable_tracking  VAR A = 12345. ... VAR B = A. ... (one chain, 4 hops): which names hold 12345?
   common_words       a numbered list of words; the 10 words repeated most often are asked for (cwe)
+  kv_retrieval       a JSON object of many UUID-like key/value pairs; the value of one key (at `depth`) is asked
+                     for (RULER's kv retrieval: a copy head must find one exact key among look-alikes)
 The answer is decoded token by token after an answer prefix, as in RULER.
 
 Haystacks: "noise" (The grass is green. The sky is blue. ...), "varied" (seeded generated sentences) or a
@@ -28,10 +30,10 @@ import string
 from pathlib import Path
 
 KINDS = ("passkey", "single_needle", "multi_key", "multi_value", "multi_query", "variable_tracking",
-         "common_words")
-DEPTH_KINDS = ("passkey", "single_needle", "multi_key")
+         "common_words", "kv_retrieval")
+DEPTH_KINDS = ("passkey", "single_needle", "multi_key", "kv_retrieval")
 MAX_NEW = {"passkey": 8, "single_needle": 12, "multi_key": 12, "multi_value": 40, "multi_query": 40,
-           "variable_tracking": 30, "common_words": 64}          # tokens to generate per kind
+           "variable_tracking": 30, "common_words": 64, "kv_retrieval": 24}          # tokens to generate per kind
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 ADJ = ("quiet bright ancient narrow golden silver hidden wooden frozen gentle rapid hollow crimson distant "
        "patient humble rusty clever lonely muddy sturdy velvet bitter polite sleepy windy curious brave "
@@ -194,7 +196,21 @@ def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False
     base = f"{seed}|{kind}|{hname}|{length}|{depth}|{index}"
     rng = random.Random(base)
     target = min(length, max_prompt or length)
-    if kind == "common_words":
+    if kind == "kv_retrieval":
+        def uid():
+            return "-".join("".join(rng.choice("0123456789abcdef") for _ in range(n)) for n in (8, 4, 4))
+        pairs = [(uid(), uid()) for _ in range(4096)]     # drawn once, so every build(k) shares its first k
+
+        def build(k):
+            items = pairs[1:k + 1]
+            items.insert(round(depth * k), pairs[0])
+            body = ("Extract the value corresponding to the specified key in the JSON object below.\n\n"
+                    + json.dumps(dict(items), indent=0) + f'\n\nKey: "{pairs[0][0]}"\n'
+                    "The value associated with the specified key is: ")
+            return _render(tok, body, "Answer:", chat)
+        ids = _fit(build, target)
+        answers = [pairs[0][1]]
+    elif kind == "common_words":
         def build(k):
             items, _ = _cwe_items(base, k)
             body = ("Below is a numbered list of words. In these words, some appear more often than others. "
@@ -263,6 +279,21 @@ def fidelity_subset(tasks, k):
 def prompts_sha(tasks) -> str:
     """One hash of every prompt and answer: equal across runs exactly when the prompts are."""
     return hashlib.sha256(json.dumps([(t["id"], t["prompt_ids"], t["answers"]) for t in tasks]).encode()).hexdigest()
+
+
+def needle_positions(tok, task):
+    """Token positions of the needle (the first answer string) in the prompt, or None (kinds without one needle,
+    or an answer the tokenizer splits differently in context)."""
+    if task["kind"] not in DEPTH_KINDS:
+        return None
+    ids = task["prompt_ids"]
+    for text in (task["answers"][0], " " + task["answers"][0], '"' + task["answers"][0]):
+        sub = tok.encode(text, add_special_tokens=False)
+        sub = sub[1:] if text[0] in ' "' and len(sub) > 1 else sub      # the leading space / quote may merge
+        for i in range(len(ids) - len(sub) + 1):
+            if ids[i:i + len(sub)] == sub:
+                return list(range(i, i + len(sub)))
+    return None
 
 
 def score(task, text) -> float:
