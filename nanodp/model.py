@@ -192,14 +192,16 @@ _MM_OUT_DTYPE = [hasattr(torch.ops.aten.mm, "dtype")]  # torch.mm(..., out_dtype
 
 def logits_fp32(h, weight):
     """h @ weight.T as fp32, never rounded to 16 bits: bf16 logits near 25 are 0.125 apart, so a near tie would
-    become an exact one. CUDA: one 16-bit GEMM with an fp32 output; elsewhere (or on an older torch) the operands
-    are upcast."""
+    become an exact one. CUDA: one 16-bit GEMM with an fp32 output (a torch without it: the 16-bit logits, as
+    upcasting the vocabulary-sized weight every step would cost more than the head itself); CPU: upcast operands."""
     if h.dtype == torch.float32:
         return F.linear(h, weight)
     h2 = h.reshape(-1, h.shape[-1])
-    if h.is_cuda and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(h2, weight.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
-        except (RuntimeError, TypeError):  # this build has no CUDA kernel for it
-            _MM_OUT_DTYPE[0] = False
+    if h.is_cuda:
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(h2, weight.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+            except (RuntimeError, TypeError):  # this build has no CUDA kernel for it (found in the eager warm-up)
+                _MM_OUT_DTYPE[0] = False
+        return F.linear(h, weight).float()
     return F.linear(h2.float(), weight.float()).view(*h.shape[:-1], -1)
