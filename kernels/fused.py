@@ -6,8 +6,10 @@ GEMMs of a layer:
     add_rmsnorm  r = x + residual;  y = w * norm(r)            (~8 ops -> 1)
     rope_store   rotate q and k, write k and v into the cache  (~14 ops + 2 index_put -> 1)
     silu_mul     silu(gate) * up on the fused gate_up output   (3 ops -> 1)
-Unlike the attention twins, the twins here keep the model's own rounding (Hugging Face's, in the model dtype)
-and the kernels reproduce it: fp32 inside, cast where torch would round.
+Each computes in fp32 and rounds its result once (the kernels exactly as their twins). This is more precise
+than Hugging Face's ops, which round after every step in the model dtype: with bf16 weights, keeping the residual
+stream in fp32, the normalised row unrounded before the weight, silu(gate) unrounded before the product and
+cos/sin in fp32 halves the logit error against fp32 (scripts/precision.py; docs/INTERNALS.md "Precision").
 """
 import torch
 import torch.nn.functional as F
@@ -17,27 +19,28 @@ import triton.language as tl
 
 # ------------------------------------------------------------------------------------------ residual + RMSNorm
 def add_rmsnorm_ref(x, residual, weight, eps):
-    """r = x + residual (in x's dtype; residual None: r = x);  y = weight * (r / sqrt(mean(r^2) + eps)),
-    normalised in fp32 and cast back before the weight, like Hugging Face.  Returns (y, r)."""
-    r = x if residual is None else x + residual
-    rf = r.float()
-    return weight * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype), r
+    """r = x + residual in fp32 (residual None: r = x); y = weight * (r / sqrt(mean(r^2) + eps)), all in fp32 and
+    rounded once to the model dtype.  Returns (y, r): r, the residual stream, stays fp32 (x and residual may be
+    16-bit or fp32). Hugging Face adds in the model dtype and rounds r / rms before the weight: both cost accuracy."""
+    r = x.float() if residual is None else x.float() + residual.float()
+    y = weight.float() * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps))
+    return y.to(torch.promote_types(weight.dtype, x.dtype)), r
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, Y, RO, n_cols, eps, sx, sr, sy, sro, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(X, R, W, Y, RO, n_cols, eps, sx, sr, sy, sro, HAS_RES: tl.constexpr,
+                        STORE_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)        # one program per row (token)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
-    x = tl.load(X + row * sx + cols, mask=ok, other=0.0)
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)).to(RO.dtype.element_ty)
+        x += tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
+    if STORE_RES:                              # the fp32 residual stream
         tl.store(RO + row * sro + cols, x, mask=ok)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-    y = (xf * rstd).to(x.dtype).to(tl.float32)  # the cast Hugging Face does before the weight
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * sy + cols, (w * y).to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + row * sy + cols, (w * (x * rstd)).to(Y.dtype.element_ty), mask=ok)
 
 
 def add_rmsnorm_triton(x, residual, weight, eps):
@@ -46,21 +49,23 @@ def add_rmsnorm_triton(x, residual, weight, eps):
     r2 = x2 if residual is None else residual.reshape(-1, H)
     assert x2.stride(-1) == 1 and r2.stride(-1) == 1 and weight.is_contiguous()
     if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype
+        assert residual.shape == x.shape
     y = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
-    ro = x2 if residual is None else torch.empty_like(x2)
+    store = residual is not None or x.dtype != torch.float32   # an fp32 x alone is its own residual
+    ro = torch.empty(x2.shape, device=x.device, dtype=torch.float32) if store else x2
     block = triton.next_power_of_2(H)
     _add_rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, ro, H, eps, x2.stride(0), r2.stride(0), y.stride(0),
-                                        ro.stride(0), HAS_RES=residual is not None, BLOCK=block,
+                                        ro.stride(0), HAS_RES=residual is not None, STORE_RES=store, BLOCK=block,
                                         num_warps=min(16, max(1, block // 256)))
-    return y.view(x.shape), (x if residual is None else ro.view(x.shape))
+    return y.view(x.shape), (ro.view(x.shape) if store else x)
 
 
 # ------------------------------------------------------------------------------------------------ SwiGLU
 def silu_mul_ref(gate_up):
-    """gate_up [..., 2I] = [gate | up] -> silu(gate) * up [..., I], rounded like the unfused torch ops."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """gate_up [..., 2I] = [gate | up] -> silu(gate) * up [..., I], in fp32, rounded once (the unfused torch ops
+    round silu(gate) too)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _silu_mul_kernel(GU, O, n, s_gu, s_o, BLOCK: tl.constexpr):
     ok = cols < n
     g = tl.load(GU + row * s_gu + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(GU + row * s_gu + n + cols, mask=ok, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty).to(tl.float32)  # silu(g) = g * sigmoid(g), rounded
+    s = g / (1.0 + tl.exp(-g))  # silu(g) = g * sigmoid(g)
     tl.store(O + row * s_o + cols, (s * u).to(O.dtype.element_ty), mask=ok)
 
 
@@ -88,7 +93,8 @@ def silu_mul_triton(gate_up):
 
 # ------------------------------------------------------------------------------------- RoPE + KV-cache store
 def rope_ref(x, cos, sin):
-    """x [B, T, H, d], cos/sin [B, T, d]: halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), in fp32."""
+    """x [B, T, H, d], cos/sin [B, T, d] (the model passes fp32 tables): halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s),
+    in fp32, rounded once to x's dtype (Hugging Face rounds cos/sin and each product and sum to the model dtype)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)

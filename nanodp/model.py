@@ -4,10 +4,16 @@ After loading, `fuse_projections()` concatenates q/k/v and gate/up into one GEMM
 between the GEMMs runs as fused kernels chosen by the forward context `ctx` (nanodp/attention.py: Triton on
 CUDA, torch twins on CPU): residual add + RMSNorm, SiLU * up, and, inside `ctx.attend`, RoPE + the KV-cache
 store. The residual stream is carried beside the activations so each add fuses into the next norm.
+
+Precision (docs/INTERNALS.md "Precision", scripts/precision.py): weights, GEMM inputs and outputs and the KV
+cache are in the model dtype; the residual stream, RoPE's cos/sin and the logits are fp32, and the fused ops
+round once. In bf16 that halves the logit error against fp32 compared with Hugging Face's bf16 path, which rounds
+the residual stream (the largest single loss), the normalised row before its weight, cos/sin and the logits.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -20,8 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual, ctx):
-        """r = x + residual (x alone when residual is None); returns (w * r / sqrt(mean(r^2) + eps), r),
-        normalised in fp32 like Hugging Face (kernels/fused.py add_rmsnorm_ref)."""
+        """r = x + residual (x alone when residual is None); returns (w * r / sqrt(mean(r^2) + eps), r), with r in
+        fp32 and the output in x's dtype, rounded once (kernels/fused.py add_rmsnorm_ref)."""
         return ctx.ops.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
@@ -71,13 +77,15 @@ class Rope:
         self.inv_freq = self.inv_freq.to(device)
         self.device = device
 
-    def cos_sin(self, positions, dtype):
+    def cos_sin(self, positions):
+        """fp32 tables [..., d] (rounding them to bf16, as Hugging Face does, costs accuracy for nothing: the RoPE
+        kernel computes in fp32)."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., d/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if self.scale != 1.0:  # YaRN's attention factor (skipped otherwise: two launches per decode step)
             cos, sin = cos * self.scale, sin * self.scale
-        return cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
 
 class Attention(nn.Module):
@@ -135,7 +143,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, cos, sin, ctx):
         """x: the previous block's output (layer 0: the embeddings), not yet added to `residual`, the residual
-        stream (None at layer 0). Returns this layer's (MLP output, residual stream)."""
+        stream (fp32; None at layer 0). Returns this layer's (MLP output, residual stream)."""
         h, residual = self.input_layernorm(x, residual, ctx)
         h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual, ctx)
         return self.mlp(h, ctx), residual
@@ -168,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, ctx, last_index=None):
         """input_ids, positions [B, T] -> logits [B, V] of position `last_index[b]` (default: the last)."""
         x, residual = self.model.embed_tokens(input_ids), None
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        cos, sin = self.rope.cos_sin(positions)
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, ctx)
         if last_index is None:
@@ -176,4 +184,24 @@ class LlamaForCausalLM(nn.Module):
         else:  # LM head on one position per sequence only
             rows = torch.arange(x.shape[0], device=x.device)
             x, residual = x[rows, last_index], residual[rows, last_index]
-        return self.lm_head(self.model.norm(x, residual, ctx)[0]).float()
+        return logits_fp32(self.model.norm(x, residual, ctx)[0], self.lm_head.weight)
+
+
+_MM_OUT_DTYPE = [hasattr(torch.ops.aten.mm, "dtype")]  # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8)
+
+
+def logits_fp32(h, weight):
+    """h @ weight.T as fp32, never rounded to 16 bits: bf16 logits near 25 are 0.125 apart, so a near tie would
+    become an exact one. CUDA: one 16-bit GEMM with an fp32 output (a torch without it: the 16-bit logits, as
+    upcasting the vocabulary-sized weight every step would cost more than the head itself); CPU: upcast operands."""
+    if h.dtype == torch.float32:
+        return F.linear(h, weight)
+    h2 = h.reshape(-1, h.shape[-1])
+    if h.is_cuda:
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(h2, weight.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+            except (RuntimeError, TypeError):  # this build has no CUDA kernel for it (found in the eager warm-up)
+                _MM_OUT_DTYPE[0] = False
+        return F.linear(h, weight).float()
+    return F.linear(h2.float(), weight.float()).view(*h.shape[:-1], -1)
