@@ -126,7 +126,7 @@ def main(argv=None):
             continue
         messages = turn + [{"role": "assistant", "content": reply}]
         kv = eng.ctx.stats.summary().get("kv_read_fraction")
-        con.print(f"{eng.counters.line(kv)}{note}", style="dim", markup=False)
+        con.print(f"{eng.counters.line(kv, auto=eng.sparse.attention == 'auto')}{note}", style="dim", markup=False)
     con.print("bye", style="dim")
     return 0
 

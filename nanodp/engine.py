@@ -39,16 +39,15 @@ class Counters:
     cluster_s: float = 0.0
     steps: dict = field(default_factory=dict)   # decode steps per attention that ran ("dense", "doublep", ...)
 
-    def line(self, kv=None) -> str:
+    def line(self, kv=None, auto=False) -> str:
         s = (f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
              f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s")
-        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + self.ran()
+        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + (self.ran() if auto else "")
 
     def ran(self) -> str:
-        """Which decode attention ran, when more than one did (--attention auto)."""
-        n = sum(self.steps.values())
-        return "" if len(self.steps) < 2 else " | " + ", ".join(
-            f"{a} {100 * k / n:.0f}%" for a, k in sorted(self.steps.items())) + " of steps"
+        """Which decode attention the steps ran (what --attention auto chose)."""
+        n = max(1, sum(self.steps.values()))
+        return " | auto ran " + ", ".join(f"{a} {100 * k / n:.0f}%" for a, k in sorted(self.steps.items()))
 
 
 class Engine:

@@ -168,7 +168,8 @@ def main(argv=None):
     print(f"{len(items)} prompts ({sum('error' in r for r in records)} failed) | "
               f"{c.prefill_tokens} prompt tok at {c.prefill_tokens / max(c.prefill_s, 1e-9):.0f} tok/s | "
               f"{new} new tok, decode {c.decode_tokens / max(c.decode_s, 1e-9):.1f} tok/s"
-              + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + f" | wall {wall:.1f} s", file=sys.stderr)
+              + (f" | KV read {100 * kv:.1f}%" if kv is not None else "")
+              + (c.ran() if llm.engine.sparse.attention == "auto" else "") + f" | wall {wall:.1f} s", file=sys.stderr)
     return 1 if any("error" in r for r in records) else 0
 
 

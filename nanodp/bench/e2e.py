@@ -58,6 +58,7 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
         tok = logits.argmax(-1)
         eng.cache.advance(range(B), active=active)
     eng.ctx.stats.reset()
+    eng.counters.steps = {}
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -72,20 +73,24 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
     s = eng.ctx.stats.summary()
     return dict(ms_per_step=dt * 1e3, tok_s=B / dt, kv_read=s.get("kv_read_fraction", 1.0),
                 pseudo=s.get("pseudo_fraction", 0.0), fallbacks=s.get("fallbacks", 0),
-                prefill_s=eng.counters.prefill_s, cluster_s=eng.counters.cluster_s)
+                prefill_s=eng.counters.prefill_s, cluster_s=eng.counters.cluster_s,
+                ran="/".join(sorted(eng.counters.steps)))
 
 
 def bench_e2e(argv):
     p = argparse.ArgumentParser(prog="python -m nanodp.bench e2e", parents=[common_parser()], description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="default,llama8b")
-    p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--contexts", default="8k,32k,128k", help="(the default model runs at most its 8K)")
+    p.add_argument("--models", default="default,llama8b", help="default and/or llama8b (default: %(default)s)")
+    p.add_argument("--batches", default="1,8,32", help="batch sizes (default: %(default)s)")
+    p.add_argument("--contexts", default="8k,32k,128k", help="the default model runs at most its 8K (default: "
+                                                               "%(default)s)")
     p.add_argument("--attentions", default="dense,doublep", help="decode attentions to time (default: %(default)s)")
+    p.add_argument("--write-auto", action="store_true",
+                   help="write the --attention auto table of this GPU from the default model's cells, then time auto")
     flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")   # the engine's defaults
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=64, help="decode steps timed per cell (default: %(default)s)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
+    p.add_argument("--seed", type=int, default=0, help="prose seed (default: %(default)s)")
     args = p.parse_args(argv)
     require_cuda("e2e")
     bw = copy_bandwidth()
@@ -97,9 +102,13 @@ def bench_e2e(argv):
             model, ctxs = None, [c for c in sizes(args.contexts) if c <= 8192]
         else:
             model, ctxs = random_llama(ModelConfig(**LLAMA8B)), sizes(args.contexts)
-        for ctx in ctxs:
-            for B in sizes(args.batches):
-                for att in args.attentions.split(","):
+        atts = [a for a in args.attentions.split(",") if a != "auto"]
+        cells = [(ctx, B, att) for ctx in ctxs for B in sizes(args.batches) for att in atts]
+        if real and (args.write_auto or "auto" in args.attentions.split(",")):
+            cells += [(ctx, B, "auto") for ctx in ctxs for B in sizes(args.batches)]
+        for ctx, B, att in cells:
+                    if att == "auto" and args.write_auto and "auto_table" not in results:
+                        results["auto_table"] = write_auto(results["cells"])
                     if att != "dense" and not real:
                         continue  # random weights: flat attention, sparse numbers would mean nothing
                     max_len = min(ctx, 8192) if real else ctx + args.steps + 64
@@ -121,18 +130,34 @@ def bench_e2e(argv):
                             del eng
                     r = dict(model=model_name, B=B, ctx=ctx, attention=att, **cell(measure))
                     results["cells"].append(r)
+                    kv_gbs = r["kv_gb_per_step"] / (r["ms_per_step"] / 1e3) if "kv_gb_per_step" in r else None
+                    cl = 100 * r["cluster_s"] / r["prefill_s"] if r.get("prefill_s") else None
                     rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
-                                 None if "kv_read" not in r else 100 * r["kv_read"], r.get("mbu"),
-                                 r.get("prefill_s"), r.get("cluster_s"), r.get("skipped", "")])
+                                 None if "kv_read" not in r else 100 * r["kv_read"], kv_gbs, r.get("mbu"),
+                                 r.get("prefill_s"), cl, r.get("ran", ""), r.get("skipped", "")])
         if real and not args.no_transformers:
             results["transformers"] = cell(lambda: hf_generate(args, ctxs[-1]))
         model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
     print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
-                "tok/s", "KV read %", "MBU", "prefill s", "cluster s", "note"], rows)
+                "tok/s", "KV read %", "KV GB/s", "MBU", "prefill s", "cluster %", "ran", "note"], rows)
+    print("KV GB/s: KV bytes read per step / step time (all of the step, so a lower bound of the attention's);"
+          " cluster %: clustering time / prefill time (prefill excludes clustering)")
     if "transformers" in results:
         print(f"transformers generate, default model, B=1, ctx {ctxs[-1]}: {results['transformers']}")
     return args, results
+
+
+def write_auto(cells):
+    """The auto table from the default model's dense and doublep cells: doublep where its step was faster."""
+    from .. import auto
+
+    ms = {(c["B"], c["ctx"], c["attention"]): c.get("ms_per_step") for c in cells if c["model"] == "default"}
+    table = {f"{B},{ctx}": "doublep" if ms.get((B, ctx, "doublep")) and ms[(B, ctx, "doublep")] < ms[(B, ctx, a)]
+             else "dense" for (B, ctx, a) in ms if a == "dense" and ms[(B, ctx, a)]}
+    path = auto.save(torch.cuda.get_device_name(0), "SmolLM2-135M-Instruct", table)
+    print(f"auto table {table} -> {path}")
+    return table
 
 
 def hf_generate(args, ctx):
