@@ -178,7 +178,7 @@ def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
         head_exact = own[:, :, :g] if sp.group_rule == "union" else ex[:, :, None].expand(-1, -1, g, -1)
     else:
         bu = b[:, :, -1]
-        n2 = cut(hist(bu, sizes).float().cumsum(-1), torch.full((B, Hkv), float(sp.budget)))
+        n2 = cut(hist(bu, sizes).float().cumsum(-1), torch.full((B, Hkv), float(sp.budget), device=q.device))
         ex = bu <= n2[..., None]
         n1 = cut(hist(bu, valid.long()).float().cumsum(-1), (ex.sum(-1) + sp.est_clusters).float())
         kept = bu <= n1[..., None]

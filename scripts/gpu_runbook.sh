@@ -18,11 +18,15 @@ if [ ! -f weights/SmolLM2-135M-Instruct/.complete ]; then
   cat .carry/a/part_aa .carry/b/part_ab > /tmp/m.gguf
   PYTHONPATH=.:/tmp/site python3 -m nanodp.fetch --gguf /tmp/m.gguf > /tmp/fetch.log 2>&1 || { tail /tmp/fetch.log; exit 1; }
 fi
+# the development pick as engine flags (empty before a dev run): bench measures what the evaluation chose
+PICK_FLAGS=$(python3 scripts/pick_flags.py runs/gpu-dev 2>/dev/null)
 GRID="--lengths 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --n 2 --tasks all"
 DEV=${DEV_METHODS:-dense,doublep:0.95:0.7,doublep:0.95:0.7:f40%,doublep:0.95:0.7:f20%,doublep-union:0.95:0.9}
 DEV=$DEV,${DEV_MORE:-doublep-union:0.98:0.95,doublep-union-whole:0.995:0.99,doublep-union-whole-gauss:0.995:0.99}
 DEV=$DEV,${DEV_MORE2:-doublep-union-whole:0.999:0.995,doublep-whole:0.995:0.99,doublep-union:0.95:0.9:f10%}
 DEV=$DEV,${DEV_MORE3:-doublep-union-gauss:0.98:0.95,topk:10%,topk:20%}
+DEV=$DEV,${DEV_MORE4:-doublep:0.95:0.7:f10%,doublep:0.95:0.7:f12%,doublep:0.95:0.7:f15%,doublep:0.95:0.8:f12%}
+DEV=$DEV,${DEV_MORE5:-doublep-gauss:0.95:0.7:f15%,topk:15%}
 case "${1:-check}" in
 check)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
@@ -36,15 +40,17 @@ check)
   tail -3 "$OUT/gpu_tests.log"; grep -E "FAIL|Error" "$OUT/gpu_tests.log" | head -20
   tail -8 "$OUT/precision.log"; cat "$OUT/generate.log" | tail -3 ;;
 bench)
+  echo "pick flags: ${PICK_FLAGS:-none, the engine defaults}"
   timeout 280 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 --write-auto \
-    > "$OUT/e2e.log" 2>&1
-  timeout 150 python3 -m nanodp.bench sparse --profile --shapes llama8b --contexts 131072 > "$OUT/sparse.log" 2>&1
+    $PICK_FLAGS > "$OUT/e2e.log" 2>&1
+  timeout 150 python3 -m nanodp.bench sparse --profile --shapes llama8b --contexts 131072 $PICK_FLAGS \
+    > "$OUT/sparse.log" 2>&1
   timeout 100 python3 -m nanodp.bench e2e --models llama8b --batches 1,8 --contexts 8k,32k --steps 32 \
     --no-transformers > "$OUT/e2e8b.log" 2>&1
   for f in e2e sparse e2e8b; do grep -v '^{' "$OUT/$f.log" | grep -v -i warn | tail -22; done ;;
 dev)
   timeout 560 python3 -m nanodp.eval --seed 1 $GRID --methods "$DEV" --no-topk-match --time-limit 500 \
-    --out runs/gpu-dev > "$OUT/eval-dev.log" 2>&1
+    --out runs/gpu-dev --resume > "$OUT/eval-dev.log" 2>&1
   cp runs/gpu-dev/results.json "$OUT/dev-results.json"
   grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -40 ;;
 report)   # five report seeds at once on the one GPU (the 135M model leaves it mostly idle), then the tables again
@@ -55,5 +61,7 @@ report)   # five report seeds at once on the one GPU (the 135M model leaves it m
   done
   wait
   for s in 7 8 9 10 11; do cp runs/gpu-report$s/results.json "$OUT/report$s.json"; done
-  for s in 7 8 9 10 11; do grep -v '^{' "$OUT/eval-report$s.log" | grep -v "━" | tail -9; done ;;
+  for s in 7 8 9 10 11; do grep -v '^{' "$OUT/eval-report$s.log" | grep -v "━" | head -8; done ;;
+devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
+  bash "$0" dev; bash "$0" report ;;
 esac

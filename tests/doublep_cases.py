@@ -147,12 +147,15 @@ def check(o1, st1, o2, st2, atol, msg=""):
     assert torch.allclose(st1["est_mass"].cpu(), st2["est_mass"].cpu(), atol=1e-5), msg
 
 
-def tri(q, layer, lens, ts, sinks, cfg):
-    """sparse_triton on DEV, results back on the CPU."""
+def tri(q, layer, lens, ts, sinks, cfg, plan_out=None):
+    """sparse_triton on DEV, results (and the work list in plan_out, if given) back on the CPU."""
     pytest.importorskip("triton")
     from nanodp.kernels.doublep_attn import sparse_triton
     to = lambda x: x.to(DEV) if torch.is_tensor(x) else x   # noqa: E731
     cls = type(layer)   # Layer, or a dataclass with more fields (tests/test_estimate.py adds kvar)
+    plan = {} if plan_out is not None else None
     o, st = sparse_triton(to(q), cls(*[to(getattr(layer, f)) for f in cls.__dataclass_fields__]),
-                          to(lens), to(ts), sinks, cfg)
+                          to(lens), to(ts), sinks, cfg, plan_out=plan)
+    if plan_out is not None:
+        plan_out.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in plan.items()})
     return o.cpu(), {k: v.cpu() for k, v in st.items()}

@@ -46,7 +46,6 @@ def test_kernel_matches_twin(g, d, dtype, style, rule):
 def test_kernel_planted_ties_and_work_list(rule):
     """Identical top clusters (bitwise equal scores) straddling the cut; the work list equals the twin's masks."""
     from nanodp.kernels.doublep import select_ref
-    from nanodp.kernels.doublep_attn import sparse_triton
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = make_case(g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3,
                                           needles=0, style="flat", seed=seed)
@@ -54,7 +53,7 @@ def test_kernel_planted_ties_and_work_list(rule):
         cfg = safe(q, layer, lens, ts, sinks, sp(0.9, p2, **rule))
         both(q, layer, lens, ts, sinks, cfg, 1e-4, f"seed {seed}")
         plan = {}
-        sparse_triton(q, layer, lens, ts, sinks, cfg, plan_out=plan)
+        tri(q, layer, lens, ts, sinks, cfg, plan_out=plan)
         s = select_ref(q, layer, lens, ts, sinks, cfg)
         for b in range(2):
             for h in range(2):

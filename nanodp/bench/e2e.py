@@ -42,7 +42,12 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
         eng.cache.reset(b)
     eng.counters = Counters()
     if real_prompt:
-        eng.prefill([prose(eng.tok, ctx, seed + b) for b in range(B)], [0] * B)
+        prompts = [prose(eng.tok, ctx, seed + b) for b in range(B)]
+        eng.prefill(prompts, [0] * B)          # compiles the kernels of these shapes: the timed prefill is next
+        for b in range(B):
+            eng.cache.reset(b)
+        eng.counters = Counters()
+        eng.prefill(prompts, [0] * B)
     else:  # random K/V: dense decode speed does not depend on the values
         for layer in eng.cache.layers:
             layer.k[:B, :, :ctx].normal_()
