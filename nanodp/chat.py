@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from . import flags
+from . import flags, parallel
 from .engine import Counters
 
 HELP = "/reset  start a new conversation\n/exit   quit (or Ctrl-D)\n/help   this text\nCtrl-C  stop the current reply"
@@ -18,6 +18,7 @@ def main(argv=None):
     ap.add_argument("--system", default=None, help="system prompt")
     flags.add(ap, *flags.SAMPLING, *flags.ENGINE, max_new_tokens=512)
     args = ap.parse_args(argv)
+    parallel.init(args.tp, main, argv)  # --tp N or torchrun: every rank runs main, rank 0 reads and prints
     con = Console(highlight=False)
     try:
         params = flags.sampling_from_args(args)
@@ -25,13 +26,14 @@ def main(argv=None):
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         con.print(f"[red]error:[/red] {e}")
         return 2
-    interactive = sys.stdin.isatty()
+    interactive = parallel.from_rank0(sys.stdin.isatty)
     con.print(f"[bold]nanodp[/bold] chat: {eng.model_dir.name} on {eng.device} "
               f"({eng.sparse.attention} decode, context {eng.max_len}). /help for commands.")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
-            line = con.input("[bold green]you>[/bold green] ") if interactive else sys.stdin.readline()
+            line = parallel.from_rank0(
+                lambda: con.input("[bold green]you>[/bold green] ") if interactive else sys.stdin.readline())
         except (EOFError, KeyboardInterrupt):
             break
         if not interactive:

@@ -30,6 +30,9 @@ FLAGS = {
     "max-len": dict(type=int, default=None, help="KV cache tokens per sequence (default: the model's context)"),
     "yarn": dict(type=float, default=None, help="extend the context this many times with YaRN (default: off)"),
     "eager": dict(action="store_true", help="no CUDA graphs for decode steps"),
+    "tp": dict(type=int, default=1, help="tensor-parallel ranks (GPUs): heads and MLP split across N processes, "
+                                         "N must divide the KV heads; under torchrun its rank count "
+                                         "(default: %(default)s)"),
     # decode attention (SparseConfig)
     "attention": dict(default=_SP.attention, choices=["dense", "doublep", "topk"],
                       help="decode attention (default: %(default)s)"),
@@ -58,7 +61,7 @@ FLAGS = {
     "top-k": dict(type=int, default=_SA.top_k, help="0 = off (default: %(default)s)"),
     "seed": dict(type=int, default=None, help="sampling seed (default: random)"),
 }
-MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager")
+MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager", "tp")
 SPARSE = ("attention", "p1", "p2", "group-rule", "estimate", "floor", "budget", "dense-layers")
 CACHE = ("recluster-every", "cluster-size")
 ENGINE = MODEL + SPARSE + CACHE
@@ -94,8 +97,13 @@ def sampling_from_args(args, **kw) -> SamplingParams:
 
 def build_engine(args, max_batch, **kw):
     """An Engine from the ENGINE flags (kw: further Engine arguments, e.g. quiet=True)."""
+    from . import parallel
+    from .config import ConfigError
     from .engine import Engine
 
+    if args.tp > 1 and args.tp != parallel.world_size():  # a command that never called parallel.init
+        raise ConfigError(f"--tp {args.tp}: this command runs on one rank only (use nanodp.generate, chat.py, "
+                          "bench e2e or torchrun)")
     return Engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch, max_len=args.max_len,
                   kernels=args.kernels, sparse=sparse_from_args(args), yarn=args.yarn,
                   cluster=cluster_from_args(args), eager=args.eager, **kw)

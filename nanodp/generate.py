@@ -4,7 +4,7 @@ import json
 import sys
 import time
 
-from . import flags
+from . import flags, parallel
 
 
 def read_prompts(args) -> list:
@@ -52,12 +52,13 @@ def main(argv=None):
     items = read_prompts(args)
     if not items:
         ap.error("give --prompt TEXT (repeatable) or --prompts FILE")
+    parallel.init(args.tp, main, argv)  # --tp N or torchrun: every rank runs main, rank 0 alone prints
     try:
         eng = flags.build_engine(args, max_batch=min(args.batch_size, len(items)))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         con.print(f"[red]error:[/red] {e}")
         return 2
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    out = open(args.output, "w", encoding="utf-8") if args.output and parallel.is_main() else None
     records = [None] * len(items)
 
     def emit(i, rec):

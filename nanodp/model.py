@@ -4,12 +4,16 @@ After loading, `fuse_projections()` concatenates q/k/v and gate/up into one GEMM
 between the GEMMs runs as fused kernels chosen by the forward context `ctx` (nanodp/attention.py: Triton on
 CUDA, torch twins on CPU): residual add + RMSNorm, SiLU * up, and, inside `ctx.attend`, RoPE + the KV-cache
 store. The residual stream is carried beside the activations so each add fuses into the next norm.
+
+Under tensor parallelism (nanodp/parallel.py) every rank builds its layers at its own sizes: its query and KV heads,
+its MLP units and lm_head rows; o_proj and down_proj outputs are all-reduced and the logits all-gathered.
 """
 import math
 
 import torch
 from torch import nn
 
+from . import parallel
 from .config import ModelConfig
 
 
@@ -83,7 +87,9 @@ class Rope:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.hq, self.hkv, self.d = layer_idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        tp = parallel.world_size()  # this rank's heads (all of them on one rank)
+        self.layer_idx, self.d = layer_idx, cfg.head_dim
+        self.hq, self.hkv = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp
         self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
@@ -98,22 +104,23 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(B, T, self.hq + 2 * self.hkv, self.d)
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], dim=2)  # views, pre-RoPE
         o = ctx.attend(self.layer_idx, q, k, v, cos, sin)  # rotates q, k; stores k, v; [B, T, Hq, d]
-        return self.o_proj(o.reshape(B, T, self.hq * self.d))
+        return parallel.all_reduce(self.o_proj(o.reshape(B, T, self.hq * self.d)))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        units = parallel.part(cfg.intermediate_size)  # this rank's MLP units
+        self.gate_proj = nn.Linear(cfg.hidden_size, units, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, units, bias=False)
+        self.down_proj = nn.Linear(units, cfg.hidden_size, bias=False)
 
     def fuse(self):
         self.gate_up_proj = _cat_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x, ctx):  # SwiGLU: down(silu(gate x) * up x)
-        return self.down_proj(ctx.ops.silu_mul(self.gate_up_proj(x)))
+        return parallel.all_reduce(self.down_proj(ctx.ops.silu_mul(self.gate_up_proj(x))))
 
 
 def _cat_linear(*linears):
@@ -152,9 +159,10 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        parallel.check(cfg)
         self.cfg = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, parallel.vocab_part(cfg.vocab_size), bias=False)
         self.rope = None  # set by the loader once the device is known
 
     def fuse_projections(self):
@@ -176,4 +184,5 @@ class LlamaForCausalLM(nn.Module):
         else:  # LM head on one position per sequence only
             rows = torch.arange(x.shape[0], device=x.device)
             x, residual = x[rows, last_index], residual[rows, last_index]
-        return self.lm_head(self.model.norm(x, residual, ctx)[0]).float()
+        logits = self.lm_head(self.model.norm(x, residual, ctx)[0])
+        return parallel.gather_vocab(logits, self.cfg.vocab_size).float()

@@ -8,13 +8,18 @@ bandwidth utilisation: (weight bytes + KV bytes actually read per step) / step t
 Models: `default` = SmolLM2-135M-Instruct with its real weights and a real prose prompt (so Double-P sees
 real attention); `llama8b` = the Llama-3.1-8B shape with random weights and a random-filled cache: fine for
 dense speed, meaningless for sparse decode (random attention is flat), so only dense runs there.
+
+Tensor parallel: `--tp N` (or torchrun --nproc-per-node N -m nanodp.bench e2e ...) runs every cell on N GPUs;
+weight and KV bytes (and so MBU) are per GPU. The decode speed at TP=1 and TP=2, Llama-8B shape, 32K, B=8:
+    python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 1
+    python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 2
 """
 import argparse
 import time
 
 import torch
 
-from .. import flags
+from .. import flags, parallel
 from ..config import ModelConfig
 from ..engine import Counters, Engine
 from ..eval.tasks import prose
@@ -27,12 +32,14 @@ LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num
 
 def random_llama(cfg: ModelConfig):
     from ..model import LlamaForCausalLM, Rope
+    dev = parallel.place(torch.device("cuda"))
     with torch.device("meta"):
-        m = LlamaForCausalLM(cfg)
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
+        m = LlamaForCausalLM(cfg)  # under TP: this rank's shards
+    m = m.to_empty(device=dev).to(torch.bfloat16)
+    torch.manual_seed(0)  # replicated tensors (embeddings, norms) equal on every rank
     for _, p in m.named_parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
-    m.rope = Rope(cfg, "cuda")
+    m.rope = Rope(cfg, dev)
     return m.fuse_projections().eval().requires_grad_(False)
 
 
@@ -86,11 +93,14 @@ def bench_e2e(argv):
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    flags.add(p, "tp")
     args = p.parse_args(argv)
     require_cuda("e2e")
+    parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    results, rows = {"copy_tb_s": bw / 1e12, "cells": []}, []
+    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write) | "
+          f"TP {parallel.world_size()}")
+    results, rows = {"copy_tb_s": bw / 1e12, "tp": parallel.world_size(), "cells": []}, []
     for model_name in args.models.split(","):
         real = model_name == "default"
         if real:
@@ -111,8 +121,7 @@ def bench_e2e(argv):
                         try:
                             r = run_cell(eng, B, fill, args.steps, real, args.seed)
                             w = sum(t.numel() * t.element_size() for t in eng.model.parameters())
-                            per_tok = (eng.cfg.num_hidden_layers * eng.cfg.num_key_value_heads * eng.cfg.head_dim
-                                       * 2 * 2)
+                            per_tok = eng.cfg.num_hidden_layers * eng.cache.n_kv_heads * eng.cfg.head_dim * 2 * 2
                             kv = per_tok * B * (fill + args.steps / 2) * r["kv_read"]
                             r.update(mbu=(w + kv) / (r["ms_per_step"] / 1e3) / bw, weight_gb=w / 1e9,
                                      kv_gb_per_step=kv / 1e9)
@@ -124,12 +133,13 @@ def bench_e2e(argv):
                     rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
                                  None if "kv_read" not in r else 100 * r["kv_read"], r.get("mbu"),
                                  r.get("prefill_s"), r.get("cluster_s"), r.get("skipped", "")])
-        if real and not args.no_transformers:
+        if real and not args.no_transformers and parallel.world_size() == 1:
             results["transformers"] = cell(lambda: hf_generate(args, ctxs[-1]))
         model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
-    print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
-                "tok/s", "KV read %", "MBU", "prefill s", "cluster s", "note"], rows)
+    print_table(f"end-to-end decode (bf16, CUDA graphs, TP {parallel.world_size()})",
+                ["model", "B", "ctx", "attention", "ms/token", "tok/s", "KV read %", "MBU", "prefill s", "cluster s",
+                 "note"], rows)
     if "transformers" in results:
         print(f"transformers generate, default model, B=1, ctx {ctxs[-1]}: {results['transformers']}")
     return args, results
