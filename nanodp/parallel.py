@@ -10,7 +10,7 @@ exactly this rank's heads:
   attention                 the KV cache, clustering and Double-P's selection are per KV head: local, no communication
   embed_tokens, norms       replicated: a lookup reads B rows; a vocab-parallel table would add a third all-reduce
   lm_head                   sharded by vocabulary (ceil(V/N) rows each, zero rows past V), one all-gather of the
-                            logits per step: for Llama-8B it is 1 GB of bf16 that each rank would otherwise read per step
+                            logits per step: for Llama-8B it is 1 GB of bf16 each rank would otherwise read per step
   sampling                  rank 0's token ids are broadcast each step, so every rank runs the same decode steps
 Only rank 0 prints or writes files (the other ranks' stdout/stderr go to /dev/null; their tracebacks still show).
 
