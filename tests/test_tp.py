@@ -131,3 +131,29 @@ def test_generate_cli_with_tp_2(tiny, tmp_path):
     for r in recs:
         assert r["completion_tokens"] == len(ref[r["index"]]) and r["completion"] == tok.decode(ref[r["index"]])
     assert err.count("2 prompts") == 1  # rank 1 prints nothing
+
+
+def test_chat_with_tp_3(default_model):
+    """`python chat.py --tp 3`: rank 0 reads stdin and hands each line to the other ranks; the replies are one
+    rank's, printed once."""
+    from nanodp.config import SparseConfig
+    from nanodp.engine import Engine
+    from nanodp.sampler import SamplingParams
+    p = subprocess.Popen([sys.executable, "chat.py", "--tp", "3", "--max-new-tokens", "8", "--device", "cpu",
+                          "--max-len", "256"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate("What is the capital of France?\n/reset\nSay hi.\n/exit\n", timeout=150)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err
+    eng = Engine(None, device="cpu", max_batch=1, max_len=256, sparse=SparseConfig(attention="dense"), quiet=True)
+    replies = []
+    for q in ("What is the capital of France?", "Say hi."):
+        eng.reset_chat()
+        replies.append(eng.stream(eng.tok.encode_chat([{"role": "user", "content": q}]),
+                                  SamplingParams(temperature=0, max_new_tokens=8)).text)
+    bots = [ln for ln in out.splitlines() if ln.startswith("bot>")]
+    assert bots == [f"bot> {r}" for r in replies] and out.count("bye") == 1 and "Paris" in replies[0]
