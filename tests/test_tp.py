@@ -68,6 +68,21 @@ def test_two_ranks_equal_one_on_a_tiny_llama(tiny):
         assert torch.equal(torch.tensor(rk["qkv"]), torch.cat([q, k, v])) and rk["lm_head_rows"] == 49
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_nccl_and_cuda_graphs_equal_one(tiny):
+    """NCCL all-reduce / all-gather captured in each rank's CUDA graphs (fp32, Triton kernels)."""
+    path, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB - 1, (n,), generator=g).tolist() for n in (300, 211)]
+    args = (str(path), prompts, 12, [dict(attention="dense"), DOUBLEP], CLUSTER, 400, "cuda")
+    one = greedy(*args)
+    ranks = run_ranks(2, greedy, *args, timeout=300)
+    for i in range(2):
+        assert [rk["runs"][i]["tokens"] for rk in ranks] == [one["runs"][i]["tokens"]] * 2
+        assert all(rk["runs"][i]["graphs"] > 0 for rk in ranks)
+
+
 def test_three_ranks_equal_one_on_the_default_model(default_model):
     """3 KV heads, one per rank; a ragged batch, 8 new tokens, dense then Double-P on the same engine."""
     from nanodp.tokenizer import Tokenizer

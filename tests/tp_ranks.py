@@ -62,12 +62,12 @@ def _rank(r, n, port, timeout, fn, args, q):
     os._exit(0)  # skip interpreter teardown: the test has what it needs
 
 
-def greedy(model, prompts, n_new, sparse_runs, cluster_kw, max_len):
+def greedy(model, prompts, n_new, sparse_runs, cluster_kw, max_len, device="cpu"):
     """Greedy tokens for each SparseConfig keyword set in `sparse_runs`, on one engine, plus what each run read."""
     from nanodp.config import ClusterConfig, SparseConfig
     from nanodp.engine import Engine
     from nanodp.sampler import SamplingParams
-    eng = Engine(model, device="cpu", dtype="fp32", max_batch=len(prompts), max_len=max_len, quiet=True,
+    eng = Engine(model, device=device, dtype="fp32", max_batch=len(prompts), max_len=max_len, quiet=True,
                  sparse=SparseConfig(**sparse_runs[0]), cluster=ClusterConfig(**cluster_kw))
     out = {"world": parallel.world_size(), "kv_heads": eng.cache.n_kv_heads,
            "qkv": eng.model.model.layers[0].self_attn.qkv_proj.weight.tolist(),  # (lists: a queue shares tensors)
@@ -78,5 +78,5 @@ def greedy(model, prompts, n_new, sparse_runs, cluster_kw, max_len):
         res = eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=n_new))
         s = eng.ctx.stats.summary()
         out["runs"].append({"tokens": [r.token_ids for r in res], "kv_read": s.get("kv_read_fraction", 1.0),
-                            "clustered": list(eng.cache.tail_host[:len(prompts)])})
+                            "clustered": list(eng.cache.tail_host[:len(prompts)]), "graphs": len(eng.graphs)})
     return out
