@@ -167,7 +167,7 @@ def shutdown():
         p.join(timeout=30)
         if p.is_alive():
             p.terminate()
-    _S.update(world=1, rank=0, local=0, children=[], store=None, closing=False)
+    _S.update(world=1, rank=0, local=0, children=[], store=None)
 
 
 def init(tp: int = 1, main=None, argv=None) -> int:
@@ -226,14 +226,13 @@ def _child(main, argv, env, parent):
 def _watch():
     """Rank 0: if a rank dies abnormally, stop the others and exit (instead of waiting in a collective forever)."""
     from multiprocessing.connection import wait
-    left = list(_S["children"])
+    left = {p.sentinel: (r, p) for r, p in enumerate(_S["children"], 1)}
     while left:
-        for s in wait([p.sentinel for p in left]):
-            p = next(p for p in left if p.sentinel == s)
-            left.remove(p)
+        for s in wait(list(left)):
+            r, p = left.pop(s)
             p.join()
             if p.exitcode != 0 and not _S["closing"]:
-                _abort(f"rank {_S['children'].index(p) + 1} exited with code {p.exitcode}")
+                _abort(f"rank {r} exited with code {p.exitcode}")
 
 
 def _orphan_watch(parent):
