@@ -101,9 +101,13 @@ def test_three_ranks_equal_one_on_the_default_model(default_model):
     assert all(rk["runs"][1]["kv_read"] < 0.6 for rk in ranks)
 
 
-def run_cli(*args, timeout=120):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0", "--nproc-per-node", "2"]
+
+
+def run_cli(*args, launcher=(sys.executable,), timeout=120):
     """`python -m nanodp.generate ARGS` in its own session, so a hang kills every rank it started."""
-    p = subprocess.Popen([sys.executable, "-m", "nanodp.generate", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    p = subprocess.Popen([*launcher, "-m", "nanodp.generate", *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -129,13 +133,17 @@ def test_cli_refuses_bad_tp_on_the_default_model(default_model):
     assert lines == ["error: --tp 2 does not divide the model's 3 KV heads; use one of 1, 3"]
 
 
-def test_generate_cli_with_tp_2(tiny, tmp_path):
-    """`python -m nanodp.generate --tp 2`: rank 0 spawns rank 1; the output file is written once, by rank 0."""
+@pytest.mark.parametrize("launch", ["tp", "torchrun"])
+def test_generate_cli_on_2_ranks(tiny, tmp_path, launch):
+    """`python -m nanodp.generate --tp 2` (rank 0 spawns rank 1) or under torchrun: the output file is written
+    once, by rank 0, with one rank's tokens."""
     path, _ = tiny
     prompt = " ".join(f"w{i}" for i in range(5, 60))
     out = tmp_path / "out.jsonl"
-    rc, _, err = run_cli("--tp", "2", "--model", str(path), "--prompt", prompt, "--prompt", "w3 w4",
-                         "--max-new-tokens", "6", "--device", "cpu", "--attention", "dense", "--output", str(out))
+    how = dict(launcher=TORCHRUN) if launch == "torchrun" else {}
+    rc, _, err = run_cli(*(["--tp", "2"] if launch == "tp" else []), "--model", str(path), "--prompt", prompt,
+                         "--prompt", "w3 w4", "--max-new-tokens", "6", "--device", "cpu", "--attention", "dense",
+                         "--output", str(out), **how)
     assert rc == 0, err
     recs = [json.loads(ln) for ln in out.read_text().splitlines()]
     from nanodp.tokenizer import Tokenizer
