@@ -12,7 +12,7 @@ import sys
 
 from rich.console import Console
 
-from . import flags
+from . import flags, parallel
 from .engine import Counters
 from .sampler import SamplingParams
 
@@ -61,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--repetition-penalty", type=float, default=None,
                     help="> 1 discourages repeats (default: the model's, else 1.1)")
     args = ap.parse_args(argv)
+    parallel.init(args.tp, main, argv)  # --tp N or torchrun: every rank runs main, rank 0 reads and prints
     con = Console(highlight=False)
     try:
         llm = flags.build_llm(args, max_batch=1, max_len=args.max_len or "auto")
@@ -72,7 +73,8 @@ def main(argv=None):
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    read = reader(sys.stdin.isatty())
+    interactive = parallel.from_rank0(sys.stdin.isatty)     # under --tp rank 0 reads and shares every line
+    read = reader(interactive) if parallel.is_main() else None
     con.print(f"nanodp chat: {eng.model_dir.name} on {eng.device} ({eng.sparse.attention} decode, context "
               f"{eng.max_len}). /help for commands.", markup=False, style="bold")
     s = params
@@ -81,12 +83,12 @@ def main(argv=None):
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
-            text = read()
+            text = parallel.from_rank0(read)
         except KeyboardInterrupt:      # Ctrl-C at the prompt: a fresh prompt, nothing lost
             continue
         if text is None:
             break
-        if not sys.stdin.isatty():
+        if not interactive:
             con.print("you> " + text, markup=False, style="bold green")
         text = text.strip()
         if not text:

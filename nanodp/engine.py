@@ -1,10 +1,12 @@
-"""The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters."""
+"""The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters.
+Under tensor parallelism (nanodp/parallel.py) every rank runs this same loop on its own KV heads."""
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from . import parallel
 from .attention import AttentionContext
 from .cache import KVCache
 from .config import ClusterConfig, SparseConfig
@@ -55,7 +57,7 @@ class Engine:
                  sparse: SparseConfig | None = None, cluster: ClusterConfig | None = None, yarn=None, quiet=False,
                  eager=False):
         """`model`: a Llama folder, None for the default model, or an already built LlamaForCausalLM (bench)."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = parallel.place(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         if isinstance(model, torch.nn.Module):
             self.model_dir, self.model, self.tok = None, model, None
         else:
@@ -84,12 +86,13 @@ class Engine:
         by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history."""
         self.cache = self.ctx = None                     # free the old cache before allocating the new one
         dt = self.model.model.embed_tokens.weight.dtype
-        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
-                                                        self.cfg.head_dim, dt, self.cluster)
+        hkv = self.model.model.layers[0].self_attn.hkv  # this rank's KV heads (all of them without TP)
+        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, hkv, self.cfg.head_dim, dt,
+                                                        self.cluster)
         self.max_batch = max_batch
         self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
-        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, self.cfg.num_key_value_heads, self.max_len,
-                             self.cfg.head_dim, dt, self.device, self.cluster, backend=self.kernels)
+        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, hkv, self.max_len, self.cfg.head_dim, dt,
+                             self.device, self.cluster, backend=self.kernels)
         if not self.quiet:
             print(f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
                   f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)", file=sys.stderr)
@@ -118,7 +121,7 @@ class Engine:
         n = self.cfg.max_position_embeddings
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
-            n = min(n, int(0.85 * free / (self.max_batch * bytes_per_token)) // 256 * 256)
+            n = parallel.agree_min(min(n, int(0.85 * free / (self.max_batch * bytes_per_token)) // 256 * 256))
             if n < 256:
                 raise MemoryError(f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
                                   f"{self.max_batch} sequences; lower --batch-size or pass --max-len")
@@ -255,7 +258,7 @@ class Engine:
         done = [False] * B
         t0 = time.perf_counter()
         while True:
-            tok = sampler(logits)
+            tok = parallel.broadcast(sampler(logits))  # TP: rank 0's tokens, so all ranks decode the same steps
             tok_host = tok.tolist()  # waits for the step: the decode clock is exact here
             now = time.perf_counter()
             self.counters.decode_s += now - t0

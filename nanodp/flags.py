@@ -30,6 +30,9 @@ FLAGS = {
     "max-len": dict(type=int, default=None, help="KV cache tokens per sequence (default: the model's context)"),
     "yarn": dict(type=float, default=None, help="extend the context this many times with YaRN (default: off)"),
     "eager": dict(action="store_true", help="no CUDA graphs for decode steps"),
+    "tp": dict(type=int, default=1, help="tensor-parallel ranks (GPUs): heads and MLP split across N processes, "
+                                         "N must divide the KV heads; under torchrun its rank count "
+                                         "(default: %(default)s)"),
     # decode attention (SparseConfig)
     "attention": dict(default=_SP.attention, choices=["dense", "doublep", "topk", "auto"],
                       help="decode attention; auto: Double-P where bench e2e --write-auto measured it faster on "
@@ -63,7 +66,7 @@ FLAGS = {
     "top-k": dict(type=int, default=_SA.top_k, help="0 = off (default: %(default)s)"),
     "seed": dict(type=int, default=None, help="sampling seed (default: random)"),
 }
-MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager")
+MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager", "tp")
 SPARSE = ("attention", "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")
 CACHE = ("recluster-every", "cluster-size")
 ENGINE = MODEL + SPARSE + CACHE
@@ -128,5 +131,10 @@ def build_llm(args, max_batch, **kw):
     """A nanodp.LLM from the ENGINE flags (kw: further options, e.g. quiet=False)."""
     from .api import LLM
 
+    from . import parallel
+
     check_engine_args(args)
+    if args.tp > 1 and args.tp != parallel.world_size():  # a command that never called parallel.init
+        raise ValueError(f"--tp {args.tp}: this command runs on one rank only (use nanodp.generate, chat.py, "
+                         "bench e2e or torchrun)")
     return LLM(args.model, attention=args.attention, max_batch=max_batch, **(llm_options(args) | kw))

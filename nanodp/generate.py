@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from . import flags
+from . import flags, parallel
 
 
 def read_prompts(args) -> list:
@@ -90,11 +90,12 @@ def main(argv=None):
     items = read_prompts(args)
     if not items:
         error(f"--prompts {args.prompts} holds no prompts (every line is empty)")
+    parallel.init(args.tp, main, argv)  # --tp N or torchrun: every rank runs main, rank 0 alone prints
     try:
         llm = flags.build_llm(args, max_batch=min(args.batch_size, len(items)))
     except (ValueError, RuntimeError, OSError) as e:
         error(e)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    out = open(args.output, "w", encoding="utf-8") if args.output and parallel.is_main() else None
     records = [None] * len(items)
 
     def emit(i, rec):

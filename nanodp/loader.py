@@ -1,10 +1,12 @@
-"""Find a model folder, read its config and safetensors shards, and build the model on the target device."""
+"""Find a model folder, read its config and safetensors shards, and build the model on the target device.
+Under tensor parallelism each rank keeps only its part of every tensor (parallel.shard), cut before fusing."""
 import json
 import re
 from pathlib import Path
 
 import torch
 
+from . import parallel
 from .config import ConfigError, ModelConfig
 from .fetch import DEFAULT_DIR as DEFAULT_MODEL
 from .model import LlamaForCausalLM, Rope
@@ -68,7 +70,7 @@ def read_state_dict(model_dir: Path, dtype, device) -> dict:
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 for name in fh.keys():
                     if not name.endswith("rotary_emb.inv_freq"):
-                        sd[name] = fh.get_tensor(name).to(device=device, dtype=dtype)
+                        sd[name] = parallel.shard(name, fh.get_tensor(name)).to(device=device, dtype=dtype)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightsError(f"{f} is corrupt or truncated ({e}); download it again") from None
     return sd
@@ -86,7 +88,7 @@ def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausal
         model = LlamaForCausalLM(cfg)
     sd = read_state_dict(model_dir, dtype, device)
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # tied embeddings
+        sd["lm_head.weight"] = parallel.shard("lm_head.weight", sd["model.embed_tokens.weight"])  # tied embeddings
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing:
@@ -100,7 +102,7 @@ def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausal
     model.load_state_dict(sd, assign=True)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
     del sd  # the model holds the only references now, so fusing frees each original as it goes
-    if tied:
+    if tied and parallel.world_size() == 1:  # (a TP rank's lm_head holds a copy of its vocabulary rows)
         model.lm_head.weight = model.model.embed_tokens.weight
     model.fuse_projections()
     model.rope = Rope(cfg, device)

@@ -9,6 +9,8 @@ Precision (docs/INTERNALS.md "Precision", scripts/precision.py): weights, GEMM i
 cache are in the model dtype; the residual stream, RoPE's cos/sin and the logits are fp32, and the fused ops
 round once. In bf16 that halves the logit error against fp32 compared with Hugging Face's bf16 path, which rounds
 the residual stream (the largest single loss), the normalised row before its weight, cos/sin and the logits.
+Under tensor parallelism (nanodp/parallel.py) every rank builds its layers at its own sizes: its query and KV heads,
+its MLP units and lm_head rows; o_proj and down_proj outputs are all-reduced and the logits all-gathered.
 """
 import math
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
 from .config import ModelConfig
 
 
@@ -91,7 +94,9 @@ class Rope:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.hq, self.hkv, self.d = layer_idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        tp = parallel.world_size()  # this rank's heads (all of them on one rank)
+        self.layer_idx, self.d = layer_idx, cfg.head_dim
+        self.hq, self.hkv = cfg.num_attention_heads // tp, cfg.num_key_value_heads // tp
         self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=False)
@@ -106,22 +111,23 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(B, T, self.hq + 2 * self.hkv, self.d)
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], dim=2)  # views, pre-RoPE
         o = ctx.attend(self.layer_idx, q, k, v, cos, sin)  # rotates q, k; stores k, v; [B, T, Hq, d]
-        return self.o_proj(o.reshape(B, T, self.hq * self.d))
+        return parallel.all_reduce(self.o_proj(o.reshape(B, T, self.hq * self.d)))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        units = parallel.part(cfg.intermediate_size)  # this rank's MLP units
+        self.gate_proj = nn.Linear(cfg.hidden_size, units, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, units, bias=False)
+        self.down_proj = nn.Linear(units, cfg.hidden_size, bias=False)
 
     def fuse(self):
         self.gate_up_proj = _cat_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x, ctx):  # SwiGLU: down(silu(gate x) * up x)
-        return self.down_proj(ctx.ops.silu_mul(self.gate_up_proj(x)))
+        return parallel.all_reduce(self.down_proj(ctx.ops.silu_mul(self.gate_up_proj(x))))
 
 
 def _cat_linear(*linears):
@@ -160,9 +166,10 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        parallel.check(cfg)
         self.cfg = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, parallel.vocab_part(cfg.vocab_size), bias=False)
         self.rope = None  # set by the loader once the device is known
 
     def fuse_projections(self):
@@ -184,7 +191,8 @@ class LlamaForCausalLM(nn.Module):
         else:  # LM head on one position per sequence only
             rows = torch.arange(x.shape[0], device=x.device)
             x, residual = x[rows, last_index], residual[rows, last_index]
-        return logits_fp32(self.model.norm(x, residual, ctx)[0], self.lm_head.weight)
+        logits = logits_fp32(self.model.norm(x, residual, ctx)[0], self.lm_head.weight)
+        return parallel.gather_vocab(logits, self.cfg.vocab_size)
 
 
 _MM_OUT_DTYPE = [hasattr(torch.ops.aten.mm, "dtype")]  # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8)

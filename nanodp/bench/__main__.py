@@ -9,6 +9,7 @@ import importlib
 import json
 import sys
 
+from .. import parallel
 from .timing import environment
 
 SECTIONS = {
@@ -28,7 +29,7 @@ def main(argv=None):
     mod, fn = SECTIONS[argv[0]].split(":")
     args, results = getattr(importlib.import_module(mod, __package__), fn)(argv[1:])
     line = json.dumps({"section": argv[0], "env": environment(), "results": results}, default=str)
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) and parallel.is_main():
         with open(args.out, "w") as f:
             f.write(line + "\n")
     print(line)

@@ -8,13 +8,18 @@ bandwidth utilisation: (weight bytes + KV bytes actually read per step) / step t
 Models: `default` = SmolLM2-135M-Instruct with its real weights and a real prose prompt (so Double-P sees
 real attention); `llama8b` = the Llama-3.1-8B shape with random weights and a random-filled cache: fine for
 dense speed, meaningless for sparse decode (random attention is flat), so only dense runs there.
+
+Tensor parallel: `--tp N` (or torchrun --nproc-per-node N -m nanodp.bench e2e ...) runs every cell on N GPUs;
+weight and KV bytes (and so MBU) are per GPU. The decode speed at TP=1 and TP=2, Llama-8B shape, 32K, B=8:
+    python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 1
+    python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 2
 """
 import argparse
 import time
 
 import torch
 
-from .. import flags
+from .. import flags, parallel
 from ..config import ModelConfig
 from ..engine import Counters, Engine
 from ..eval.tasks import prose
@@ -27,12 +32,14 @@ LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num
 
 def random_llama(cfg: ModelConfig):
     from ..model import LlamaForCausalLM, Rope
+    dev = parallel.place(torch.device("cuda"))
     with torch.device("meta"):
-        m = LlamaForCausalLM(cfg)
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
+        m = LlamaForCausalLM(cfg)  # under TP: this rank's shards
+    m = m.to_empty(device=dev).to(torch.bfloat16)
+    torch.manual_seed(0)  # replicated tensors (embeddings, norms) equal on every rank
     for _, p in m.named_parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
-    m.rope = Rope(cfg, "cuda")
+    m.rope = Rope(cfg, dev)
     return m.fuse_projections().eval().requires_grad_(False)
 
 
@@ -92,15 +99,17 @@ def bench_e2e(argv):
     p.add_argument("--attentions", default="dense,doublep", help="decode attentions to time (default: %(default)s)")
     p.add_argument("--write-auto", action="store_true",
                    help="write the --attention auto table of this GPU from the default model's cells, then time auto")
-    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")   # the engine's defaults
+    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers", "tp")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per cell (default: %(default)s)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     p.add_argument("--seed", type=int, default=0, help="prose seed (default: %(default)s)")
     args = p.parse_args(argv)
     require_cuda("e2e")
+    parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    results, rows = {"copy_tb_s": bw / 1e12, "cells": []}, []
+    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write) | "
+          f"TP {parallel.world_size()}")
+    results, rows = {"copy_tb_s": bw / 1e12, "tp": parallel.world_size(), "cells": []}, []
     for model_name in args.models.split(","):
         real = model_name == "default"
         if real:
@@ -125,8 +134,7 @@ def bench_e2e(argv):
                         try:
                             r = run_cell(eng, B, fill, args.steps, real, args.seed)
                             w = sum(t.numel() * t.element_size() for t in eng.model.parameters())
-                            per_tok = (eng.cfg.num_hidden_layers * eng.cfg.num_key_value_heads * eng.cfg.head_dim
-                                       * 2 * 2)
+                            per_tok = eng.cfg.num_hidden_layers * eng.cache.n_kv_heads * eng.cfg.head_dim * 2 * 2
                             kv = per_tok * B * (fill + args.steps / 2) * r["kv_read"]
                             r.update(mbu=(w + kv) / (r["ms_per_step"] / 1e3) / bw, weight_gb=w / 1e9,
                                      kv_gb_per_step=kv / 1e9)
@@ -140,11 +148,11 @@ def bench_e2e(argv):
                     rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
                                  None if "kv_read" not in r else 100 * r["kv_read"], kv_gbs, r.get("mbu"),
                                  r.get("prefill_s"), cl, r.get("ran", ""), r.get("skipped", "")])
-        if real and not args.no_transformers:
+        if real and not args.no_transformers and parallel.world_size() == 1:
             results["transformers"] = cell(lambda: hf_generate(args, ctxs[-1]))
         model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
-    print_table("end-to-end decode (bf16, CUDA graphs)", ["model", "B", "ctx", "attention", "ms/token",
+    print_table(f"end-to-end decode (bf16, CUDA graphs, TP {parallel.world_size()})", ["model", "B", "ctx", "attention", "ms/token",
                 "tok/s", "KV read %", "KV GB/s", "MBU", "prefill s", "cluster %", "ran", "note"], rows)
     print("KV GB/s: KV bytes read per step / step time (all of the step, so a lower bound of the attention's);"
           " cluster %: clustering time / prefill time (prefill excludes clustering)")
