@@ -129,14 +129,16 @@ class ClusterConfig:
 
 @dataclass
 class SparseConfig:
-    """Decode attention: `dense`, `doublep` (two top-p cuts, DESIGN.md section 6) or `topk` (fixed budget).
+    """Decode attention: `dense`, `doublep` (two top-p cuts, docs/DESIGN.md), `topk` (fixed budget) or `auto`
+    (Double-P where nanodp/auto.py's measured table says it is faster, dense elsewhere).
     kernels/doublep.py (the twin) defines every field's meaning; validated here once, not in the kernels.
 
-    The Double-P defaults are the pick of nanodp's own evaluation on its development seed (README "Accuracy",
-    docs/results/h200-floor2-*): the paper's p1=0.95, p2=0.7 with the centroid estimate and the group mean, plus
-    a per-head floor of 40% of the clustered tokens (floor_frac=0 gives the paper's setting as is). The default
-    attention stays `dense`: at that setting Double-P reads ~44% of the KV at 8K and is slower than dense on
-    the default model (README "Performance"); switch with --attention doublep."""
+    The Double-P defaults are the pick of nanodp's own evaluation on its development seed 1 (docs/RESULTS.md,
+    "Accuracy"): the paper's p1=0.95, p2=0.7 and group mean, the gauss stage-1 estimate, plus a per-head floor of
+    15% of the clustered tokens. The paper's setting as is: estimate="centroid", floor_frac=0. The default
+    attention stays `dense`: Double-P is slower than dense on the default model at every measured batch size.
+    """
+
     attention: str = "dense"
     p1: float = 0.95
     p2: float = 0.7
@@ -146,9 +148,9 @@ class SparseConfig:
     est_clusters: int = 0       # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
     dense_layers: int = 0       # the first N layers always decode densely
     capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
-    estimate: str = "centroid"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
+    estimate: str = "gauss"     # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     floor: int = 0              # doublep: at least this many exact clustered tokens per head, by rank ...
-    floor_frac: float = 0.4     # ... and at least this fraction of the head's clustered tokens
+    floor_frac: float = 0.15    # ... and at least this fraction of the head's clustered tokens
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk", "auto"):

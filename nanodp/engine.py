@@ -74,11 +74,11 @@ class Engine:
         if kernels not in ("triton", "torch"):
             raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
         self.kernels, self.cluster, self.quiet = kernels, cluster or ClusterConfig(), quiet
-        self.cluster_enabled = self.sparse.attention != "dense"
+        self.cache, self.auto_table = None, None
+        self.cluster_enabled = self._needs_clusters()
         self.counters = Counters()
         # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
         self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
-        self.cache, self.auto_table = None, None
         self._allocate(max_batch, max_len)
 
     def _allocate(self, max_batch, max_len):
@@ -111,7 +111,7 @@ class Engine:
         """Switch the decode attention (e.g. between methods of an evaluation); takes effect from the next
         prompt, which is prefilled and clustered afresh."""
         self.sparse = self.ctx.sparse = sparse
-        self.cluster_enabled = sparse.attention != "dense"
+        self.cluster_enabled = self._needs_clusters()
         self.graphs.clear()
         self.graph_pool = None  # the old pool dies with its graphs: capture the next ones into a new one
 
@@ -183,15 +183,20 @@ class Engine:
         g["graph"].replay()
         return g["logits"]
 
+    def _needs_clusters(self) -> bool:
+        """Clustering runs for sparse decode; for auto only if this GPU's table ever picks Double-P."""
+        if self.sparse.attention != "auto":
+            return self.sparse.attention != "dense"
+        from . import auto
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.auto_table = auto.load(name, self.model_dir.name if self.model_dir else "model")
+        return "doublep" in self.auto_table.values()
+
     def step_attention(self, B, bucket) -> str:
         """The decode attention of a step of B sequences in this context bucket (--attention auto: nanodp/auto.py)."""
         if self.sparse.attention != "auto":
             return self.sparse.attention
-        if self.auto_table is None:
-            from . import auto
-
-            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-            self.auto_table = auto.load(name, self.model_dir.name if self.model_dir else "model")
         from .auto import choose
 
         return choose(self.auto_table, B, bucket)

@@ -11,6 +11,11 @@ from nanodp.config import ClusterConfig
 from nanodp.cluster import cluster_block, cluster_range, kmeans, split_segments
 from nanodp.kernels.kmeans import assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton
 
+
+def eq(a, b):
+    """torch.equal on the CPU (the kernels run on DEV; references may be built on the CPU)."""
+    return torch.equal(a.cpu(), b.cpu())
+
 SMALL = dict(sinks=4, window=8, cluster_size=4, kmeans_iters=3, segment_len=32, recluster_every=16)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # Triton needs CUDA, or the CPU interpreter
 WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "weights", "SmolLM2-135M-Instruct")
@@ -60,10 +65,10 @@ def check(t, b, tol=1e-5):
         for h in range(c.n_kv_heads):
             pos = x["pos"][h, :n].long()
             # every token stored exactly once, with its own K and V rows
-            assert torch.equal(pos.sort().values, torch.arange(n))
-            assert torch.equal(x["k"][h, :n], K[h, pos]) and torch.equal(x["v"][h, :n], V[h, pos])
+            assert eq(pos.sort().values, torch.arange(n))
+            assert eq(x["k"][h, :n], K[h, pos]) and eq(x["v"][h, :n], V[h, pos])
             # steady tokens are where they were written
-            assert torch.equal(pos[:S], torch.arange(S)) and torch.equal(pos[ts:], torch.arange(ts, n))
+            assert eq(pos[:S], torch.arange(S)) and eq(pos[ts:], torch.arange(ts, n))
             m = int(x["ncl"][h])
             assert m <= c.max_clusters
             if ts == 0:
@@ -227,7 +232,7 @@ def test_kmeans_recovers_planted_clusters(backend):
 def test_kmeans_backends_agree():
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(2, 70, 16, generator=g) + 3 * torch.randn(2, 1, 16, generator=g)).to(DEV)
-    assert torch.equal(kmeans(x, 9, 4, "triton"), kmeans(x, 9, 4, "torch"))
+    assert eq(kmeans(x, 9, 4, "triton"), kmeans(x, 9, 4, "torch"))
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -252,7 +257,7 @@ def test_assign_kernel_matches_twin(dtype):
         gap = (s.gather(2, r.long()[..., None]) - s.gather(2, a.long()[..., None])).abs()
         assert diff.float().mean() < 0.02 and gap.max() < 1e-2
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)                  # arbitrary strides
-    assert torch.equal(assign_triton(xt, c, block_t=64, block_k=32), a)
+    assert eq(assign_triton(xt, c, block_t=64, block_k=32), a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

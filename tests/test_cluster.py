@@ -5,6 +5,11 @@ import torch.nn.functional as F
 
 from nanodp.cluster import kmeans
 
+
+def eq(a, b):
+    """torch.equal on the CPU (the kernels run on DEV; references may be built on the CPU)."""
+    return torch.equal(a.cpu(), b.cpu())
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # Triton needs CUDA, or the CPU interpreter
 
 
@@ -62,7 +67,7 @@ def test_kmeans_equals_spherical_reference(backend):
     x[1, :40] *= 6                                        # and some long keys
     got = kmeans(x.to(DEV if backend == "triton" else "cpu"), k, 6, backend).cpu()
     for p in range(N):
-        assert torch.equal(got[p], spherical_ref(x[p], k, 6)), p
+        assert eq(got[p], spherical_ref(x[p], k, 6)), p
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -161,7 +166,7 @@ def test_step_kernel_matches_twin(dtype):
     got = c.clone()
     km.step_triton(r, ws.mu, got, ws.s, ws.ctr[0], block_t=32, block_k=16)
     want = km.step_ref(x, mu, c)
-    assert torch.equal(got[:, 20], c[:, 20]) and torch.equal(want[:, 20], c[:, 20])
+    assert eq(got[:, 20], c[:, 20]) and eq(want[:, 20], c[:, 20])
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=TOL[dtype], atol=TOL[dtype])
     assert ws.s.eq(0).all()                               # left zeroed for the next round
 
@@ -180,11 +185,11 @@ def test_final_kernel_matches_twin(dtype):
     km.final_triton(r, ws.mu, c, a, ws.cnt, (xs, vs, ps), block_t=32, block_k=16)
     ar, cnt = km.final_ref(x, mu, c)
     if dtype == torch.float32:
-        assert torch.equal(a.int(), ar) and torch.equal(ws.cnt, cnt)
+        assert eq(a.int(), ar) and eq(ws.cnt, cnt)
     else:   # fp16 products: only near-ties may differ
         assert (a.int() != ar).float().mean() < 0.02
-    assert torch.equal(ws.cnt.sum(1), torch.full((r.N,), r.n, dtype=torch.int32))
-    assert torch.equal(xs, x) and torch.equal(vs, r.gather(r.v)) and torch.equal(ps, r.gather(r.pos))
+    assert eq(ws.cnt.sum(1), torch.full((r.N,), r.n, dtype=torch.int32))
+    assert eq(xs, x) and eq(vs, r.gather(r.v)) and eq(ps, r.gather(r.pos))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -195,14 +200,14 @@ def test_reorder_kernel_matches_twin(dtype):
     xs, vs, ps = r.gather(r.k), r.gather(r.v), r.gather(r.pos)
     k0, v0, p0 = r.k.clone(), r.v.clone(), r.pos.clone()
     km.reorder_triton(r, perm, xs, vs, ps, block_t=32)
-    assert torch.equal(r.gather(r.k), km.reorder_ref(xs, perm))
-    assert torch.equal(r.gather(r.v), km.reorder_ref(vs, perm))
-    assert torch.equal(r.gather(r.pos), km.reorder_ref(ps, perm))
+    assert eq(r.gather(r.k), km.reorder_ref(xs, perm))
+    assert eq(r.gather(r.v), km.reorder_ref(vs, perm))
+    assert eq(r.gather(r.pos), km.reorder_ref(ps, perm))
     outside = torch.ones_like(r.pos, dtype=torch.bool)   # nothing else moved
     for b, s in r.jobs:
         outside[:, b, :, s:s + r.n] = False
-    assert torch.equal(r.k[outside], k0[outside]) and torch.equal(r.v[outside], v0[outside])
-    assert torch.equal(r.pos[outside], p0[outside])
+    assert eq(r.k[outside], k0[outside]) and eq(r.v[outside], v0[outside])
+    assert eq(r.pos[outside], p0[outside])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -232,9 +237,9 @@ def test_append_kernel_matches_twin(dtype):
     for f in ("centroids", "vmean", "kvar", "logsize"):
         torch.testing.assert_close(getattr(got, f).cpu(), getattr(want, f).cpu(), rtol=TOL[dtype],
                                    atol=TOL[dtype], msg=f)
-    assert torch.equal(got.cstart, want.cstart) and torch.equal(got.ncl, want.ncl)
+    assert eq(got.cstart, want.cstart) and eq(got.ncl, want.ncl)
     nkept = (cnt > 0).sum(1).view(2, nl, H)                 # problem p = (job * nl + l) * H + h; job 1 is slot 0
-    assert torch.equal(got.ncl[:, 0].long(), nkept[1] + torch.arange(H) * 3 + 1) and nkept.max() < k - 3
+    assert eq(got.ncl[:, 0].long(), nkept[1] + torch.arange(H) * 3 + 1) and nkept.max() < k - 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -244,13 +249,13 @@ def test_cluster_block_backends_agree(dtype):
     v = torch.randn(3, 90, 20, generator=g).to(DEV, dtype)
     x0 = x.clone()
     a, b = cluster_block(x, v, 7, 4, "triton"), cluster_block(x, v, 7, 4, "torch")
-    assert torch.equal(x, x0)                              # inputs untouched
+    assert eq(x, x0)                              # inputs untouched
     if dtype == torch.float32:
-        assert torch.equal(a.perm, b.perm) and torch.equal(a.starts, b.starts) and torch.equal(a.nkept, b.nkept)
+        assert eq(a.perm, b.perm) and eq(a.starts, b.starts) and eq(a.nkept, b.nkept)
         for f in ("centroids", "vmean", "kvar", "logsize"):
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-5, msg=f)
     for res in (a, b):   # either way: a permutation, and the stored centroid is the raw member mean
-        assert torch.equal(res.perm.sort(1).values, torch.arange(90).expand(3, 90))
+        assert eq(res.perm.sort(1).values, torch.arange(90).expand(3, 90))
         for p in range(3):
             for i in range(int(res.nkept[p])):
                 rows = res.perm[p, res.starts[p, i]:res.starts[p, i + 1]]

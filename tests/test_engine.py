@@ -106,7 +106,8 @@ def test_generate_cli_refuses_bad_sampling(capsys):
 
 
 def test_chat_through_stdin():
-    p = subprocess.run([sys.executable, "chat.py", "--max-new-tokens", "12", "--device", "cpu", "--max-len", "512"],
+    p = subprocess.run([sys.executable, "chat.py", "--max-new-tokens", "12", "--device", "cpu", "--max-len", "512",
+                        "--temperature", "0"],
                        input="What is the capital of France?\n/reset\nSay hi.\n/exit\n", cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

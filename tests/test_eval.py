@@ -132,7 +132,7 @@ def test_read_masks_match_the_kernel_selection():
     torch.manual_seed(0)
     q, layer, lens, tail = make_synthetic(2, 6, 2, 32, 700, device="cpu", dtype=torch.float32, rel_frac=0.1, boost=2.0)
     lens = lens - torch.tensor([0, 50], dtype=torch.int32)
-    nf = dict(floor_frac=0.0)                                     # SparseConfig's default has a 40% floor
+    nf = dict(floor_frac=0.0)                                     # SparseConfig default has a floor
     for sp in (SparseConfig("doublep", 0.8, 0.8, **nf), SparseConfig("doublep", 0.8, 0.8, "max", **nf),
                SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6, **nf),
                SparseConfig("doublep", 0.8, 0.8, floor=120, **nf), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):

@@ -46,7 +46,7 @@ def test_doublep_reads_less(dense_tokens):
     eng, toks = run("doublep", p1=0.95, p2=0.7, floor_frac=0.0, n=8)
     s = eng.ctx.stats.summary()
     assert 0 < s["kv_read_fraction"] < 0.9 and s["pseudo_fraction"] > 0
-    eng, toks = run("doublep", n=8)                   # the defaults: + a floor of 40% of the clustered tokens
+    eng, toks = run("doublep", n=8)                   # the defaults: + a floor of 15% of the clustered tokens
     assert s["kv_read_fraction"] < eng.ctx.stats.summary()["kv_read_fraction"] < 1
 
 

@@ -163,6 +163,7 @@ def test_chat_with_tp_3(default_model):
     from nanodp.engine import Engine
     from nanodp.sampler import SamplingParams
     p = subprocess.Popen([sys.executable, "chat.py", "--tp", "3", "--max-new-tokens", "8", "--device", "cpu",
+                          "--temperature", "0", "--repetition-penalty", "1",
                           "--max-len", "256"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
