@@ -1,4 +1,5 @@
 """Terminal chat with nanodp: `python chat.py --help` (the same as `nanodp-chat`; the code is nanodp/chat.py)."""
+
 import sys
 
 from nanodp.chat import main

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command setup: `bash run.sh chat [chat.py args]` or `bash run.sh test [pytest args]`.
+# One-command setup: `bash run.sh chat [chat.py args]`, `bash run.sh test [pytest args]` or `bash run.sh lint`.
 # Creates .venv (Python 3.10+), installs nanodp and its dependencies, fetches the default model, then runs.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,7 +14,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "${NANODP_TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$VPY" -c "import nanodp, triton, tokenizers, gguf, rich, jinja2, pytest, transformers, accelerate" 2>/dev/null; then
+if ! "$VPY" -c "import nanodp.kernels, triton, tokenizers, gguf, rich, jinja2, prompt_toolkit, pytest, transformers, \
+    accelerate, ruff, build" 2>/dev/null; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
 # Many tiny CPU ops (decode of a small model, the torch twins) are dominated by OpenMP thread wake-ups on
@@ -25,5 +26,6 @@ shift || true
 case "$cmd" in
   chat) "$VPY" weights/fetch_default.py && exec "$VPY" chat.py "$@" ;;
   test) "$VPY" weights/fetch_default.py && exec "$VPY" -m pytest -q "$@" ;;
-  *) echo "usage: bash run.sh chat|test [args]" >&2; exit 2 ;;
+  lint) "$VPY" weights/fetch_default.py && "$VPY" -m ruff check . && exec "$VPY" -m ruff format --check . ;;
+  *) echo "usage: bash run.sh chat|test|lint [args]" >&2; exit 2 ;;
 esac

@@ -1,13 +1,14 @@
 """Helpers shared by the Triton kernel files."""
+
 import functools
 import os
 
 import torch
 import triton.language as tl
 
-LOG2E = 1.4426950408889634        # log2(e): kernels work in base 2 (exp2), x * LOG2E = x / ln 2
-NEG = -1.0e30                     # "minus infinity" for running maxima: finite, so exp2(NEG - NEG) = 1
-LOG2E_C = tl.constexpr(LOG2E)     # the same, as constexprs for use inside @triton.jit functions
+LOG2E = 1.4426950408889634  # log2(e): kernels work in base 2 (exp2), x * LOG2E = x / ln 2
+NEG = -1.0e30  # "minus infinity" for running maxima: finite, so exp2(NEG - NEG) = 1
+LOG2E_C = tl.constexpr(LOG2E)  # the same, as constexprs for use inside @triton.jit functions
 NEG_C = tl.constexpr(NEG)
 
 

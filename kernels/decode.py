@@ -4,13 +4,16 @@ Contract (docs/INTERNALS.md, "Dense decode"):
     q [B, Hq, d], k/v [B, Hkv, L, d], lens [B] int32: query head h of sequence b attends keys
     0 .. lens[b]-1 of KV head h // (Hq // Hkv). `max_len` (python int) only sizes the grid.
 """
+
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, interpreting as _interpreting, num_sms as _num_sms
+from .common import LOG2E
+from .common import interpreting as _interpreting
+from .common import num_sms as _num_sms
 
 
 def decode_ref(q, k, v, lens, sm_scale=None, max_len=None):
@@ -21,9 +24,9 @@ def decode_ref(q, k, v, lens, sm_scale=None, max_len=None):
     o = torch.empty_like(q)
     for b in range(B):
         n = int(lens[b])
-        kb = k[b, :, :n].float().repeat_interleave(g, dim=0)            # [Hq, n, d]
+        kb = k[b, :, :n].float().repeat_interleave(g, dim=0)  # [Hq, n, d]
         vb = v[b, :, :n].float().repeat_interleave(g, dim=0)
-        s = (kb @ q[b].float()[:, :, None])[..., 0] * sm_scale          # [Hq, n]
+        s = (kb @ q[b].float()[:, :, None])[..., 0] * sm_scale  # [Hq, n]
         o[b] = (s.softmax(-1)[:, None, :] @ vb)[:, 0].to(q.dtype)
     return o
 
@@ -54,20 +57,51 @@ def _combine_head(Mp, Lp, Ap, row0, n_valid, o_ptrs, D: tl.constexpr, S_BLOCK: t
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, O, Mp, Lp, Ap, CNT, LENS, qk_scale, chunk, n_splits,
-                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sod,
-                         HKV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, FUSED: tl.constexpr, S_BLOCK: tl.constexpr,
-                         PREC: tl.constexpr):
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    O,
+    Mp,
+    Lp,
+    Ap,
+    CNT,
+    LENS,
+    qk_scale,
+    chunk,
+    n_splits,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sod,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     # Program (b*Hkv + kv head, split) owns keys [split*chunk, split*chunk + chunk) of one KV head and
     # all GROUP query heads that share it: each K/V tile is loaded once and serves the whole group.
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = (pid // HKV).to(tl.int64)             # 64-bit offsets: a cache can exceed 2**31 elements
+    b = (pid // HKV).to(tl.int64)  # 64-bit offsets: a cache can exceed 2**31 elements
     kvh = (pid % HKV).to(tl.int64)
     n_len = tl.load(LENS + b)
     start = split * chunk
-    if start >= n_len:                         # chunk beyond this sequence's length: nothing to read
+    if start >= n_len:  # chunk beyond this sequence's length: nothing to read
         return
     end = tl.minimum(start + chunk, n_len)
 
@@ -79,8 +113,8 @@ def _decode_split_kernel(Q, K, V, O, Mp, Lp, Ap, CNT, LENS, qk_scale, chunk, n_s
     offs_n = tl.arange(0, BLOCK_N)
     h = kvh * GROUP + rows
     q = tl.load(Q + b * sqb + h[:, None] * sqh + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd   # [D, BLOCK_N]
-    v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd    # [BLOCK_N, D]
+    kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd  # [D, BLOCK_N]
+    v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd  # [BLOCK_N, D]
 
     # Online softmax over the chunk, base 2 (t = q.k * sm_scale * log2 e): running max m, sum l, acc.
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -91,9 +125,9 @@ def _decode_split_kernel(Q, K, V, O, Mp, Lp, Ap, CNT, LENS, qk_scale, chunk, n_s
         col_ok = cols < end
         kT = tl.load(kT_ptrs + n0 * skt, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_ptrs + n0 * svt, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision=PREC)                              # [G_PAD, BLOCK_N]
+        s = tl.dot(q, kT, input_precision=PREC)  # [G_PAD, BLOCK_N]
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)   # finite: every tile holds >= 1 valid key
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every tile holds >= 1 valid key
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -113,24 +147,34 @@ def _decode_split_kernel(Q, K, V, O, Mp, Lp, Ap, CNT, LENS, qk_scale, chunk, n_s
         tl.debug_barrier()
         n_valid = tl.minimum(tl.cdiv(n_len, chunk), n_splits)
         if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == n_valid - 1:
-            tl.store(CNT + pid, 0)                 # reset for the next launch / CUDA graph replay
+            tl.store(CNT + pid, 0)  # reset for the next launch / CUDA graph replay
             for r in tl.static_range(GROUP):
                 hr = kvh * GROUP + r
-                _combine_head(Mp, Lp, Ap, (b * HKV * GROUP + hr) * n_splits, n_valid,
-                              O + b * sob + hr * soh + offs_d * sod, D, S_BLOCK)
+                _combine_head(
+                    Mp,
+                    Lp,
+                    Ap,
+                    (b * HKV * GROUP + hr) * n_splits,
+                    n_valid,
+                    O + b * sob + hr * soh + offs_d * sod,
+                    D,
+                    S_BLOCK,
+                )
 
 
 @triton.jit
-def _decode_combine_kernel(Mp, Lp, Ap, O, LENS, chunk, n_splits, sob, soh, sod,
-                           HQ: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr):
+def _decode_combine_kernel(
+    Mp, Lp, Ap, O, LENS, chunk, n_splits, sob, soh, sod, HQ: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr
+):
     # One program per (b, query head). Only splits s < cdiv(lens[b], chunk) ran; the others wrote
     # nothing and are never read.
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
     n_valid = tl.minimum(tl.cdiv(tl.load(LENS + b), chunk), n_splits)
-    _combine_head(Mp, Lp, Ap, pid * n_splits, n_valid,
-                  O + b.to(tl.int64) * sob + h * soh + tl.arange(0, D) * sod, D, S_BLOCK)
+    _combine_head(
+        Mp, Lp, Ap, pid * n_splits, n_valid, O + b.to(tl.int64) * sob + h * soh + tl.arange(0, D) * sod, D, S_BLOCK
+    )
 
 
 def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
@@ -152,8 +196,9 @@ def decode_config(B, Hkv, max_len, d, dtype, device, interpret=None):
     splits = max(1, min(target // (B * Hkv), n_tiles // min_tiles))
     chunk_tiles = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, chunk_tiles)
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, splits=splits,
-                chunk=chunk_tiles * block_n, FUSED=False)
+    return dict(
+        BLOCK_N=block_n, num_warps=4, num_stages=stages, splits=splits, chunk=chunk_tiles * block_n, FUSED=False
+    )
 
 
 _scratch = {}
@@ -168,7 +213,7 @@ def _get_scratch(device, B, Hkv, Hq, splits, d):
     if buf is None:
         ml = torch.empty(2, B * Hq * splits, device=device, dtype=torch.float32)
         acc = torch.empty(B * Hq * splits, d, device=device, dtype=torch.float32)
-        cnt = torch.zeros(B * Hkv, device=device, dtype=torch.int32)   # the fused combine resets it
+        cnt = torch.zeros(B * Hkv, device=device, dtype=torch.int32)  # the fused combine resets it
         buf = _scratch[key] = (ml[0], ml[1], acc, cnt)
     return buf
 
@@ -196,11 +241,34 @@ def decode_triton(q, k, v, lens, sm_scale=None, max_len=None, *, out=None, confi
     # (each extra step is a dependent round trip to memory at the very end of the kernel)
     s_block = min(8192 // d, max(2, triton.next_power_of_2(splits)))
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k, v, o, mp, lp, ap, cnt, lens, sm_scale * LOG2E, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        HKV=Hkv, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        BLOCK_N=block_n, FUSED=fused, S_BLOCK=s_block, PREC=prec, **cfg)
+        q,
+        k,
+        v,
+        o,
+        mp,
+        lp,
+        ap,
+        cnt,
+        lens,
+        sm_scale * LOG2E,
+        chunk,
+        splits,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o.stride(),
+        HKV=Hkv,
+        GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BLOCK_N=block_n,
+        FUSED=fused,
+        S_BLOCK=s_block,
+        PREC=prec,
+        **cfg,
+    )
     if not fused:
-        _decode_combine_kernel[(B * Hq,)](mp, lp, ap, o, lens, chunk, splits, *o.stride(),
-                                          HQ=Hq, D=d, S_BLOCK=s_block, num_warps=4)
+        _decode_combine_kernel[(B * Hq,)](
+            mp, lp, ap, o, lens, chunk, splits, *o.stride(), HQ=Hq, D=d, S_BLOCK=s_block, num_warps=4
+        )
     return o

@@ -45,28 +45,37 @@ Bytes stage 1 reads per (sequence, KV head), for nanodp/eval_metrics.KVTally (es
   whole: the keys of the steady tokens, d*es each (stats "steady_scored"); they are read again as exact tokens.
   attention: exact token 2 d es (K and V, stats "exact_tokens", steady included); pseudo-token vmean d es.
 """
+
 import math
 from typing import NamedTuple
 
 import torch
 
 # per (sequence, KV head) statistics, in the row order of the fp32 [len(STAT_KEYS), B, Hkv] `stats_out` buffer
-STAT_KEYS = ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens", "est_mass", "fallback",
-             "scored_clusters", "steady_scored")
-BINS_PER_NAT = 64       # fine bins per nat of log-score
-NBINS = 1024            # fine bins; the last one holds everything below R - 16 nats
+STAT_KEYS = (
+    "exact_tokens",
+    "pseudo_tokens",
+    "exact_clusters",
+    "need_tokens",
+    "est_mass",
+    "fallback",
+    "scored_clusters",
+    "steady_scored",
+)
+BINS_PER_NAT = 64  # fine bins per nat of log-score
+NBINS = 1024  # fine bins; the last one holds everything below R - 16 nats
 
 
 class Selection(NamedTuple):
-    exact: torch.Tensor        # [B, Hkv, C] bool: clusters read exactly (all of them for a fallback head)
-    pseudo: torch.Tensor       # [B, Hkv, C] bool: clusters read as one pseudo-token
-    tokens: torch.Tensor       # [B, Hkv, L] bool: tokens read exactly (steady + members of exact clusters)
-    head_exact: torch.Tensor   # [B, Hkv, g, C] bool: each query head's own exact cut (union; else = exact)
-    fallback: torch.Tensor     # [B, Hkv] bool
-    need: torch.Tensor         # [B, Hkv] exact clustered tokens asked for
-    est_mass: torch.Tensor     # [B, Hkv] mean over the g heads of the estimated attention share kept
-    zc: torch.Tensor           # [B, Hkv, g, C] centroid logits (the pseudo-token logits)
-    steady: torch.Tensor       # [B, 1, L] bool
+    exact: torch.Tensor  # [B, Hkv, C] bool: clusters read exactly (all of them for a fallback head)
+    pseudo: torch.Tensor  # [B, Hkv, C] bool: clusters read as one pseudo-token
+    tokens: torch.Tensor  # [B, Hkv, L] bool: tokens read exactly (steady + members of exact clusters)
+    head_exact: torch.Tensor  # [B, Hkv, g, C] bool: each query head's own exact cut (union; else = exact)
+    fallback: torch.Tensor  # [B, Hkv] bool
+    need: torch.Tensor  # [B, Hkv] exact clustered tokens asked for
+    est_mass: torch.Tensor  # [B, Hkv] mean over the g heads of the estimated attention share kept
+    zc: torch.Tensor  # [B, Hkv, g, C] centroid logits (the pseudo-token logits)
+    steady: torch.Tensor  # [B, 1, L] bool
 
 
 def stage1_logits(q, layer, estimate="centroid"):
@@ -75,9 +84,9 @@ def stage1_logits(q, layer, estimate="centroid"):
     B, Hq, d = q.shape
     _, Hkv, C, _ = layer.centroids.shape
     g, scale = Hq // Hkv, 1.0 / math.sqrt(d)
-    valid = torch.arange(C, device=q.device) < layer.ncl[..., None]                     # [B, Hkv, C]
+    valid = torch.arange(C, device=q.device) < layer.ncl[..., None]  # [B, Hkv, C]
     qg = q.float().view(B, Hkv, g, d)
-    cent = torch.where(valid[..., None], layer.centroids.float(), 0.0)   # slots past ncl may be garbage
+    cent = torch.where(valid[..., None], layer.centroids.float(), 0.0)  # slots past ncl may be garbage
     zc = torch.einsum("bhgd,bhcd->bhgc", qg, cent) * scale
     zc = (zc + layer.logsize.float()[:, :, None, :]).masked_fill(~valid[:, :, None, :], -math.inf)
     if estimate == "centroid":
@@ -89,7 +98,7 @@ def stage1_logits(q, layer, estimate="centroid"):
 def steady_mask(lens, tail_start, sinks, L):
     t = torch.arange(L, device=lens.device)
     ts = tail_start.long()[:, None, None]
-    return (t < ts.clamp(max=sinks)) | ((t >= ts) & (t < lens.long()[:, None, None]))       # [B, 1, L]
+    return (t < ts.clamp(max=sinks)) | ((t >= ts) & (t < lens.long()[:, None, None]))  # [B, 1, L]
 
 
 def unit_scores(q, layer, lens, tail_start, sinks, sp):
@@ -100,7 +109,7 @@ def unit_scores(q, layer, lens, tail_start, sinks, sp):
     Hkv, L = layer.k.shape[1], layer.k.shape[2]
     g = Hq // Hkv
     _, z, valid = stage1_logits(q, layer, sp.estimate)
-    lse = torch.logsumexp(z, -1)                                                          # [B, Hkv, g]
+    lse = torch.logsumexp(z, -1)  # [B, Hkv, g]
     if sp.whole and sp.mode == "doublep":
         x = torch.einsum("bhgd,bhld->bhgl", q.float().view(B, Hkv, g, d), layer.k.float()) / math.sqrt(d)
         lseE = torch.logsumexp(x.masked_fill(~steady_mask(lens, tail_start, sinks, L)[:, :, None], -math.inf), -1)
@@ -108,8 +117,8 @@ def unit_scores(q, layer, lens, tail_start, sinks, sp):
         e = torch.exp(lseE - LSE).nan_to_num(0.0)
     else:
         LSE, e = lse, torch.zeros_like(lse)
-    lP = (z - LSE[..., None]).masked_fill(~valid[:, :, None], -math.inf)    # ln P_h[i]; -inf past ncl
-    top = z.amax(-1) - LSE                                                  # ln max_i P_h[i]
+    lP = (z - LSE[..., None]).masked_fill(~valid[:, :, None], -math.inf)  # ln P_h[i]; -inf past ncl
+    top = z.amax(-1) - LSE  # ln max_i P_h[i]
     mean = (torch.logsumexp(lP, 2) - math.log(g), torch.logsumexp(top, 2) - math.log(g), e.mean(2))
     if sp.group_rule == "max":
         units = [(lP.amax(2), top.amax(2), torch.zeros_like(e[..., 0]))]
@@ -162,16 +171,16 @@ def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
     g = Hq // Hkv
     zc, _, valid = stage1_logits(q, layer, "centroid")
     lu, R, S, lP, e = unit_scores(q, layer, lens, tail_start, sinks, sp)
-    b = bins_of(lu, R)                                                      # [B, Hkv, U, C]
+    b = bins_of(lu, R)  # [B, Hkv, U, C]
     cst = layer.cstart.long()
     sizes = torch.where(valid, cst[..., 1:] - cst[..., :-1], 0)
     if sp.mode == "doublep":
         n2, _ = mass_cuts(lu, R, S, sp.p2)
         n1, _ = mass_cuts(lu, R, S, sp.p1)
-        own = b <= n2[..., None]                                           # each unit's own exact cut
+        own = b <= n2[..., None]  # each unit's own exact cut
         ex = own[:, :, :g].any(2) if sp.group_rule == "union" else own[:, :, 0]
         kept = (b <= n1[..., None])[:, :, :g].any(2) if sp.group_rule == "union" else b[:, :, 0] <= n1[..., 0, None]
-        if sp.floor > 0 or sp.floor_frac > 0:                              # on the last unit (mean or max)
+        if sp.floor > 0 or sp.floor_frac > 0:  # on the last unit (mean or max)
             f = (sizes.sum(-1).float() * float(sp.floor_frac)).clamp_min(float(sp.floor))
             nf = cut(hist(b[:, :, -1], sizes).float().cumsum(-1), f)
             ex = ex | (b[:, :, -1] <= nf[..., None])
@@ -191,7 +200,7 @@ def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
     head_exact = torch.where(fallback[..., None, None], valid[:, :, None], head_exact)
     # token mask over storage: steady tokens, plus the ranges [cstart_i, cstart_i+1) of exact clusters
     steady = steady_mask(lens, tail_start, sinks, L)
-    diff = torch.zeros(B, Hkv, L + 1, device=q.device)               # difference array, cumsum = coverage
+    diff = torch.zeros(B, Hkv, L + 1, device=q.device)  # difference array, cumsum = coverage
     diff.scatter_add_(-1, cst[..., :-1].clamp(0, L), ex.float())
     diff.scatter_add_(-1, cst[..., 1:].clamp(0, L), -ex.float())
     tok = steady | (diff.cumsum(-1)[..., :L] > 0.5)
@@ -216,19 +225,19 @@ def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None):
     x_tok = x_tok.masked_fill(~s.tokens[:, :, None, :], -math.inf)
     x_ps = s.zc.masked_fill(~s.pseudo[:, :, None, :], -math.inf)
     w = torch.softmax(torch.cat([x_tok, x_ps], dim=-1), dim=-1)
-    v = torch.where(s.tokens[..., None], layer.v.float(), 0.0)           # unused slots may hold garbage
+    v = torch.where(s.tokens[..., None], layer.v.float(), 0.0)  # unused slots may hold garbage
     vm = torch.where(s.pseudo[..., None], layer.vmean.float(), 0.0)
     o = torch.einsum("bhgl,bhld->bhgd", w[..., :L], v) + torch.einsum("bhgc,bhcd->bhgd", w[..., L:], vm)
     whole = sp.whole and sp.mode == "doublep"
     stats = {
-        "exact_tokens": s.tokens.sum(-1).int(),                  # tokens read exactly, steady included
-        "pseudo_tokens": s.pseudo.sum(-1).int(),                 # pseudo-tokens (one per cluster)
+        "exact_tokens": s.tokens.sum(-1).int(),  # tokens read exactly, steady included
+        "pseudo_tokens": s.pseudo.sum(-1).int(),  # pseudo-tokens (one per cluster)
         "exact_clusters": s.exact.sum(-1).int(),
-        "need_tokens": s.need.int(),                             # exact clustered tokens asked for
-        "est_mass": s.est_mass,                                  # estimated attention share kept
-        "fallback": s.fallback,                                  # this head attended densely
-        "scored_clusters": layer.ncl.int().clone(),              # clusters stage 1 scored
-        "steady_scored": (s.steady.sum(-1).expand(B, Hkv) * whole).int(),   # steady keys stage 1 read
+        "need_tokens": s.need.int(),  # exact clustered tokens asked for
+        "est_mass": s.est_mass,  # estimated attention share kept
+        "fallback": s.fallback,  # this head attended densely
+        "scored_clusters": layer.ncl.int().clone(),  # clusters stage 1 scored
+        "steady_scored": (s.steady.sum(-1).expand(B, Hkv) * whole).int(),  # steady keys stage 1 read
     }
     if stats_out is not None:
         for i, key in enumerate(STAT_KEYS):

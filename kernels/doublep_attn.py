@@ -11,14 +11,15 @@ Launches: score (B*Hkv x chunks [+ the steady pass]), select (B*Hkv), attention 
 split per head combines the splits (a counter per head, reset by that program). Grids depend on shapes and
 Python ints only, so a decode step can be captured in a CUDA graph.
 """
+
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, interpreting, num_sms
-from .common import LOG2E_C, NEG_C as NEG
+from .common import LOG2E, LOG2E_C, interpreting, num_sms
+from .common import NEG_C as NEG
 from .doublep import BINS_PER_NAT, NBINS, STAT_KEYS
 from .doublep_select import _score_kernel, _select_kernel
 
@@ -35,11 +36,44 @@ def _online(m, l, acc, s, vt, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr, po_ptr, pml_ptr, o_ptr, cnt_ptr,
-                 sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c, so_b, so_h,
-                 qk_scale, HKV, C, CAP, NS,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSP: tl.constexpr,
-                 PREC: tl.constexpr):
+def _attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    z_ptr,
+    vm_ptr,
+    idx_ptr,
+    pid_ptr,
+    meta_ptr,
+    po_ptr,
+    pml_ptr,
+    o_ptr,
+    cnt_ptr,
+    sq_b,
+    sq_h,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    sm_b,
+    sm_h,
+    sm_c,
+    so_b,
+    so_h,
+    qk_scale,
+    HKV,
+    C,
+    CAP,
+    NS,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NSP: tl.constexpr,
+    PREC: tl.constexpr,
+):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
@@ -53,8 +87,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
     nE = S0 + nT + nX
     r = tl.arange(0, GP)
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :],
-                mask=(r < G)[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :], mask=(r < G)[:, None], other=0.0
+    )
     kb = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     vb = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
     m = tl.full([GP], NEG, tl.float32)
@@ -71,12 +106,12 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
     for tile in range(lo, tl.minimum(hi, TE)):
         p = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = p < nE
-        j = p - S0 - nT                                    # position in the listed tokens
+        j = p - S0 - nT  # position in the listed tokens
         sel = tl.load(idx_ptr + bh * CAP + j, mask=ok & (j >= 0), other=0)
-        t = tl.where(p < S0, p, tl.where(j < 0, p - S0 + T0, sel))   # storage index
+        t = tl.where(p < S0, p, tl.where(j < 0, p - S0 + T0, sel))  # storage index
         kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
         vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale    # log2 units
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # log2 units
         s = tl.where(ok[None, :], s, float("-inf"))
         m, l, acc = _online(m, l, acc, s, vt, PREC)
 
@@ -86,11 +121,14 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
         p = (tile - TE) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = p < nP
         cid = tl.load(pid_ptr + bh * C + p, mask=ok, other=0)
-        s = tl.load(z_ptr + (bh * G + r[:, None]) * C + cid[None, :], mask=(r < G)[:, None] & ok[None, :],
-                    other=0.0) * LOG2E_C
+        s = (
+            tl.load(z_ptr + (bh * G + r[:, None]) * C + cid[None, :], mask=(r < G)[:, None] & ok[None, :], other=0.0)
+            * LOG2E_C
+        )
         s = tl.where(ok[None, :], s, float("-inf"))
-        vt = tl.load(vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + cid[:, None] * sm_c + dd[None, :],
-                     mask=ok[:, None], other=0.0)
+        vt = tl.load(
+            vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + cid[:, None] * sm_c + dd[None, :], mask=ok[:, None], other=0.0
+        )
         m, l, acc = _online(m, l, acc, s, vt, PREC)
 
     part = bh * NS + sp
@@ -109,8 +147,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, z_ptr, vm_ptr, idx_ptr, pid_ptr, meta_ptr,
 
 
 @triton.jit
-def _combine(po_ptr, pml_ptr, o_ptr, so_b, so_h, bh, b, hq, r, NS, GP: tl.constexpr, D: tl.constexpr,
-             NSP: tl.constexpr):
+def _combine(
+    po_ptr, pml_ptr, o_ptr, so_b, so_h, bh, b, hq, r, NS, GP: tl.constexpr, D: tl.constexpr, NSP: tl.constexpr
+):
     """Log-sum-exp combine of the splits of query head hq (row r of KV head bh):
     o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
     s = tl.arange(0, NSP)
@@ -178,7 +217,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     i32 = dict(device=dev, dtype=torch.int32)
     zbuf = torch.empty(BH * g * C, **f32)
     gauss = sp.estimate == "gauss"
-    zc = torch.empty(BH * g * C, **f32) if gauss else zbuf   # pseudo-tokens read the centroid z
+    zc = torch.empty(BH * g * C, **f32) if gauss else zbuf  # pseudo-tokens read the centroid z
     kvar = _c(layer.kvar) if gauss else cent
     ml = torch.empty(BH * (NCS + whole) * 2 * GP, **f32)
     tok = torch.empty(BH * NBINS, **i32)
@@ -194,39 +233,147 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     o = torch.empty(B, Hq, d, device=dev, dtype=q.dtype)
 
     _score_kernel[(BH, NCS + whole)](
-        q, cent, logsize, layer.ncl, zbuf, ml, kvar, zc, k, lens, tail_start,
-        q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), cent.stride(2),
-        logsize.stride(0), logsize.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-        kvar.stride(0), kvar.stride(1), kvar.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        scale, Hkv, C, NCS, chunk, int(sinks), G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss,
-        SPLIT=gauss, WHOLE=whole, num_warps=4)
+        q,
+        cent,
+        logsize,
+        layer.ncl,
+        zbuf,
+        ml,
+        kvar,
+        zc,
+        k,
+        lens,
+        tail_start,
+        q.stride(0),
+        q.stride(1),
+        cent.stride(0),
+        cent.stride(1),
+        cent.stride(2),
+        logsize.stride(0),
+        logsize.stride(1),
+        layer.ncl.stride(0),
+        layer.ncl.stride(1),
+        kvar.stride(0),
+        kvar.stride(1),
+        kvar.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        scale,
+        Hkv,
+        C,
+        NCS,
+        chunk,
+        int(sinks),
+        G=g,
+        GP=GP,
+        D=d,
+        BLOCK_C=BLOCK_C,
+        PREC=prec,
+        EST=gauss,
+        SPLIT=gauss,
+        WHOLE=whole,
+        num_warps=4,
+    )
 
     # select: one program per (sequence, KV head), BLK clusters per step of its two passes: a [GP2, BLK] z tile
     # of ~8K fp32 (32 registers a thread at 8 warps), so 8K clusters take 4 dependent steps a pass on the GPU;
     # the interpreter keeps 256 so that small tests cross block boundaries
     BLK = 256 if interp else max(16, min(8192 // GP2, triton.next_power_of_2(C)))
     _select_kernel[(BH,)](
-        zbuf, ml, cstart, layer.ncl, lens, tail_start, tok, idx, pid, xd, xo, meta, st,
-        cstart.stride(0), cstart.stride(1), layer.ncl.stride(0), layer.ncl.stride(1),
-        Hkv, C, NCS, cap, BH, int(sinks), float(sp.p1), float(sp.p2), int(sp.budget), int(sp.est_clusters),
-        float(sp.floor), float(sp.floor_frac), BINS_PER_NAT / LOG2E,
-        G=g, GP=GP, GP2=GP2, NCSP=max(2, triton.next_power_of_2(NCS)), NB=NBINS, BLK=BLK,
-        MAXRULE=sp.group_rule == "max", UNION=union, WHOLE=whole, TOPK=topk, FLOOR=floor,
-        TILE_R=64, TILE_J=32, num_warps=8)
+        zbuf,
+        ml,
+        cstart,
+        layer.ncl,
+        lens,
+        tail_start,
+        tok,
+        idx,
+        pid,
+        xd,
+        xo,
+        meta,
+        st,
+        cstart.stride(0),
+        cstart.stride(1),
+        layer.ncl.stride(0),
+        layer.ncl.stride(1),
+        Hkv,
+        C,
+        NCS,
+        cap,
+        BH,
+        int(sinks),
+        float(sp.p1),
+        float(sp.p2),
+        int(sp.budget),
+        int(sp.est_clusters),
+        float(sp.floor),
+        float(sp.floor_frac),
+        BINS_PER_NAT / LOG2E,
+        G=g,
+        GP=GP,
+        GP2=GP2,
+        NCSP=max(2, triton.next_power_of_2(NCS)),
+        NB=NBINS,
+        BLK=BLK,
+        MAXRULE=sp.group_rule == "max",
+        UNION=union,
+        WHOLE=whole,
+        TOPK=topk,
+        FLOOR=floor,
+        TILE_R=64,
+        TILE_J=32,
+        num_warps=8,
+    )
 
     if plan_out is not None:
         plan_out.update(idx=idx.view(BH, cap), pid=pid.view(BH, C), meta=meta.view(BH, 8), cap=cap)
 
     BLOCK_N = 16 if interp else 64
     _attn_kernel[(BH, NS)](
-        q, k, v, zc, vmean, idx, pid, meta, po, pml, o, _counters(dev, BH),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2), o.stride(0), o.stride(1),
-        scale * LOG2E, Hkv, C, cap, NS, G=g, GP=GP, D=d, BLOCK_N=BLOCK_N,
-        NSP=max(2, triton.next_power_of_2(NS)), PREC=prec, num_warps=8 if d >= 128 else 4, num_stages=2)
+        q,
+        k,
+        v,
+        zc,
+        vmean,
+        idx,
+        pid,
+        meta,
+        po,
+        pml,
+        o,
+        _counters(dev, BH),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        vmean.stride(0),
+        vmean.stride(1),
+        vmean.stride(2),
+        o.stride(0),
+        o.stride(1),
+        scale * LOG2E,
+        Hkv,
+        C,
+        cap,
+        NS,
+        G=g,
+        GP=GP,
+        D=d,
+        BLOCK_N=BLOCK_N,
+        NSP=max(2, triton.next_power_of_2(NS)),
+        PREC=prec,
+        num_warps=8 if d >= 128 else 4,
+        num_stages=2,
+    )
 
-    if stats_out is not None:   # the engine's per-step slab: no conversion launches
+    if stats_out is not None:  # the engine's per-step slab: no conversion launches
         return o, dict(zip(STAT_KEYS, st))
-    stats = {key: st[i].int() for i, key in enumerate(STAT_KEYS)}   # the twin's dtypes
+    stats = {key: st[i].int() for i, key in enumerate(STAT_KEYS)}  # the twin's dtypes
     stats.update(est_mass=st[4], fallback=st[5] != 0)
     return o, stats

@@ -15,6 +15,7 @@ _select_kernel  grid (B*Hkv,): two passes over the clusters of one (sequence, KV
                 pass 2: classify (exact / pseudo), the mass kept per head, and the compacted work list.
                 Then the exact-token list idx (the layout is in kernels/doublep_attn.py) and the stats.
 """
+
 import triton
 import triton.language as tl
 
@@ -23,22 +24,60 @@ from .common import NEG_C as NEG
 
 
 @triton.jit
-def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr, k_ptr, lens_ptr, ts_ptr,
-                  sq_b, sq_h, sc_b, sc_h, sc_c, sl_b, sl_h, sn_b, sn_h, sv_b, sv_h, sv_c, sk_b, sk_h, sk_l,
-                  sm_scale, HKV, C, NCS, CHUNK, sinks,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                  PREC: tl.constexpr, EST: tl.constexpr, SPLIT: tl.constexpr, WHOLE: tl.constexpr):
+def _score_kernel(
+    q_ptr,
+    c_ptr,
+    ls_ptr,
+    ncl_ptr,
+    z_ptr,
+    ml_ptr,
+    var_ptr,
+    zc_ptr,
+    k_ptr,
+    lens_ptr,
+    ts_ptr,
+    sq_b,
+    sq_h,
+    sc_b,
+    sc_h,
+    sc_c,
+    sl_b,
+    sl_h,
+    sn_b,
+    sn_h,
+    sv_b,
+    sv_h,
+    sv_c,
+    sk_b,
+    sk_h,
+    sk_l,
+    sm_scale,
+    HKV,
+    C,
+    NCS,
+    CHUNK,
+    sinks,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+    EST: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WHOLE: tl.constexpr,
+):
     bh = tl.program_id(0)
     cs = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
     r = tl.arange(0, GP)
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :],
-                mask=(r < G)[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * sq_b + (h * G + r)[:, None] * sq_h + dd[None, :], mask=(r < G)[:, None], other=0.0
+    )
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
-    if cs == NCS:   # only with WHOLE: steady tokens [0, S) u [ts, len), storage index t(p) of stream position p
+    if cs == NCS:  # only with WHOLE: steady tokens [0, S) u [ts, len), storage index t(p) of stream position p
         ln = tl.load(lens_ptr + b)
         ts = tl.load(ts_ptr + b)
         S = tl.minimum(ts, sinks)
@@ -58,7 +97,7 @@ def _score_kernel(q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr,
         cbase = c_ptr + b.to(tl.int64) * sc_b + h * sc_h
         if EST:
             qf = q.to(tl.float32)
-            qq = qf * qf        # (q_j)^2, the weights of the per-dimension variances; fp32 (no fp16 overflow)
+            qq = qf * qf  # (q_j)^2, the weights of the per-dimension variances; fp32 (no fp16 overflow)
             vbase = var_ptr + b.to(tl.int64) * sv_b + h * sv_h
         lo = cs * CHUNK
         hi = tl.minimum(lo + CHUNK, ncl)
@@ -97,8 +136,21 @@ def _lae2(a, b):
 
 
 @triton.jit
-def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: tl.constexpr,
-            MAXRULE: tl.constexpr):
+def _scores(
+    z_ptr,
+    zoff,
+    i,
+    ok,
+    C,
+    LSE2,
+    R2h,
+    Rg,
+    BPB,
+    G: tl.constexpr,
+    GP2: tl.constexpr,
+    NB: tl.constexpr,
+    MAXRULE: tl.constexpr,
+):
     """Clusters i [BLK]: lp = log2 P_r[i] [GP2, BLK] (-inf where invalid), the group unit's fine bin fg [BLK]
     and every head's fh [GP2, BLK] (bins of the twin: floor((R - ln u) * 64 per nat), clamped; NB where invalid)."""
     r = tl.arange(0, GP2)
@@ -107,7 +159,7 @@ def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.
     lp = tl.where(okr, z * LOG2E - LSE2[:, None], float("-inf"))
     if MAXRULE:
         lg = tl.max(lp, 0)
-    else:   # log2 mean_r 2^lp, stably (max first)
+    else:  # log2 mean_r 2^lp, stably (max first)
         mx = tl.where(ok, tl.max(lp, 0), 0.0)
         lg = mx + tl.log2(tl.sum(tl.exp2(lp - mx[None, :]), 0)) - tl.log2(G * 1.0)
     fg = tl.where(ok, tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0).to(tl.int32)
@@ -134,13 +186,51 @@ def _count_cut(cum, tgt, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
-                   idx_ptr, pid_ptr, xd_ptr, xo_ptr, meta_ptr, st_ptr,
-                   scs_b, scs_h, sn_b, sn_h,
-                   HKV, C, NCS, CAP, NBH, sinks, p1, p2, budget, est, floor, floor_frac, BPB,
-                   G: tl.constexpr, GP: tl.constexpr, GP2: tl.constexpr, NCSP: tl.constexpr, NB: tl.constexpr,
-                   BLK: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, WHOLE: tl.constexpr,
-                   TOPK: tl.constexpr, FLOOR: tl.constexpr, TILE_R: tl.constexpr, TILE_J: tl.constexpr):
+def _select_kernel(
+    z_ptr,
+    ml_ptr,
+    cst_ptr,
+    ncl_ptr,
+    lens_ptr,
+    ts_ptr,
+    tok_ptr,
+    idx_ptr,
+    pid_ptr,
+    xd_ptr,
+    xo_ptr,
+    meta_ptr,
+    st_ptr,
+    scs_b,
+    scs_h,
+    sn_b,
+    sn_h,
+    HKV,
+    C,
+    NCS,
+    CAP,
+    NBH,
+    sinks,
+    p1,
+    p2,
+    budget,
+    est,
+    floor,
+    floor_frac,
+    BPB,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    GP2: tl.constexpr,
+    NCSP: tl.constexpr,
+    NB: tl.constexpr,
+    BLK: tl.constexpr,
+    MAXRULE: tl.constexpr,
+    UNION: tl.constexpr,
+    WHOLE: tl.constexpr,
+    TOPK: tl.constexpr,
+    FLOOR: tl.constexpr,
+    TILE_R: tl.constexpr,
+    TILE_J: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -162,12 +252,14 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
     rok = r < G
     s = tl.arange(0, NCSP)
     NCS1 = NCS + WHOLE
-    mp = tl.load(ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :],
-                 other=NEG)
-    lp_ = tl.load(ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + GP + r[:, None],
-                  mask=rok[:, None] & (s < NCS)[None, :], other=0.0)
+    mp = tl.load(
+        ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :], other=NEG
+    )
+    lp_ = tl.load(
+        ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :], other=0.0
+    )
     M2 = tl.max(mp, 1)
-    lse2 = M2 + tl.log2(tl.sum(lp_ * tl.exp2(mp - M2[:, None]), 1))        # -inf without clusters
+    lse2 = M2 + tl.log2(tl.sum(lp_ * tl.exp2(mp - M2[:, None]), 1))  # -inf without clusters
     if WHOLE:
         mE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + r, mask=rok, other=NEG)
         lE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + GP + r, mask=rok, other=0.0)
@@ -194,8 +286,9 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
         lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
             okr = rok[:, None] & ok[None, :]
-            cnth += tl.histogram(tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB,
-                                 mask=tl.reshape(okr, [GP2 * BLK]))
+            cnth += tl.histogram(
+                tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB, mask=tl.reshape(okr, [GP2 * BLK])
+            )
         else:
             cntg += tl.histogram(fg, NB, mask=ok)
         if TOK:
@@ -218,7 +311,7 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
         one = tl.zeros([1], tl.float32)
         n1 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p1, BPB, NB), 0)
         n2 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p2, BPB, NB), 0)
-    if FLOOR:   # at least f exact clustered tokens, by the group unit's bins
+    if FLOOR:  # at least f exact clustered tokens, by the group unit's bins
         nf = _count_cut(cumt, tl.maximum(floor, floor_frac * tl.max(cumt, 0).to(tl.float32)), NB)
 
     # pass 2: classify, mass kept per head, compacted exact clusters (start, size) and pseudo cluster ids
@@ -251,19 +344,19 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
         nex += tl.sum(ex.to(tl.int32), 0)
         ec = (ex & (sz > 0)).to(tl.int32)
         pc = (kp & ~ex).to(tl.int32)
-        pk = tl.cumsum(ec + (pc << 16), 0)          # exact ranks in the low 16 bits, pseudo above (BLK < 65536)
+        pk = tl.cumsum(ec + (pc << 16), 0)  # exact ranks in the low 16 bits, pseudo above (BLK < 65536)
         rank = nxc + (pk & 0xFFFF) - ec
         tl.store(xd_ptr + bh * C + rank, st, mask=ec > 0)
         tl.store(xo_ptr + bh * C + rank, sz, mask=ec > 0)
         tl.store(pid_ptr + bh * C + nP + (pk >> 16) - pc, i, mask=pc > 0)
         nxc += tl.sum(ec, 0)
         nP += tl.sum(pc, 0)
-    fb = need > CAP                          # work list too small: this head attends densely
+    fb = need > CAP  # work list too small: this head attends densely
     nX = tl.where(fb, 0, need)
     nxc = tl.where(fb, 0, nxc)
     nP = tl.where(fb, 0, nP)
     ncx = tl.where(fb, ncl, nex)
-    tot = tl.where(rok & (ncl > 0), tl.exp2(lse2 - LSE2), 0.0)      # sum_i P_r[i]: what a fallback head keeps
+    tot = tl.where(rok & (ncl > 0), tl.exp2(lse2 - LSE2), 0.0)  # sum_i P_r[i]: what a fallback head keeps
     mass = tl.sum(tl.where(fb, tot, kept) + e, 0) / G
 
     # exact-token list: cluster e's j-th token goes to idx[o_e + j] = cstart_e + j, o_e = exclusive prefix
@@ -278,8 +371,9 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
         run += tl.sum(n_e, 0)
         for j0 in range(0, msz, TILE_J):
             j = j0 + tl.arange(0, TILE_J)
-            tl.store(idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :],
-                     mask=j[None, :] < n_e[:, None])
+            tl.store(
+                idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :], mask=j[None, :] < n_e[:, None]
+            )
 
     # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
     S0 = tl.where(fb, ln, S)
@@ -290,11 +384,11 @@ def _select_kernel(z_ptr, ml_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, tok_ptr,
     tl.store(meta_ptr + bh * 8 + 3, nX)
     tl.store(meta_ptr + bh * 8 + 4, nP)
     # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS
-    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))        # exact_tokens
-    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))                       # pseudo_tokens
-    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))                  # exact_clusters
-    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))                 # need_tokens
-    tl.store(st_ptr + 4 * NBH + bh, mass)                                # est_mass
-    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))                   # fallback
-    tl.store(st_ptr + 6 * NBH + bh, ncl.to(tl.float32))                  # scored_clusters
-    tl.store(st_ptr + 7 * NBH + bh, (WHOLE * (S + ln - ts)).to(tl.float32))   # steady_scored
+    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))  # exact_tokens
+    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))  # pseudo_tokens
+    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))  # exact_clusters
+    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))  # need_tokens
+    tl.store(st_ptr + 4 * NBH + bh, mass)  # est_mass
+    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))  # fallback
+    tl.store(st_ptr + 6 * NBH + bh, ncl.to(tl.float32))  # scored_clusters
+    tl.store(st_ptr + 7 * NBH + bh, (WHOLE * (S + ln - ts)).to(tl.float32))  # steady_scored

@@ -11,6 +11,7 @@ than Hugging Face's ops, which round after every step in the model dtype: with b
 stream in fp32, the normalised row unrounded before the weight, silu(gate) unrounded before the product and
 cos/sin in fp32 halves the logit error against fp32 (scripts/precision.py; docs/INTERNALS.md "Precision").
 """
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -28,15 +29,16 @@ def add_rmsnorm_ref(x, residual, weight, eps):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, Y, RO, n_cols, eps, sx, sr, sy, sro, HAS_RES: tl.constexpr,
-                        STORE_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)        # one program per row (token)
+def _add_rmsnorm_kernel(
+    X, R, W, Y, RO, n_cols, eps, sx, sr, sy, sro, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)  # one program per row (token)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RES:
         x += tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
-    if STORE_RES:                              # the fp32 residual stream
+    if STORE_RES:  # the fp32 residual stream
         tl.store(RO + row * sro + cols, x, mask=ok)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
@@ -51,12 +53,26 @@ def add_rmsnorm_triton(x, residual, weight, eps):
     if residual is not None:
         assert residual.shape == x.shape
     y = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
-    store = residual is not None or x.dtype != torch.float32   # an fp32 x alone is its own residual
+    store = residual is not None or x.dtype != torch.float32  # an fp32 x alone is its own residual
     ro = torch.empty(x2.shape, device=x.device, dtype=torch.float32) if store else x2
     block = triton.next_power_of_2(H)
-    _add_rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, ro, H, eps, x2.stride(0), r2.stride(0), y.stride(0),
-                                        ro.stride(0), HAS_RES=residual is not None, STORE_RES=store, BLOCK=block,
-                                        num_warps=min(16, max(1, block // 256)))
+    _add_rmsnorm_kernel[(x2.shape[0],)](
+        x2,
+        r2,
+        weight,
+        y,
+        ro,
+        H,
+        eps,
+        x2.stride(0),
+        r2.stride(0),
+        y.stride(0),
+        ro.stride(0),
+        HAS_RES=residual is not None,
+        STORE_RES=store,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
     return y.view(x.shape), (ro.view(x.shape) if store else x)
 
 
@@ -86,8 +102,9 @@ def silu_mul_triton(gate_up):
     n = n2 // 2
     out = torch.empty(gu.shape[0], n, device=gu.device, dtype=gu.dtype)
     block = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, n, gu.stride(0), out.stride(0), BLOCK=block,
-                                                            num_warps=4)
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](
+        gu, out, n, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4
+    )
     return out.view(*gate_up.shape[:-1], n)
 
 
@@ -126,14 +143,59 @@ def _rotate(src, src_half, dst, dst_half, m, c1, c2, s1, s2):
 
 
 @triton.jit
-def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
-                       sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, scb, sct, scd, ssb, sst, ssd,
-                       skcb, skch, skcl, skcd, svcb, svch, svcl, svcd, sob, sot, soh, sod,
-                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HQ_PAD: tl.constexpr,
-                       HKV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, HAS_N: tl.constexpr):
+def _rope_store_kernel(
+    Q,
+    K,
+    V,
+    COS,
+    SIN,
+    KC,
+    VC,
+    QO,
+    START,
+    NVALID,
+    T,
+    sqb,
+    sqt,
+    sqh,
+    sqd,
+    skb,
+    skt,
+    skh,
+    skd,
+    svb,
+    svt,
+    svh,
+    svd,
+    scb,
+    sct,
+    scd,
+    ssb,
+    sst,
+    ssd,
+    skcb,
+    skch,
+    skcl,
+    skcd,
+    svcb,
+    svch,
+    svcl,
+    svcd,
+    sob,
+    sot,
+    soh,
+    sod,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HALF: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    HAS_N: tl.constexpr,
+):
     # One program per token (b, t): all its q heads, k heads and v heads as [heads, d/2] tiles.
     pid = tl.program_id(0)
-    b = (pid // T).to(tl.int64)               # 64-bit offsets: a cache can exceed 2**31 elements
+    b = (pid // T).to(tl.int64)  # 64-bit offsets: a cache can exceed 2**31 elements
     t = (pid % T).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
     j_ok = j < HALF
@@ -145,8 +207,17 @@ def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
     # q: rotate every head, write the contiguous output
     hq = tl.arange(0, HQ_PAD)[:, None]
     m = (hq < HQ) & j_ok[None, :]
-    _rotate(Q + b * sqb + t * sqt + hq * sqh + j[None, :] * sqd, HALF * sqd,
-            QO + b * sob + t * sot + hq * soh + j[None, :] * sod, HALF * sod, m, c1, c2, s1, s2)
+    _rotate(
+        Q + b * sqb + t * sqt + hq * sqh + j[None, :] * sqd,
+        HALF * sqd,
+        QO + b * sob + t * sot + hq * soh + j[None, :] * sod,
+        HALF * sod,
+        m,
+        c1,
+        c2,
+        s1,
+        s2,
+    )
 
     # k (rotated) and v go to cache position start[b] + t, unless t is padding (t >= n[b])
     n_b = T
@@ -155,8 +226,17 @@ def _rope_store_kernel(Q, K, V, COS, SIN, KC, VC, QO, START, NVALID, T,
     pos = tl.load(START + b).to(tl.int64) + t
     hk = tl.arange(0, HKV_PAD)[:, None]
     m = (hk < HKV) & j_ok[None, :] & (hk * 0 + t < n_b)  # (broadcast first: the interpreter rejects a scalar mask)
-    _rotate(K + b * skb + t * skt + hk * skh + j[None, :] * skd, HALF * skd,
-            KC + b * skcb + hk * skch + pos * skcl + j[None, :] * skcd, HALF * skcd, m, c1, c2, s1, s2)
+    _rotate(
+        K + b * skb + t * skt + hk * skh + j[None, :] * skd,
+        HALF * skd,
+        KC + b * skcb + hk * skch + pos * skcl + j[None, :] * skcd,
+        HALF * skcd,
+        m,
+        c1,
+        c2,
+        s1,
+        s2,
+    )
     src = V + b * svb + t * svt + hk * svh + j[None, :] * svd
     dst = VC + b * svcb + hk * svch + pos * svcl + j[None, :] * svcd
     tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
@@ -171,9 +251,32 @@ def rope_store_triton(q, k, v, cos, sin, k_cache, v_cache, start, n=None):
     qo = torch.empty(B, T, Hq, d, device=q.device, dtype=q.dtype)
     nv = start if n is None else n  # unread when n is None
     _rope_store_kernel[(B * T,)](
-        q, k, v, cos, sin, k_cache, v_cache, qo, start, nv, T,
-        *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
-        *qo.stride(), HQ=Hq, HKV=Hkv, HALF=d // 2, HQ_PAD=triton.next_power_of_2(Hq),
-        HKV_PAD=triton.next_power_of_2(Hkv), HALF_PAD=triton.next_power_of_2(d // 2), HAS_N=n is not None,
-        num_warps=4 if Hq * d >= 2048 else 2)
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        qo,
+        start,
+        nv,
+        T,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *cos.stride(),
+        *sin.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *qo.stride(),
+        HQ=Hq,
+        HKV=Hkv,
+        HALF=d // 2,
+        HQ_PAD=triton.next_power_of_2(Hq),
+        HKV_PAD=triton.next_power_of_2(Hkv),
+        HALF_PAD=triton.next_power_of_2(d // 2),
+        HAS_N=n is not None,
+        num_warps=4 if Hq * d >= 2048 else 2,
+    )
     return qo

@@ -4,13 +4,15 @@ Contract (docs/INTERNALS.md, "Dense prefill"):
     q [B, Hq, T, d], k/v [B, Hkv, L, d] (the cache, already holding this chunk), q_start/q_len [B] int32.
     Row i < q_len[b] of sequence b attends keys j <= q_start[b] + i; rows i >= q_len[b] are never written.
 """
+
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, interpreting as _interpreting
+from .common import LOG2E
+from .common import interpreting as _interpreting
 
 
 def prefill_ref(q, k, v, q_start, q_len, sm_scale=None):
@@ -23,48 +25,76 @@ def prefill_ref(q, k, v, q_start, q_len, sm_scale=None):
         s0, n = int(q_start[b]), int(q_len[b])
         if n == 0:
             continue
-        qb = q[b, :, :n].float()                                         # [Hq, n, d]
-        kb = k[b, :, :s0 + n].float().repeat_interleave(g, dim=0)       # [Hq, s0+n, d]
-        vb = v[b, :, :s0 + n].float().repeat_interleave(g, dim=0)
-        s = qb @ kb.transpose(-1, -2) * sm_scale                         # [Hq, n, s0+n]
+        qb = q[b, :, :n].float()  # [Hq, n, d]
+        kb = k[b, :, : s0 + n].float().repeat_interleave(g, dim=0)  # [Hq, s0+n, d]
+        vb = v[b, :, : s0 + n].float().repeat_interleave(g, dim=0)
+        s = qb @ kb.transpose(-1, -2) * sm_scale  # [Hq, n, s0+n]
         i = torch.arange(n, device=q.device)[:, None]
         j = torch.arange(s0 + n, device=q.device)[None, :]
-        s = s.masked_fill(j > s0 + i, float("-inf"))                     # causal with offset
+        s = s.masked_fill(j > s0 + i, float("-inf"))  # causal with offset
         o[b, :, :n] = (s.softmax(-1) @ vb).to(q.dtype)
     return o
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
-                    sqb, sqh, sqt, sqd, skb, skh, skt, skd,
-                    svb, svh, svt, svd, sob, soh, sot, sod,
-                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    O,
+    QS,
+    QL,
+    qk_scale,
+    n_m_tiles,
+    L,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sot,
+    sod,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
+    PREC: tl.constexpr,
+):
     # Grid (B*Hq, n_m_tiles). The m-tile is the slow grid axis and is reversed, so the first programs
     # the GPU schedules are the last query tiles of every head: the longest causal rows go first and
     # the short ones fill the tail. Heads of one KV group are neighbours (same K/V tiles in L2).
     bh = tl.program_id(0)
     b32 = bh // HQ
-    b = b32.to(tl.int64)                  # 64-bit offsets: a cache can exceed 2**31 elements
+    b = b32.to(tl.int64)  # 64-bit offsets: a cache can exceed 2**31 elements
     h = bh % HQ
     kvh = h // (HQ // HKV)
     start_m = n_m_tiles - 1 - tl.program_id(1)
     q_start = tl.load(QS + b)
     q_len = tl.load(QL + b)
     m0 = start_m * BLOCK_M
-    if m0 >= q_len:                       # tile fully beyond this sequence's q_len: nothing to do
+    if m0 >= q_len:  # tile fully beyond this sequence's q_len: nothing to do
         return
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)   # query rows of this tile (chunk-local index i)
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # query rows of this tile (chunk-local index i)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < q_len
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     # K/V tiles: TMA (descriptors over the cache seen as [B*Hkv*L, D] rows) or pointers, with K read
     # transposed, [D, BLOCK_N], so that q @ kT is a plain dot.
     if TMA:
-        kv_row = (b32 * HKV + kvh) * L      # int32 row coordinate of key 0 in the [B*Hkv*L, D] view
+        kv_row = (b32 * HKV + kvh) * L  # int32 row coordinate of key 0 in the [B*Hkv*L, D] view
     else:
         kT_ptrs = K + b * skb + kvh * skh + offs_n[None, :] * skt + offs_d[:, None] * skd
         v_ptrs = V + b * svb + kvh * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
@@ -84,7 +114,7 @@ def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
     full_end = ((q_start + m0 + 1) // BLOCK_N) * BLOCK_N
     hi = q_start + tl.minimum(m0 + BLOCK_M, q_len)
 
-    for n0 in range(0, full_end, BLOCK_N):                   # stage 1: below the diagonal, unmasked
+    for n0 in range(0, full_end, BLOCK_N):  # stage 1: below the diagonal, unmasked
         if TMA:
             kT = K.load([kv_row + n0, 0]).T
         else:
@@ -101,10 +131,10 @@ def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
 
-    for n0 in range(full_end, hi, BLOCK_N):                  # stage 2: the diagonal tile(s), masked
+    for n0 in range(full_end, hi, BLOCK_N):  # stage 2: the diagonal tile(s), masked
         cols = n0 + offs_n
         col_ok = cols < hi
-        if TMA:      # a TMA tile is whole: keys past hi (maybe garbage) are zeroed / masked below
+        if TMA:  # a TMA tile is whole: keys past hi (maybe garbage) are zeroed / masked below
             kT = K.load([kv_row + n0, 0]).T
             v = tl.where(col_ok[:, None], V.load([kv_row + n0, 0]), 0.0)
         else:
@@ -122,8 +152,11 @@ def _prefill_kernel(Q, K, V, O, QS, QL, qk_scale, n_m_tiles, L,
         m_i = m_new
 
     o = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        o.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 def prefill_config(d, dtype, interpret=None):
@@ -144,8 +177,14 @@ def prefill_config(d, dtype, interpret=None):
 def _flat_rows(t):
     """t [B, H, L, d] as a [B*H*L, d] row matrix, if its strides allow (TMA needs 16-byte aligned rows)."""
     B, H, L, d = t.shape
-    ok = (t.stride(3) == 1 and t.stride(1) == L * t.stride(2) and t.stride(0) == H * t.stride(1)
-          and (t.stride(2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 and B * H * L < 2**31)
+    ok = (
+        t.stride(3) == 1
+        and t.stride(1) == L * t.stride(2)
+        and t.stride(0) == H * t.stride(1)
+        and (t.stride(2) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        and B * H * L < 2**31
+    )
     return torch.as_strided(t, (B * H * L, d), (t.stride(2), 1)) if ok else None
 
 
@@ -164,17 +203,37 @@ def prefill_triton(q, k, v, q_start, q_len, sm_scale=None, out=None, *, config=N
     q_start = q_start.to(device=q.device, dtype=torch.int32)
     q_len = q_len.to(device=q.device, dtype=torch.int32)
     kk, vv = k, v
-    if tma:    # TMA descriptors over the flattened cache; a layout TMA cannot take falls back to pointers
+    if tma:  # TMA descriptors over the flattened cache; a layout TMA cannot take falls back to pointers
         k2, v2 = _flat_rows(k), _flat_rows(v)
         tma = k2 is not None and v2 is not None
         if tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
+
             kk = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d])
             vv = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d])
     n_m = triton.cdiv(T, bm)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"   # exact fp32 dots; 16-bit ignores it
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # exact fp32 dots; 16-bit ignores it
     _prefill_kernel[(B * Hq, n_m)](
-        q, kk, vv, o, q_start, q_len, sm_scale * LOG2E, n_m, L,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        HQ=Hq, HKV=Hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, PREC=prec, **cfg)
+        q,
+        kk,
+        vv,
+        o,
+        q_start,
+        q_len,
+        sm_scale * LOG2E,
+        n_m,
+        L,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o.stride(),
+        HQ=Hq,
+        HKV=Hkv,
+        D=d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        TMA=tma,
+        PREC=prec,
+        **cfg,
+    )
     return o

@@ -10,6 +10,7 @@
 
 The command-line tools (`nanodp-generate`, `nanodp-chat`) run through this class.
 """
+
 from dataclasses import dataclass
 
 from .config import ClusterConfig, SparseConfig
@@ -67,10 +68,10 @@ class LLM:
         cluster = ClusterConfig(**{k: v for k, v in options.items() if k in cluster_fields})
         eng = {k: v for k, v in options.items() if k in ENGINE_ARGS}
         eng.setdefault("quiet", True)
-        self.fixed_len = eng.get("max_len") is not None       # "auto": the model's context (capped by memory)
+        self.fixed_len = eng.get("max_len") is not None  # "auto": the model's context (capped by memory)
         eng["max_len"] = None if eng.get("max_len") == "auto" else eng.get("max_len") or 256
-        eng["max_batch"] = 1 if not self.fixed_len else max_batch   # else grown by reserve() to what a call needs
-        self.max_batch = max_batch     # prompts per decode group; the cache grows to it on demand
+        eng["max_batch"] = 1 if not self.fixed_len else max_batch  # else grown by reserve() to what a call needs
+        self.max_batch = max_batch  # prompts per decode group; the cache grows to it on demand
         self.engine = Engine(model, sparse=sparse, cluster=cluster, **eng)
         self.tokenizer = self.engine.tok
 
@@ -88,8 +89,10 @@ class LLM:
             if not all(0 <= t < self.engine.cfg.vocab_size for t in prompt):
                 raise ValueError(f"token ids must be in [0, {self.engine.cfg.vocab_size})")
             return list(prompt)
-        raise ValueError("a prompt is a non-empty string, a list of chat messages ({'role', 'content'}) or a "
-                         f"list of token ids; got {type(prompt).__name__}")
+        raise ValueError(
+            "a prompt is a non-empty string, a list of chat messages ({'role', 'content'}) or a "
+            f"list of token ids; got {type(prompt).__name__}"
+        )
 
     def _batch(self, prompts, chat):
         single = isinstance(prompts, str) or _is_messages(prompts) or _is_ids(prompts)
@@ -120,8 +123,9 @@ class LLM:
         outs = {}
         for kind, i, r in self.engine.events(ids_list, params):
             if kind == "done":
-                outs[i] = Output(i, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                                 r.time_s)
+                outs[i] = Output(
+                    i, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.time_s
+                )
                 if on_done:
                     on_done(outs[i])
         return [outs[i] for i in range(len(ids_list))]
@@ -146,6 +150,6 @@ class LLM:
         ids = self.encode(messages)
         eng = self.engine
         if not self.fixed_len and len(ids) + params.max_new_tokens + 1 > eng.max_len:
-            self.reserve([ids], params)      # grows the cache (the conversation is prefilled afresh)
+            self.reserve([ids], params)  # grows the cache (the conversation is prefilled afresh)
         r = eng.stream(ids, params, on_text=on_text)
         return Output(0, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.time_s)

@@ -5,6 +5,7 @@ Backends (DESIGN.md section 4): prefill is always dense causal flash attention; 
 `doublep` or `topk`. Each has a torch twin (CPU, the oracle) and a Triton kernel (GPU); `kernels`
 picks which implementation runs.
 """
+
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +16,7 @@ from .kernels.doublep import STAT_KEYS
 
 def _impl(kernels: str):
     from .kernels import fused
+
     if kernels == "triton":
         from .kernels.decode import decode_triton as decode
         from .kernels.doublep_attn import sparse_triton as sparse
@@ -36,14 +38,15 @@ class DecodeStats:
 
     def __init__(self, n_layers, n_kv, device):
         self.table = torch.zeros(n_layers, len(STAT_KEYS), n_kv, device=device)
-        self.sums = {k: self.table[:, i] for i, k in enumerate(STAT_KEYS)}   # views: [n_layers, n_kv] each
+        self.sums = {k: self.table[:, i] for i, k in enumerate(STAT_KEYS)}  # views: [n_layers, n_kv] each
         self.dense_tokens = torch.zeros((), device=device)
-        self.slabs = {}   # batch size -> [n_layers, len(STAT_KEYS), B, n_kv], the current step's values
+        self.slabs = {}  # batch size -> [n_layers, len(STAT_KEYS), B, n_kv], the current step's values
 
     def slab(self, B):
-        if B not in self.slabs:   # first (eager) step of a batch size allocates; graph captures come later
-            self.slabs[B] = torch.zeros(self.table.shape[0], len(STAT_KEYS), B, self.table.shape[2],
-                                        device=self.table.device)
+        if B not in self.slabs:  # first (eager) step of a batch size allocates; graph captures come later
+            self.slabs[B] = torch.zeros(
+                self.table.shape[0], len(STAT_KEYS), B, self.table.shape[2], device=self.table.device
+            )
         return self.slabs[B]
 
     @torch.inference_mode()
@@ -61,10 +64,12 @@ class DecodeStats:
             return {}
         per_layer = {k: v.cpu() for k, v in self.sums.items()}
         dense = float(self.dense_tokens)
-        return {"kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense,
-                "pseudo_fraction": float(per_layer["pseudo_tokens"].sum()) / dense,
-                "fallbacks": int(per_layer["fallback"].sum()),
-                "per_layer_head": {k: v.tolist() for k, v in per_layer.items()}}
+        return {
+            "kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense,
+            "pseudo_fraction": float(per_layer["pseudo_tokens"].sum()) / dense,
+            "fallbacks": int(per_layer["fallback"].sum()),
+            "per_layer_head": {k: v.tolist() for k, v in per_layer.items()},
+        }
 
 
 class AttentionContext:
@@ -108,19 +113,31 @@ class AttentionContext:
         q1 = self.ops.rope_store(q, k, v, cos, sin, layer.k[:B], layer.v[:B], self.write_at)[:, 0]  # [B, Hq, d]
         sp = self.sparse
         if self.step_attention == "dense" or layer_idx < sp.dense_layers:
-            o = self.decode_fn(q1, layer.k[:B], layer.v[:B], self.lens_after,
-                               max_len=self.max_len)
-            if sp.attention != "dense":   # a dense layer of a sparse run reads every token exactly
+            o = self.decode_fn(q1, layer.k[:B], layer.v[:B], self.lens_after, max_len=self.max_len)
+            if sp.attention != "dense":  # a dense layer of a sparse run reads every token exactly
                 st = self.stats.slab(B)[layer_idx]
                 st.zero_()
                 st[0].copy_(self.lens_after[:, None].expand(-1, layer.k.shape[1]))
         else:
-            o, _ = self.sparse_fn(q1, _SlotLayer(layer, B, self.max_len), self.lens_after,
-                                  self.cache.tail_start[:B], self.cache.cfg.sinks, sp,
-                                  stats_out=self.stats.slab(B)[layer_idx])
+            o, _ = self.sparse_fn(
+                q1,
+                _SlotLayer(layer, B, self.max_len),
+                self.lens_after,
+                self.cache.tail_start[:B],
+                self.cache.cfg.sinks,
+                sp,
+                stats_out=self.stats.slab(B)[layer_idx],
+            )
         if self.observer is not None:
-            self.observer(layer_idx, q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B], o,
-                          self.active)
+            self.observer(
+                layer_idx,
+                q1,
+                _SlotLayer(layer, B, self.max_len),
+                self.lens_after,
+                self.cache.tail_start[:B],
+                o,
+                self.active,
+            )
         return o[:, None]
 
     def end_decode(self):

@@ -6,6 +6,7 @@ nanodp/fetch.py for NANODP_HOME). A decode step of B sequences whose longest cac
 of the largest measured batch <= B and the largest measured context <= ctx; without one (or without a table)
 it runs dense: Double-P is never chosen on a guess.
 """
+
 import json
 import re
 

@@ -11,6 +11,7 @@ One allocation per tensor kind holds all layers ([n_layers, B, ...]); `layers[i]
 exactly the per-layer shapes of the contract, so kernels see ordinary [B, Hkv, L, d] tensors while
 clustering can treat all layers and heads of a sequence as one batch.
 """
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,20 +24,20 @@ from .kernels.kmeans import to_device
 
 @dataclass
 class LayerCache:
-    k: torch.Tensor          # [B, Hkv, L, d]   model dtype
-    v: torch.Tensor          # [B, Hkv, L, d]
-    pos: torch.Tensor        # [B, Hkv, L]      int32 original position of the stored token
+    k: torch.Tensor  # [B, Hkv, L, d]   model dtype
+    v: torch.Tensor  # [B, Hkv, L, d]
+    pos: torch.Tensor  # [B, Hkv, L]      int32 original position of the stored token
     centroids: torch.Tensor  # [B, Hkv, C, d]   mean of member keys
-    vmean: torch.Tensor      # [B, Hkv, C, d]   mean of member values
-    logsize: torch.Tensor    # [B, Hkv, C]      fp32 ln(members)
-    cstart: torch.Tensor     # [B, Hkv, C + 1]  int32; cluster i is storage [cstart[i], cstart[i+1])
-    ncl: torch.Tensor        # [B, Hkv]         int32 clusters in use
-    kvar: torch.Tensor       # [B, Hkv, C, d]   per-dimension variance of member keys (estimate="gauss")
+    vmean: torch.Tensor  # [B, Hkv, C, d]   mean of member values
+    logsize: torch.Tensor  # [B, Hkv, C]      fp32 ln(members)
+    cstart: torch.Tensor  # [B, Hkv, C + 1]  int32; cluster i is storage [cstart[i], cstart[i+1])
+    ncl: torch.Tensor  # [B, Hkv]         int32 clusters in use
+    kvar: torch.Tensor  # [B, Hkv, C, d]   per-dimension variance of member keys (estimate="gauss")
 
 
 class ClusterEvent(NamedTuple):
     slot: int
-    lo: int   # storage [lo, hi) was clustered; tail_start[slot] is now hi
+    lo: int  # storage [lo, hi) was clustered; tail_start[slot] is now hi
     hi: int
 
 
@@ -48,10 +49,20 @@ def max_clusters(max_len, cfg):
 
 
 class KVCache:
-    def __init__(self, n_layers, max_batch, n_kv_heads, max_len, head_dim, dtype=torch.bfloat16,
-                 device="cuda", cfg=None, backend="auto"):
+    def __init__(
+        self,
+        n_layers,
+        max_batch,
+        n_kv_heads,
+        max_len,
+        head_dim,
+        dtype=torch.bfloat16,
+        device="cuda",
+        cfg=None,
+        backend="auto",
+    ):
         self.cfg = cfg if cfg is not None else ClusterConfig()
-        self.backend = backend   # k-means kernels: "auto" (Triton on CUDA), "triton", "torch"
+        self.backend = backend  # k-means kernels: "auto" (Triton on CUDA), "triton", "torch"
         self.n_layers, self.max_batch, self.n_kv_heads = n_layers, max_batch, n_kv_heads
         self.max_len, self.head_dim, self.dtype = max_len, head_dim, dtype
         self.device = torch.device(device)
@@ -67,7 +78,8 @@ class KVCache:
             logsize=torch.full((*lead, C), float("-inf"), dtype=torch.float32, **z),
             cstart=torch.zeros(*lead, C + 1, dtype=torch.int32, **z),
             ncl=torch.zeros(*lead, dtype=torch.int32, **z),
-            kvar=torch.zeros(*lead, C, head_dim, dtype=dtype, **z))
+            kvar=torch.zeros(*lead, C, head_dim, dtype=dtype, **z),
+        )
         self.layers = [LayerCache(*(t[i] for t in self.store)) for i in range(n_layers)]
         self.lens = torch.zeros(max_batch, dtype=torch.int32, **z)
         self.tail_start = torch.zeros(max_batch, dtype=torch.int32, **z)
@@ -81,16 +93,19 @@ class KVCache:
         """(kv, cluster metadata) bytes per token of capacity, all layers, for sizing before allocating."""
         cfg = cfg if cfg is not None else ClusterConfig()
         es = torch.empty((), dtype=dtype).element_size()
-        per_cluster = 3 * head_dim * es + 4 + 4        # centroid + vmean + kvar + logsize + cstart
-        return (n_layers * n_kv_heads * 2 * head_dim * es,
-                n_layers * n_kv_heads * (4 + per_cluster / cfg.cluster_size))   # + pos
+        per_cluster = 3 * head_dim * es + 4 + 4  # centroid + vmean + kvar + logsize + cstart
+        return (
+            n_layers * n_kv_heads * 2 * head_dim * es,
+            n_layers * n_kv_heads * (4 + per_cluster / cfg.cluster_size),
+        )  # + pos
 
     def bytes_per_token(self):
         """(kv bytes, cluster-metadata bytes) allocated per token of capacity, across all layers."""
         s = self.store
-        meta = sum(t.numel() * t.element_size()
-                   for t in (s.pos, s.centroids, s.vmean, s.kvar, s.logsize, s.cstart, s.ncl))
-        kv = (s.k.numel() * s.k.element_size() + s.v.numel() * s.v.element_size())
+        meta = sum(
+            t.numel() * t.element_size() for t in (s.pos, s.centroids, s.vmean, s.kvar, s.logsize, s.cstart, s.ncl)
+        )
+        kv = s.k.numel() * s.k.element_size() + s.v.numel() * s.v.element_size()
         return kv / (self.max_batch * self.max_len), meta / (self.max_batch * self.max_len)
 
     def set_len(self, slot, n):
@@ -98,8 +113,10 @@ class KVCache:
         if not 0 <= n <= self.max_len:
             raise ValueError(f"length {n} outside the cache capacity 0..{self.max_len}")
         if n < self.tail_host[slot]:
-            raise ValueError(f"cannot shrink slot {slot} to {n} tokens below its clustered region "
-                             f"(tail_start {self.tail_host[slot]}); reset() it instead")
+            raise ValueError(
+                f"cannot shrink slot {slot} to {n} tokens below its clustered region "
+                f"(tail_start {self.tail_host[slot]}); reset() it instead"
+            )
         self.lens_host[slot] = n
         self.lens[slot] = n
 
@@ -112,7 +129,7 @@ class KVCache:
                 raise ValueError(f"slot {b} is full ({self.max_len} tokens)")
             self.lens_host[b] += n
         if active is not None:
-            self.lens[:active.numel()] += active.to(torch.int32) * n
+            self.lens[: active.numel()] += active.to(torch.int32) * n
         elif slots:
             self.lens[torch.tensor(slots, device=self.device)] += n
 
@@ -132,7 +149,7 @@ class KVCache:
         cfg = self.cfg
         need = cfg.cluster_size if force else cfg.recluster_every
         out = []
-        for b in (range(self.max_batch) if slots is None else slots):
+        for b in range(self.max_batch) if slots is None else slots:
             lo = max(self.tail_host[b], cfg.sinks)
             hi = self.lens_host[b] - cfg.window
             if hi - lo >= need:
@@ -158,9 +175,9 @@ class KVCache:
             for n, jobs in by_len.items():
                 per = max(1, MAX_ROWS // (n * self.n_layers * self.n_kv_heads))
                 for i in range(0, len(jobs), per):
-                    cluster_jobs(self.store, jobs[i:i + per], self.cfg, self.backend)
+                    cluster_jobs(self.store, jobs[i : i + per], self.cfg, self.backend)
         for ev in events:
             self.tail_host[ev.slot] = ev.hi
         idx, hi = to_device([[ev.slot for ev in events], [ev.hi for ev in events]], self.device)
-        self.tail_start[idx] = hi.to(torch.int32)       # (torch.tensor(..., device=cuda) would sync)
+        self.tail_start[idx] = hi.to(torch.int32)  # (torch.tensor(..., device=cuda) would sync)
         return events

@@ -12,13 +12,14 @@ On the Triton path that is 1 workspace memset + iters + 3 launches + one torch.s
 scratch copy of the keys beyond the one the in-place reorder needs (written by the final round, which reads
 the rows anyway). The torch path composes the twins of the same steps.
 """
+
 from typing import NamedTuple
 
 import torch
 
-from nanodp.kernels.kmeans import (append_ref, append_triton, cluster_stats_ref, final_ref, final_triton,
-                                   make_rows, mean_init_ref, mean_init_triton, reorder_ref, reorder_triton,
-                                   step_ref, step_triton)
+from nanodp.kernels.kmeans import make_rows
+from nanodp.kernels.kmeans_pass import final_ref, final_triton, mean_init_ref, mean_init_triton, step_ref, step_triton
+from nanodp.kernels.kmeans_store import append_ref, append_triton, cluster_stats_ref, reorder_ref, reorder_triton
 
 MAX_ROWS = 1 << 21  # keys per batched k-means call (N * n); bounds the scratch memory (~0.5 GB at d=128)
 
@@ -45,7 +46,7 @@ class _Workspace:
         buf = torch.zeros(sum(sizes.values()), dtype=torch.int32, device=device)
         views, o = {}, 0
         for name, size in sizes.items():
-            views[name], o = buf[o:o + size], o + size
+            views[name], o = buf[o : o + size], o + size
         self.mu = views["mu"].view(torch.float32).view(N, d)
         self.s = views["s"].view(torch.float32).view(N, k, d)
         self.cnt = views["cnt"].view(N, k)
@@ -53,7 +54,7 @@ class _Workspace:
 
 
 def _ids_dtype(k):
-    return torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32   # fewer radix-sort passes
+    return torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32  # fewer radix-sort passes
 
 
 def _kmeans_triton(r, k, iters, scratch=None):
@@ -101,15 +102,15 @@ def kmeans(keys, k, iters, backend="auto"):
 
 
 class ClusterResult(NamedTuple):
-    perm: torch.Tensor       # [N, n] int64: new row t of the segment is old row perm[t]
+    perm: torch.Tensor  # [N, n] int64: new row t of the segment is old row perm[t]
     centroids: torch.Tensor  # [N, k, d] keys' dtype; rows >= nkept are padding (zeros)
-    vmean: torch.Tensor      # [N, k, d]
-    logsize: torch.Tensor    # [N, k] fp32; -inf on padding rows
-    kvar: torch.Tensor       # [N, k, d] keys' dtype: per-dimension variance of the member keys (padding: 0);
+    vmean: torch.Tensor  # [N, k, d]
+    logsize: torch.Tensor  # [N, k] fp32; -inf on padding rows
+    kvar: torch.Tensor  # [N, k, d] keys' dtype: per-dimension variance of the member keys (padding: 0);
     #                          computed in fp32, rounded once on storing: bf16 keeps fp32's range, and its
     #                          2^-9 relative rounding is below that of the centroid it corrects (q.C)
-    starts: torch.Tensor     # [N, k + 1] int64: cluster i is rows [starts[i], starts[i+1]); = n past nkept
-    nkept: torch.Tensor      # [N] int64: non-empty clusters
+    starts: torch.Tensor  # [N, k + 1] int64: cluster i is rows [starts[i], starts[i+1]); = n past nkept
+    nkept: torch.Tensor  # [N] int64: non-empty clusters
 
 
 def cluster_block(keys, values, k, iters, backend="auto"):
@@ -126,15 +127,18 @@ def cluster_block(keys, values, k, iters, backend="auto"):
     """
     N, n, d = keys.shape
     _check(n, k, iters)
-    dev, z = keys.device, dict(device=keys.device)
-    tab = Tables(k=keys.reshape(1, N, 1, n, d).clone(), v=values.reshape(1, N, 1, n, d).clone(),
-                 pos=torch.arange(n, dtype=torch.int32, **z).expand(1, N, 1, n).contiguous(),
-                 centroids=torch.empty(1, N, 1, k, d, dtype=keys.dtype, **z),
-                 vmean=torch.empty(1, N, 1, k, d, dtype=values.dtype, **z),
-                 logsize=torch.empty(1, N, 1, k, dtype=torch.float32, **z),
-                 cstart=torch.empty(1, N, 1, k + 1, dtype=torch.int32, **z),
-                 ncl=torch.zeros(1, N, 1, dtype=torch.int32, **z),
-                 kvar=torch.empty(1, N, 1, k, d, dtype=keys.dtype, **z))
+    z = dict(device=keys.device)
+    tab = Tables(
+        k=keys.reshape(1, N, 1, n, d).clone(),
+        v=values.reshape(1, N, 1, n, d).clone(),
+        pos=torch.arange(n, dtype=torch.int32, **z).expand(1, N, 1, n).contiguous(),
+        centroids=torch.empty(1, N, 1, k, d, dtype=keys.dtype, **z),
+        vmean=torch.empty(1, N, 1, k, d, dtype=values.dtype, **z),
+        logsize=torch.empty(1, N, 1, k, dtype=torch.float32, **z),
+        cstart=torch.empty(1, N, 1, k + 1, dtype=torch.int32, **z),
+        ncl=torch.zeros(1, N, 1, dtype=torch.int32, **z),
+        kvar=torch.empty(1, N, 1, k, d, dtype=keys.dtype, **z),
+    )
     _pass(tab, [(p, 0, n) for p in range(N)], k, iters, backend)
     t = Tables(*(x[0, :, 0] for x in tab))
     return ClusterResult(t.pos.long(), t.centroids, t.vmean, t.logsize, t.kvar, t.cstart.long(), t.ncl.long())
@@ -142,15 +146,16 @@ def cluster_block(keys, values, k, iters, backend="auto"):
 
 class Tables(NamedTuple):
     """The cache tensors with leading [n_layers, B, Hkv] dims (KVCache's storage, or one layer unsqueezed)."""
-    k: torch.Tensor          # [nl, B, H, L, d]
+
+    k: torch.Tensor  # [nl, B, H, L, d]
     v: torch.Tensor
-    pos: torch.Tensor        # [nl, B, H, L] int32
+    pos: torch.Tensor  # [nl, B, H, L] int32
     centroids: torch.Tensor  # [nl, B, H, C, d]
     vmean: torch.Tensor
-    logsize: torch.Tensor    # [nl, B, H, C] fp32
-    cstart: torch.Tensor     # [nl, B, H, C + 1] int32
-    ncl: torch.Tensor        # [nl, B, H] int32
-    kvar: torch.Tensor       # [nl, B, H, C, d] per-dimension variance of the member keys
+    logsize: torch.Tensor  # [nl, B, H, C] fp32
+    cstart: torch.Tensor  # [nl, B, H, C + 1] int32
+    ncl: torch.Tensor  # [nl, B, H] int32
+    kvar: torch.Tensor  # [nl, B, H, C, d] per-dimension variance of the member keys
 
 
 def split_segments(lo, hi, cfg):
@@ -176,19 +181,21 @@ def _pass(tab, jobs, k, iters, backend):
     r = make_rows(tab.k, tab.v, tab.pos, [(b, s) for b, s, _ in jobs], n)
     N, dev = r.N, tab.k.device
     if _use_triton(tab.k, backend):
-        scratch = (torch.empty(N, n, d, dtype=tab.k.dtype, device=dev),
-                   torch.empty(N, n, d, dtype=tab.v.dtype, device=dev),
-                   torch.empty(N, n, dtype=torch.int32, device=dev))
+        scratch = (
+            torch.empty(N, n, d, dtype=tab.k.dtype, device=dev),
+            torch.empty(N, n, d, dtype=tab.v.dtype, device=dev),
+            torch.empty(N, n, dtype=torch.int32, device=dev),
+        )
         a, ws = _kmeans_triton(r, k, iters, scratch)
-        sid, perm = torch.sort(a, dim=1, stable=True)   # stable: members keep their order
+        sid, perm = torch.sort(a, dim=1, stable=True)  # stable: members keep their order
         reorder_triton(r, perm, *scratch)
         append_triton(r, tab, sid, ws.cnt, ws.ctr[iters])
         return
-    x, v, pos = r.gather(tab.k), r.gather(tab.v), r.gather(tab.pos)   # scratch copies: [N, n, ...]
+    x, v, pos = r.gather(tab.k), r.gather(tab.v), r.gather(tab.pos)  # scratch copies: [N, n, ...]
     a, cnt = _kmeans_torch(x, k, iters)
     sid, perm = torch.sort(a, dim=1, stable=True)
     xs, vs = reorder_ref(x, perm), reorder_ref(v, perm)
-    for j, (b, s, e) in enumerate(jobs):                                # write back in cluster order
+    for j, (b, s, e) in enumerate(jobs):  # write back in cluster order
         p = slice(j * nl * H, (j + 1) * nl * H)
         tab.k[:, b, :, s:e] = xs[p].view(nl, H, n, d)
         tab.v[:, b, :, s:e] = vs[p].view(nl, H, n, d)
@@ -216,7 +223,7 @@ def cluster_range(layer, b, lo, hi, cfg, backend="auto"):
     return segs[-1][1] if segs else lo
 
 
-SIZE_EDGES = (1, 2, 4, 8, 16, 32, 64)   # size_report histogram bins [e_i, e_{i+1}); the last is [64, inf)
+SIZE_EDGES = (1, 2, 4, 8, 16, 32, 64)  # size_report histogram bins [e_i, e_{i+1}); the last is [64, inf)
 
 
 def size_report(src, slot, cluster_size=None, edges=SIZE_EDGES):
@@ -239,22 +246,25 @@ def size_report(src, slot, cluster_size=None, edges=SIZE_EDGES):
         tab = Tables(*(getattr(src, f).unsqueeze(0) if hasattr(src, f) else None for f in Tables._fields))
     if not cluster_size:
         raise ValueError("size_report needs cluster_size when src is not a KVCache")
-    cs, ncl = tab.cstart[:, slot].long().cpu(), tab.ncl[:, slot].long().cpu()          # [nl, H, C+1], [nl, H]
-    valid = torch.arange(cs.shape[-1] - 1) < ncl[..., None]                            # [nl, H, C]
+    cs, ncl = tab.cstart[:, slot].long().cpu(), tab.ncl[:, slot].long().cpu()  # [nl, H, C+1], [nl, H]
+    valid = torch.arange(cs.shape[-1] - 1) < ncl[..., None]  # [nl, H, C]
     sizes = torch.where(valid, cs[..., 1:] - cs[..., :-1], 0)
     bounds = list(edges) + [1 << 62]
 
     def one(sz, ok, clusters):
         s = sz[ok]
         tokens = int(s.sum())
-        return dict(clusters=clusters, tokens=tokens, largest=int(s.max()) if s.numel() else 0,
-                    mean=tokens / max(1, s.numel()),
-                    over_3x=float(s[s > 3 * cluster_size].sum()) / max(1, tokens),
-                    hist=[int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(bounds, bounds[1:])])
+        return dict(
+            clusters=clusters,
+            tokens=tokens,
+            largest=int(s.max()) if s.numel() else 0,
+            mean=tokens / max(1, s.numel()),
+            over_3x=float(s[s > 3 * cluster_size].sum()) / max(1, tokens),
+            hist=[int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(bounds, bounds[1:])],
+        )
 
     layers = [one(sizes[i], valid[i], ncl[i].tolist()) for i in range(sizes.shape[0])]
-    return dict(cluster_size=cluster_size, edges=list(edges), layers=layers,
-                all=one(sizes, valid, int(ncl.sum())))
+    return dict(cluster_size=cluster_size, edges=list(edges), layers=layers, all=one(sizes, valid, int(ncl.sum())))
 
 
 def format_size_report(rep):
@@ -265,6 +275,8 @@ def format_size_report(rep):
     lines = [f"layer  clusters/head  tokens  largest   mean  >{big}(tok%)  sizes: " + " ".join(f"{b:>5}" for b in bins)]
     for name, r in [(str(i), r) for i, r in enumerate(rep["layers"])] + [("all", rep["all"])]:
         cl = "/".join(map(str, r["clusters"])) if isinstance(r["clusters"], list) else str(r["clusters"])
-        lines.append(f"{name:>5}  {cl:>13}  {r['tokens']:6d}  {r['largest']:7d}  {r['mean']:5.1f}  "
-                     f"{100 * r['over_3x']:10.1f}  " + " " * 7 + " ".join(f"{h:5d}" for h in r["hist"]))
+        lines.append(
+            f"{name:>5}  {cl:>13}  {r['tokens']:6d}  {r['largest']:7d}  {r['mean']:5.1f}  "
+            f"{100 * r['over_3x']:10.1f}  " + " " * 7 + " ".join(f"{h:5d}" for h in r["hist"])
+        )
     return "\n".join(lines)

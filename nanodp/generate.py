@@ -5,6 +5,7 @@ chat "messages" field per line). Each prompt gets one record (prompt, completion
 seconds), printed or written to --output as it finishes; a prompt that cannot run gets an error record and the
 others go on. Ctrl-C (or SIGTERM) stops, keeps every record written so far and exits 130. Greedy by default.
 """
+
 import argparse
 import json
 import os
@@ -61,8 +62,9 @@ def check_files(args, error):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanodp.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m nanodp.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="file: one prompt per line, or .jsonl with 'prompt' or chat 'messages'")
     ap.add_argument("--chat", action="store_true", help="apply the model's chat template to plain prompts")
@@ -133,19 +135,36 @@ def main(argv=None):
 
         if runnable:
             llm.reserve([ids for _, ids in runnable], params)
-        with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[rate]}"), console=con, transient=False) as bar:
+        with Progress(
+            TextColumn("[bold]generate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            console=con,
+            transient=False,
+        ) as bar:
             task = bar.add_task("gen", total=len(items), completed=len(items) - len(runnable), rate="")
             for g in range(0, len(runnable), llm.engine.max_batch):
-                group = runnable[g:g + llm.engine.max_batch]
+                group = runnable[g : g + llm.engine.max_batch]
 
                 def done(o, group=group):
                     i = group[o.index][0]
-                    emit(i, {"index": i, "prompt": prompt_of(i), "completion": o.text, "prompt_tokens": o.prompt_tokens,
-                             "completion_tokens": o.completion_tokens, "finish_reason": o.finish_reason,
-                             "time_s": round(o.time_s, 4)})
+                    emit(
+                        i,
+                        {
+                            "index": i,
+                            "prompt": prompt_of(i),
+                            "completion": o.text,
+                            "prompt_tokens": o.prompt_tokens,
+                            "completion_tokens": o.completion_tokens,
+                            "finish_reason": o.finish_reason,
+                            "time_s": round(o.time_s, 4),
+                        },
+                    )
                     c = llm.engine.counters
                     bar.update(task, advance=1, rate=f"{c.decode_tokens / max(c.decode_s, 1e-9):.1f} tok/s")
+
                 try:
                     llm.generate([ids for _, ids in group], params, on_done=done)
                 except Exception as e:  # noqa: BLE001 - a failing group must not lose the others
@@ -166,11 +185,15 @@ def main(argv=None):
     c, wall = llm.engine.counters, time.perf_counter() - t0
     new = sum(r.get("completion_tokens", 0) for r in records)
     kv = llm.engine.ctx.stats.summary().get("kv_read_fraction")
-    print(f"{len(items)} prompts ({sum('error' in r for r in records)} failed) | "
-              f"{c.prefill_tokens} prompt tok at {c.prefill_tokens / max(c.prefill_s, 1e-9):.0f} tok/s | "
-              f"{new} new tok, decode {c.decode_tokens / max(c.decode_s, 1e-9):.1f} tok/s"
-              + (f" | KV read {100 * kv:.1f}%" if kv is not None else "")
-              + (c.ran() if llm.engine.sparse.attention == "auto" else "") + f" | wall {wall:.1f} s", file=sys.stderr)
+    print(
+        f"{len(items)} prompts ({sum('error' in r for r in records)} failed) | "
+        f"{c.prefill_tokens} prompt tok at {c.prefill_tokens / max(c.prefill_s, 1e-9):.0f} tok/s | "
+        f"{new} new tok, decode {c.decode_tokens / max(c.decode_s, 1e-9):.1f} tok/s"
+        + (f" | KV read {100 * kv:.1f}%" if kv is not None else "")
+        + (c.ran() if llm.engine.sparse.attention == "auto" else "")
+        + f" | wall {wall:.1f} s",
+        file=sys.stderr,
+    )
     return 1 if any("error" in r for r in records) else 0
 
 

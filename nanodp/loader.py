@@ -1,5 +1,6 @@
 """Find a model folder, read its config and safetensors shards, and build the model on the target device.
 Under tensor parallelism each rank keeps only its part of every tensor (parallel.shard), cut before fusing."""
+
 import json
 import re
 from pathlib import Path
@@ -11,8 +12,14 @@ from .config import ConfigError, ModelConfig
 from .fetch import DEFAULT_DIR as DEFAULT_MODEL
 from .model import LlamaForCausalLM, Rope
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 class WeightsError(RuntimeError):
@@ -24,6 +31,7 @@ def resolve_model_dir(path=None, fetch_default=True, quiet=False) -> Path:
     if path is None:
         if not (DEFAULT_MODEL / ".complete").is_file() and fetch_default:
             from .fetch import ensure_default_model
+
             if not quiet:
                 print(f"nanodp: the default model is not in {DEFAULT_MODEL}; fetching it now (one time, ~92 MB)")
             ensure_default_model(DEFAULT_MODEL, quiet=quiet)
@@ -35,9 +43,12 @@ def resolve_model_dir(path=None, fetch_default=True, quiet=False) -> Path:
             raise WeightsError(
                 f"{path!r} looks like a Hugging Face hub id; nanodp never downloads from a model hub at run time. "
                 f"Fetch it first, e.g. `huggingface-cli download {path} --local-dir weights/{p.name}`, "
-                f"then pass --model weights/{p.name}")
-        raise WeightsError(f"model folder {str(p)!r} does not exist. Run `python -m nanodp.fetch` for the "
-                           "default model, or see weights/README.md for Hugging Face Llama checkpoints")
+                f"then pass --model weights/{p.name}"
+            )
+        raise WeightsError(
+            f"model folder {str(p)!r} does not exist. Run `python -m nanodp.fetch` for the "
+            "default model, or see weights/README.md for Hugging Face Llama checkpoints"
+        )
     return p
 
 
@@ -50,20 +61,25 @@ def _shards(model_dir: Path) -> list[Path]:
             raise WeightsError(f"{index} is corrupt ({e})") from None
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
-            raise WeightsError(f"{model_dir} is incomplete: shard(s) {missing} named in {index.name} are missing; "
-                               "download the folder again")
+            raise WeightsError(
+                f"{model_dir} is incomplete: shard(s) {missing} named in {index.name} are missing; "
+                "download the folder again"
+            )
         return [model_dir / f for f in files]
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pth")):
-        raise WeightsError(f"{model_dir} holds PyTorch .bin/.pth weights; nanodp reads safetensors only "
-                           "(most Hugging Face repos ship them: download the *.safetensors files)")
+        raise WeightsError(
+            f"{model_dir} holds PyTorch .bin/.pth weights; nanodp reads safetensors only "
+            "(most Hugging Face repos ship them: download the *.safetensors files)"
+        )
     raise WeightsError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
 def read_state_dict(model_dir: Path, dtype, device) -> dict:
     from safetensors import SafetensorError, safe_open
+
     sd = {}
     for f in _shards(model_dir):
         try:
@@ -97,8 +113,10 @@ def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausal
         raise WeightsError(f"{model_dir}: unexpected tensors {extra[:3]} (not a plain Llama checkpoint?)")
     for name, t in sd.items():
         if t.shape != model.state_dict()[name].shape:
-            raise WeightsError(f"{model_dir}: {name} has shape {tuple(t.shape)}, config.json implies "
-                               f"{tuple(model.state_dict()[name].shape)}")
+            raise WeightsError(
+                f"{model_dir}: {name} has shape {tuple(t.shape)}, config.json implies "
+                f"{tuple(model.state_dict()[name].shape)}"
+            )
     model.load_state_dict(sd, assign=True)
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
     del sd  # the model holds the only references now, so fusing frees each original as it goes

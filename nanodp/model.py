@@ -12,6 +12,7 @@ the residual stream (the largest single loss), the normalised row before its wei
 Under tensor parallelism (nanodp/parallel.py) every rank builds its layers at its own sizes: its query and KV heads,
 its MLP units and lm_head rows; o_proj and down_proj outputs are all-reduced and the logits all-gathered.
 """
+
 import math
 
 import torch
@@ -49,7 +50,8 @@ def rope_tables(cfg: ModelConfig):
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > lo, inv / factor, inv)
         smooth = (old / wavelen - rs.get("low_freq_factor", 1.0)) / (
-            rs.get("high_freq_factor", 4.0) - rs.get("low_freq_factor", 1.0))
+            rs.get("high_freq_factor", 4.0) - rs.get("low_freq_factor", 1.0)
+        )
         mid = (wavelen >= hi) & (wavelen <= lo)
         inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     elif kind == "yarn":
@@ -58,7 +60,9 @@ def rope_tables(cfg: ModelConfig):
         mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
         attn = rs.get("attention_factor") or (
             mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
-            if rs.get("mscale") and rs.get("mscale_all_dim") else mscale(factor))
+            if rs.get("mscale") and rs.get("mscale_all_dim")
+            else mscale(factor)
+        )
         corr = lambda rot: d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
         lo, hi = corr(rs.get("beta_fast") or 32), corr(rs.get("beta_slow") or 1)
         if rs.get("truncate", True):

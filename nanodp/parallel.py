@@ -21,6 +21,7 @@ Launch (the CLIs call `init(args.tp, main, argv)` right after parsing their flag
       Ctrl-C ends the whole run (ranks cannot stop one reply together).
   torchrun --nproc-per-node N -m nanodp.generate ...   every rank joins from WORLD_SIZE / RANK / LOCAL_RANK.
 """
+
 import atexit
 import os
 import signal
@@ -74,12 +75,11 @@ def shard(name: str, t: torch.Tensor) -> torch.Tensor:
     """This rank's part of checkpoint tensor `name` (Hugging Face Llama names); replicated tensors pass through."""
     n, r = _S["world"], _S["rank"]
     kind = name.split(".")[-2] if name.endswith(".weight") else ""
-    if n == 1 or kind not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj",
-                              "lm_head"):
+    if n == 1 or kind not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj", "lm_head"):
         return t
     if kind == "lm_head":
         c = vocab_part(t.shape[0])
-        rows = t[r * c:(r + 1) * c]
+        rows = t[r * c : (r + 1) * c]
         return torch.cat([rows, rows.new_zeros(c - rows.shape[0], t.shape[1])]) if rows.shape[0] < c else rows.clone()
     dim = 1 if kind in ("o_proj", "down_proj") else 0  # row-parallel layers are cut along their inputs
     return torch.tensor_split(t, n, dim=dim)[r].clone(memory_format=torch.contiguous_format)
@@ -198,8 +198,12 @@ def _spawn(tp, main, argv):
     store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=LONG)
     ctx = torch.multiprocessing.get_context("spawn")
     for r in range(1, tp):
-        env = {"WORLD_SIZE": str(tp), "RANK": str(r), "LOCAL_RANK": str(r),
-               "NANODP_TP_STORE": f"127.0.0.1:{store.port}"}
+        env = {
+            "WORLD_SIZE": str(tp),
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "NANODP_TP_STORE": f"127.0.0.1:{store.port}",
+        }
         p = ctx.Process(target=_child, args=(main, argv, env, os.getpid()), daemon=True)
         p.start()
         _S["children"].append(p)
@@ -226,6 +230,7 @@ def _child(main, argv, env, parent):
 def _watch():
     """Rank 0: if a rank dies abnormally, stop the others and exit (instead of waiting in a collective forever)."""
     from multiprocessing.connection import wait
+
     left = {p.sentinel: (r, p) for r, p in enumerate(_S["children"], 1)}
     while left:
         for s in wait(list(left)):
@@ -252,5 +257,7 @@ def _abort(why):
 
 def _silence():
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    sys.excepthook = lambda *exc: (print(f"nanodp: rank {rank()} failed:", file=sys.__stderr__),
-                                   traceback.print_exception(*exc, file=sys.__stderr__))
+    sys.excepthook = lambda *exc: (
+        print(f"nanodp: rank {rank()} failed:", file=sys.__stderr__),
+        traceback.print_exception(*exc, file=sys.__stderr__),
+    )

@@ -1,4 +1,5 @@
 """Sampling: greedy at temperature 0, else temperature, top-k and an exact top-p (nucleus) cut, seeded."""
+
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        def bad(field_, what):   # one message for the API and the CLI: it names both
+        def bad(field_, what):  # one message for the API and the CLI: it names both
             raise ValueError(f"{field_} (--{field_.replace('_', '-')}) must be {what}, got {getattr(self, field_)!r}")
 
         def num(x):
@@ -56,8 +57,11 @@ class SamplingParams:
         except (OSError, ValueError):
             gc = {}
         keys = ("temperature", "top_p", "top_k", "repetition_penalty")
-        own = {k: gc[k] for k in keys if k in gc} if isinstance(gc, dict) and (gc.get("do_sample") or
-                                                                               "temperature" in gc) else {}
+        own = (
+            {k: gc[k] for k in keys if k in gc}
+            if isinstance(gc, dict) and (gc.get("do_sample") or "temperature" in gc)
+            else {}
+        )
         if gc.get("do_sample") is False:
             own["temperature"] = 0.0
         if own:

@@ -1,4 +1,5 @@
 """Tokenizer (tokenizers or sentencepiece), the model's own chat template (jinja2), EOS ids, streaming decode."""
+
 import json
 from datetime import datetime
 from pathlib import Path
@@ -10,15 +11,19 @@ class Tokenizer:
         self.cfg = _read_json(d / "tokenizer_config.json")
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
+
             try:
                 self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
             except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-                raise ValueError(f"{d / 'tokenizer.json'} cannot be read as a tokenizer ({str(e)[:120]}); "
-                                 "re-fetch or re-convert the model") from None
+                raise ValueError(
+                    f"{d / 'tokenizer.json'} cannot be read as a tokenizer ({str(e)[:120]}); "
+                    "re-fetch or re-convert the model"
+                ) from None
             self._sp = None
             self.vocab_size = self._tok.get_vocab_size()
         elif (d / "tokenizer.model").is_file():
             import sentencepiece as spm
+
             self._tok, self._sp = None, spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
             self.vocab_size = self._sp.get_piece_size()
         else:
@@ -60,8 +65,10 @@ class Tokenizer:
     def render_chat(self, messages, add_generation_prompt=True) -> str:
         """The model's own chat template, rendered as transformers' apply_chat_template does."""
         if not self.chat_template:
-            raise ValueError("this model has no chat_template in tokenizer_config.json: chat prompts need one; "
-                             "give plain prompts (no --chat)")
+            raise ValueError(
+                "this model has no chat_template in tokenizer_config.json: chat prompts need one; "
+                "give plain prompts (no --chat)"
+            )
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -69,12 +76,14 @@ class Tokenizer:
             raise ValueError(f"chat template: {msg}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
-            json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         special = {k: _token_str(v) for k, v in self.cfg.items() if k.endswith("_token")}
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special)
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        )
 
     def encode_chat(self, messages, add_generation_prompt=True) -> list[int]:
         # The template writes its own special tokens (BOS included), so none are added again.
@@ -95,18 +104,18 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
-        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix :], self.skip)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
-        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix :], self.skip)
         self.prefix = self.read = len(self.ids)
-        return now[len(before):]
+        return now[len(before) :]
 
 
 def _read_json(path: Path) -> dict:

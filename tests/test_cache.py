@@ -1,4 +1,5 @@
 """Clustered KV cache: layout invariants, k-means quality, Triton kernels against their twins."""
+
 import json
 import math
 import os
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from nanodp.cache import KVCache, max_clusters
-from nanodp.config import ClusterConfig
 from nanodp.cluster import cluster_block, cluster_range, kmeans, split_segments
+from nanodp.config import ClusterConfig
 from nanodp.kernels.kmeans import assign_ref, assign_triton, cluster_sums_ref, cluster_sums_triton
 
 
@@ -16,8 +17,9 @@ def eq(a, b):
     """torch.equal on the CPU (the kernels run on DEV; references may be built on the CPU)."""
     return torch.equal(a.cpu(), b.cpu())
 
+
 SMALL = dict(sinks=4, window=8, cluster_size=4, kmeans_iters=3, segment_len=32, recluster_every=16)
-DEV = "cuda" if torch.cuda.is_available() else "cpu"   # Triton needs CUDA, or the CPU interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA, or the CPU interpreter
 WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "weights", "SmolLM2-135M-Instruct")
 
 
@@ -33,8 +35,9 @@ def _one_thread():
 class Truth:
     """A cache plus the original-order K/V of every slot, to check the cache against."""
 
-    def __init__(self, nl=2, B=3, H=2, L=272, d=16, cfg=None, backend="torch", seed=0, device="cpu",
-                 dtype=torch.float32):
+    def __init__(
+        self, nl=2, B=3, H=2, L=272, d=16, cfg=None, backend="torch", seed=0, device="cpu", dtype=torch.float32
+    ):
         self.c = KVCache(nl, B, H, L, d, dtype, device, cfg or ClusterConfig(**SMALL), backend)
         self.K = torch.zeros(nl, B, H, L, d, dtype=dtype, device=device)
         self.V = torch.zeros_like(self.K)
@@ -45,11 +48,11 @@ class Truth:
         s = self.c.lens_host[b]
         nl, _, H, _, d = self.K.shape
         k = keys if keys is not None else torch.randn(nl, H, n, d, generator=self.g)
-        self.K[:, b, :, s:s + n] = k.to(self.K.device)
-        self.V[:, b, :, s:s + n] = torch.randn(nl, H, n, d, generator=self.g).to(self.K.device)
+        self.K[:, b, :, s : s + n] = k.to(self.K.device)
+        self.V[:, b, :, s : s + n] = torch.randn(nl, H, n, d, generator=self.g).to(self.K.device)
         for i, layer in enumerate(self.c.layers):
-            layer.k[b, :, s:s + n] = self.K[i, b, :, s:s + n]
-            layer.v[b, :, s:s + n] = self.V[i, b, :, s:s + n]
+            layer.k[b, :, s : s + n] = self.K[i, b, :, s : s + n]
+            layer.v[b, :, s : s + n] = self.V[i, b, :, s : s + n]
         self.c.set_len(b, s + n) if n > 1 else self.c.advance([b])
 
 
@@ -60,7 +63,7 @@ def check(t, b, tol=1e-5):
     assert int(c.lens[b]) == n and int(c.tail_start[b]) == ts
     S = min(cfg.sinks, ts)
     for i, layer in enumerate(c.layers):
-        x = {f: val[b].cpu() for f, val in vars(layer).items()}          # this slot: [Hkv, ...]
+        x = {f: val[b].cpu() for f, val in vars(layer).items()}  # this slot: [Hkv, ...]
         K, V = t.K[i, b].cpu(), t.V[i, b].cpu()
         for h in range(c.n_kv_heads):
             pos = x["pos"][h, :n].long()
@@ -75,10 +78,10 @@ def check(t, b, tol=1e-5):
                 assert m == 0
                 continue
             # offsets increase strictly (no empty cluster) and cover [S, tail_start)
-            cs = x["cstart"][h, :m + 1].long()
+            cs = x["cstart"][h, : m + 1].long()
             assert cs[0] == S and cs[-1] == ts and bool((cs[1:] > cs[:-1]).all())
             size = (cs[1:] - cs[:-1]).double()
-            ids = torch.searchsorted(cs[1:], torch.arange(S, ts), right=True)   # cluster of each row
+            ids = torch.searchsorted(cs[1:], torch.arange(S, ts), right=True)  # cluster of each row
             for stored, table in (("k", "centroids"), ("v", "vmean")):
                 mean = torch.zeros(m, c.head_dim, dtype=torch.float64)
                 mean.index_add_(0, ids, x[stored][h, S:ts].double())
@@ -130,7 +133,7 @@ def test_capacity_and_bytes():
     est = KVCache.estimate_bytes_per_token(2, 2, 64, torch.float16, cfg)
     assert est[0] == kv and abs(meta - est[1]) / est[1] < 0.1
     assert split_segments(4, 90, ClusterConfig(**SMALL)) == [(4, 36), (36, 68), (68, 90)]
-    assert split_segments(4, 71, ClusterConfig(**SMALL)) == [(4, 36), (36, 71)]   # 3-token piece merged
+    assert split_segments(4, 71, ClusterConfig(**SMALL)) == [(4, 36), (36, 71)]  # 3-token piece merged
     assert split_segments(4, 7, ClusterConfig(**SMALL)) == []
 
 
@@ -142,17 +145,17 @@ def test_growing_batch_invariants(backend, steps):
     for b, n in enumerate((100, 30, 7)):
         t.write(b, n)
     ev = c.cluster_pending(force=True)
-    assert [(e.slot, e.lo, e.hi) for e in ev] == [(0, 4, 92), (1, 4, 22)]   # slot 2 is too short
+    assert [(e.slot, e.lo, e.hi) for e in ev] == [(0, 4, 92), (1, 4, 22)]  # slot 2 is too short
     for b in range(3):
         check(t, b)
     seen = set()
     for step in range(steps):
         for b in range(3):
             t.write(b, 1)
-        if step == 40:                      # a new chat turn in slot 1: prompt, then forced clustering
+        if step == 40:  # a new chat turn in slot 1: prompt, then forced clustering
             t.write(1, 21)
             assert len(c.cluster_pending([1], force=True)) == 1
-        if step == 50:                      # slot 2 reused for a new sequence
+        if step == 50:  # slot 2 reused for a new sequence
             c.reset(2)
             t.write(2, 60)
             c.cluster_pending([2], force=True)
@@ -174,8 +177,13 @@ def test_batched_layers_equal_per_layer():
     t = Truth()
     for b, n in enumerate((90, 61, 90)):
         t.write(b, n)
-    ref = [{f: getattr(layer, f).clone() for f in ("k", "v", "pos", "centroids", "vmean", "logsize",
-                                                   "cstart", "ncl", "kvar")} for layer in t.c.layers]
+    ref = [
+        {
+            f: getattr(layer, f).clone()
+            for f in ("k", "v", "pos", "centroids", "vmean", "logsize", "cstart", "ncl", "kvar")
+        }
+        for layer in t.c.layers
+    ]
     t.c.cluster_pending(force=True)
     for layer, r in zip(t.c.layers, ref):
         obj = type("L", (), r)
@@ -192,7 +200,7 @@ def test_empty_clusters_dropped():
     basis = torch.eye(16)[:3] * 2
     keys = basis[torch.arange(100) % 3].expand(1, 2, 100, 16)
     t.write(0, 100, keys.clone())
-    t.write(1, 100, torch.ones(1, 2, 100, 16))                          # all identical: one cluster
+    t.write(1, 100, torch.ones(1, 2, 100, 16))  # all identical: one cluster
     t.c.cluster_pending(force=True)
     seg = split_segments(4, 92, t.c.cfg)
     assert t.c.layers[0].ncl[0].tolist() == [3 * len(seg)] * 2
@@ -202,7 +210,7 @@ def test_empty_clusters_dropped():
     r = cluster_block(keys[0, :, :32].contiguous(), torch.randn(2, 32, 16), 8, 3)
     assert r.nkept.tolist() == [3, 3] and r.starts[:, 3:].eq(32).all()
     assert torch.isinf(r.logsize[:, 3:]).all()
-    torch.testing.assert_close(r.logsize[:, :3].exp().sum(1), torch.full((2,), 32.))
+    torch.testing.assert_close(r.logsize[:, :3].exp().sum(1), torch.full((2,), 32.0))
 
 
 def test_nothing_due_is_cheap():
@@ -211,7 +219,7 @@ def test_nothing_due_is_cheap():
     t.c.cluster_pending(force=True)
     t.write(0, 1)
     assert t.c.due() == [] and t.c.cluster_pending() == []
-    assert t.c.cluster_pending(force=True) == []        # 1 new token < cluster_size: stays in the tail
+    assert t.c.cluster_pending(force=True) == []  # 1 new token < cluster_size: stays in the tail
 
 
 # --------------------------------------------------------------------------------------- k-means
@@ -242,9 +250,9 @@ def test_assign_kernel_matches_twin(dtype):
     N, n, k, d = 3, 77, 37, 24
     x = torch.randn(N, n, d, generator=g).to(DEV, dtype)
     c = torch.randn(N, k, d, generator=g).to(DEV, dtype)
-    c[:, 6] = c[:, 5]                        # duplicates: in the same chunk (block_k=16),
-    c[:, 21] = c[:, 5]                       # in the same lane of the next chunk,
-    c[:, 30] = c[:, 5]                       # in another lane of the next chunk: the lowest index wins
+    c[:, 6] = c[:, 5]  # duplicates: in the same chunk (block_k=16),
+    c[:, 21] = c[:, 5]  # in the same lane of the next chunk,
+    c[:, 30] = c[:, 5]  # in another lane of the next chunk: the lowest index wins
     out = torch.full((N, n), -1, dtype=torch.int32, device=DEV)
     a = assign_triton(x, c, out=out, block_t=32, block_k=16)
     r = assign_ref(x, c)
@@ -253,10 +261,10 @@ def test_assign_kernel_matches_twin(dtype):
     diff = a != r
     if dtype == torch.float32:
         assert not diff.any()
-    else:   # only near-ties may differ (summation order)
+    else:  # only near-ties may differ (summation order)
         gap = (s.gather(2, r.long()[..., None]) - s.gather(2, a.long()[..., None])).abs()
         assert diff.float().mean() < 0.02 and gap.max() < 1e-2
-    xt = x.transpose(1, 2).contiguous().transpose(1, 2)                  # arbitrary strides
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # arbitrary strides
     assert eq(assign_triton(xt, c, block_t=64, block_k=32), a)
 
 
@@ -265,19 +273,21 @@ def test_cluster_sums_kernel_matches_twin(dtype):
     g = torch.Generator().manual_seed(4)
     N, n, k, d = 3, 77, 11, 24
     x = torch.randn(N, n, d, generator=g).to(DEV, dtype)
-    a = torch.randint(0, k - 2, (N, n), generator=g, dtype=torch.int32).to(DEV)   # clusters k-2, k-1 stay empty
+    a = torch.randint(0, k - 2, (N, n), generator=g, dtype=torch.int32).to(DEV)  # clusters k-2, k-1 stay empty
     s = cluster_sums_triton(x, a, k, block_t=32)
     assert s.dtype == torch.float32
     torch.testing.assert_close(s, cluster_sums_ref(x, a, k), rtol=1e-5, atol=1e-5)
-    assert (s[:, k - 2:] == 0).all()
+    assert (s[:, k - 2 :] == 0).all()
 
 
 # ------------------------------------------------------------------------------------- real keys
-@pytest.mark.skipif(not os.path.isfile(os.path.join(WEIGHTS, "model.safetensors")),
-                    reason="weights/SmolLM2-135M-Instruct not converted")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(WEIGHTS, "model.safetensors")), reason="weights/SmolLM2-135M-Instruct not converted"
+)
 def test_real_keys_layer0():
     """Post-RoPE layer-0 keys of the default model (random token ids): invariants and attention."""
     from safetensors import safe_open
+
     cfgj = json.load(open(os.path.join(WEIGHTS, "config.json")))
     H, d = cfgj["num_key_value_heads"], cfgj["hidden_size"] // cfgj["num_attention_heads"]
     with safe_open(os.path.join(WEIGHTS, "model.safetensors"), "pt") as f:
@@ -288,11 +298,11 @@ def test_real_keys_layer0():
     ids = torch.randint(0, emb.shape[0], (T,), generator=torch.Generator().manual_seed(5))
     h = emb[ids]
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfgj.get("rms_norm_eps", 1e-5)) * ln
-    k = (h @ wk.T).view(T, H, d).transpose(0, 1)                           # [H, T, d]
+    k = (h @ wk.T).view(T, H, d).transpose(0, 1)  # [H, T, d]
     inv = 1.0 / cfgj.get("rope_theta", 10000.0) ** (torch.arange(0, d, 2).float() / d)
     ang = torch.arange(T).float()[:, None] * inv
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    k = k * cos + torch.cat([-k[..., d // 2:], k[..., :d // 2]], -1) * sin
+    k = k * cos + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1) * sin
     t = Truth(nl=1, B=1, H=H, L=512, d=d, cfg=ClusterConfig(segment_len=256, recluster_every=64))
     t.write(0, T, k[None])
     assert t.c.cluster_pending(force=True)
@@ -315,8 +325,7 @@ def test_gpu_bf16_realistic_sizes():
     assert (a != r).float().mean() < 1e-3 and gap.max() < 1e-3 and not (a == 300).any()
     aa = torch.randint(0, k, (N, n), device="cuda", generator=g, dtype=torch.int32)
     torch.testing.assert_close(cluster_sums_triton(x, aa, k), cluster_sums_ref(x, aa, k), rtol=1e-4, atol=1e-4)
-    t = Truth(nl=2, B=2, H=2, L=20000, d=d, cfg=ClusterConfig(), backend="auto", device="cuda",
-              dtype=torch.bfloat16)
+    t = Truth(nl=2, B=2, H=2, L=20000, d=d, cfg=ClusterConfig(), backend="auto", device="cuda", dtype=torch.bfloat16)
     t.write(0, 17000)
     t.write(1, 300)
     assert len(t.c.cluster_pending(force=True)) == 2

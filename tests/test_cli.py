@@ -1,5 +1,6 @@
 """Every bad input to the command-line tools gets one line `error: ...` naming the flag or file, exit code 2 and
 no traceback; interrupted runs keep what they produced (CPU, the default model)."""
+
 import json
 import os
 import shutil
@@ -47,8 +48,7 @@ def test_missing_and_bad_files_before_the_model_loads(tmp_path):
     one_error(run(["--prompts", str(tmp_path / "none.txt")]), "--prompts", "no such file")
     (tmp_path / "p.txt").write_text("hello\n")
     one_error(run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path)]), "--output", "folder")
-    one_error(run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "p.txt")]), "--output",
-              "--prompts")
+    one_error(run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "p.txt")]), "--output", "--prompts")
     one_error(run(["--prompt", "hi", "--output", "/proc/nope/out.jsonl"]), "--output", "cannot write")
     (tmp_path / "empty.txt").write_text("\n\n")
     one_error(run(["--prompts", str(tmp_path / "empty.txt")]), "holds no prompts")
@@ -65,13 +65,21 @@ def _fake_error(flag):
     return subprocess.CompletedProcess([], 2, "", f"error: {flag} (CUDA is present here)\n")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--max-len", "-5"], ["--max-len"]), (["--max-len", "0"], ["--max-len"]),
-    (["--seed", str(2**70)], ["--seed"]), (["--top-p", "0"], ["--top-p"]), (["--temperature", "-1"], ["--temperature"]),
-    (["--batch-size", "0"], ["--batch-size"]), (["--p1", "0.5", "--p2", "0.9"], ["p2 <= p1"]),
-    (["--dense-layers", "100"], ["--dense-layers", "30 layers"]),
-    (["--model", "weights/Llama-3.2-1B-Instruct"], ["does not exist"]),
-    (["--model", "meta-llama/Llama-3.2-1B"], ["hub id"])])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--max-len", "-5"], ["--max-len"]),
+        (["--max-len", "0"], ["--max-len"]),
+        (["--seed", str(2**70)], ["--seed"]),
+        (["--top-p", "0"], ["--top-p"]),
+        (["--temperature", "-1"], ["--temperature"]),
+        (["--batch-size", "0"], ["--batch-size"]),
+        (["--p1", "0.5", "--p2", "0.9"], ["p2 <= p1"]),
+        (["--dense-layers", "100"], ["--dense-layers", "30 layers"]),
+        (["--model", "weights/Llama-3.2-1B-Instruct"], ["does not exist"]),
+        (["--model", "meta-llama/Llama-3.2-1B"], ["hub id"]),
+    ],
+)
 def test_bad_flags(args, words, capsys):
     with pytest.raises(SystemExit) as e:
         gen_cli.main(["--prompt", "hi", *FAST, *args])
@@ -81,15 +89,37 @@ def test_bad_flags(args, words, capsys):
 
 
 def test_broken_model_folders(tmp_path, default_model):
-    one_error(run(["--prompt", "hi", *FAST, "--model", str(model_copy(tmp_path / "a", default_model,
-                                                                         tokenizer__json="{not json"))]),
-              "tokenizer.json")
-    one_error(run(["--prompt", "hi", *FAST, "--model", str(model_copy(tmp_path / "b", default_model,
-                                                                         config__json="[1, 2]"))]),
-              "config.json", "JSON object")
-    one_error(run(["--prompt", "hi", *FAST, "--model", str(model_copy(tmp_path / "c", default_model,
-                                                                         tokenizer_config__json="{oops"))]),
-              "tokenizer_config.json")
+    one_error(
+        run(
+            [
+                "--prompt",
+                "hi",
+                *FAST,
+                "--model",
+                str(model_copy(tmp_path / "a", default_model, tokenizer__json="{not json")),
+            ]
+        ),
+        "tokenizer.json",
+    )
+    one_error(
+        run(
+            ["--prompt", "hi", *FAST, "--model", str(model_copy(tmp_path / "b", default_model, config__json="[1, 2]"))]
+        ),
+        "config.json",
+        "JSON object",
+    )
+    one_error(
+        run(
+            [
+                "--prompt",
+                "hi",
+                *FAST,
+                "--model",
+                str(model_copy(tmp_path / "c", default_model, tokenizer_config__json="{oops")),
+            ]
+        ),
+        "tokenizer_config.json",
+    )
     d = model_copy(tmp_path / "d", default_model)
     cfg = json.loads((Path(default_model) / "tokenizer_config.json").read_text())
     cfg.pop("chat_template")
@@ -103,8 +133,11 @@ def test_broken_model_folders(tmp_path, default_model):
 def test_rich_markup_is_never_applied_to_user_text(tmp_path):
     weird = tmp_path / "[/dim] x [old]"
     one_error(run(["--prompts", str(weird / "p.txt")]), "[/dim] x [old]")
-    p = run(["chat.py", "--device", "cpu", "--max-new-tokens", "3", "--temperature", "0"], module=None,
-            input="[/b] hello [bold]\n/exit\n")
+    p = run(
+        ["chat.py", "--device", "cpu", "--max-new-tokens", "3", "--temperature", "0"],
+        module=None,
+        input="[/b] hello [bold]\n/exit\n",
+    )
     assert p.returncode == 0 and "[/b] hello [bold]" in p.stdout, p.stderr
 
 
@@ -118,17 +151,35 @@ def test_empty_prompts_and_bad_lines_get_records(tmp_path):
     assert "empty prompt" in recs[0]["error"] and recs[1]["completion_tokens"] == 4
     assert "line 3" in recs[2]["error"] and "UTF-8" in recs[2]["error"] and "error" in recs[3]
     n_new = sum(r.get("completion_tokens", 0) for r in recs.values())
-    assert f"{n_new} new tok" in p.stderr        # the summary counts what the records hold
+    assert f"{n_new} new tok" in p.stderr  # the summary counts what the records hold
 
 
 def test_interrupt_keeps_written_records(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("\n".join(f"Count to {n}:" for n in range(40)) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "nanodp.generate", "--prompts", str(f), "--output", str(out),
-                             "--device", "cpu", "--batch-size", "1", "--max-new-tokens", "8"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanodp.generate",
+            "--prompts",
+            str(f),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
         time.sleep(0.2)
@@ -145,16 +196,35 @@ def test_kv_cache_sized_to_the_batch(default_model):
 
     llm = LLM(device="cpu", max_batch=8)
     llm.generate(["Hi"] * 8, SamplingParams(max_new_tokens=3))
-    assert llm.engine.max_batch == 8 and llm.engine.max_len <= 256          # not 8 x the 8192-token context
+    assert llm.engine.max_batch == 8 and llm.engine.max_len <= 256  # not 8 x the 8192-token context
 
 
 def test_help_shows_every_default():
     for module in ("nanodp.generate", "nanodp.eval", "nanodp.inspect"):
         text = run(["--help"], module=module).stdout
         opts = [b for b in text.split("\n  -")[1:] if not b.startswith("h, --help")]
-        flagless = ("--prompt ", "--prompts", "--output", "--stop", "--chat", "--eager", "--model", "--device",
-                    "--dtype", "--out ", "--resume", "--pick-from", "--plot-only", "--prompt-file", "--topk-match",
-                    "--yarn", "--seed", "--max-len", "--time-limit", "--answer-tokens")
+        flagless = (
+            "--prompt ",
+            "--prompts",
+            "--output",
+            "--stop",
+            "--chat",
+            "--eager",
+            "--model",
+            "--device",
+            "--dtype",
+            "--out ",
+            "--resume",
+            "--pick-from",
+            "--plot-only",
+            "--prompt-file",
+            "--topk-match",
+            "--yarn",
+            "--seed",
+            "--max-len",
+            "--time-limit",
+            "--answer-tokens",
+        )
         for o in opts:
             if not o.lstrip("-").startswith(tuple(f.strip("-") for f in flagless)):
                 assert "default" in o, (module, o)
@@ -165,12 +235,16 @@ def test_chat_sampling_defaults_from_the_model(tmp_path, default_model):
 
     p, src = SamplingParams.model_defaults(default_model, temperature=0.7, top_p=0.9)
     assert (p.temperature, p.top_p, src) == (0.7, 0.9, "nanodp's chat defaults")
-    d = model_copy(tmp_path, default_model, generation_config__json=json.dumps(
-        {"do_sample": True, "temperature": 0.3, "top_k": 20, "eos_token_id": 2}))
+    d = model_copy(
+        tmp_path,
+        default_model,
+        generation_config__json=json.dumps({"do_sample": True, "temperature": 0.3, "top_k": 20, "eos_token_id": 2}),
+    )
     p, src = SamplingParams.model_defaults(d, temperature=0.7, top_p=0.9)
     assert (p.temperature, p.top_k, p.top_p, src) == (0.3, 20, 0.9, "generation_config.json")
-    out = run(["chat.py", "--device", "cpu", "--max-new-tokens", "3", "--model", str(d)], module=None,
-              input="Hi\n/exit\n").stdout
+    out = run(
+        ["chat.py", "--device", "cpu", "--max-new-tokens", "3", "--model", str(d)], module=None, input="Hi\n/exit\n"
+    ).stdout
     assert "temperature 0.3" in out and "seed " in out
 
 
@@ -187,7 +261,7 @@ def test_chat_interrupted_prefill_keeps_the_conversation(monkeypatch, capsys):
 
     def prefill(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] in (1, 3):             # the first turn and the third turn are interrupted
+        if calls["n"] in (1, 3):  # the first turn and the third turn are interrupted
             raise KeyboardInterrupt
         return real_prefill(self, *a, **k)
 
@@ -213,8 +287,10 @@ def _pty_chat(inputs, timeout=200):
     if pid == 0:
         os.chdir(ROOT)
         os.environ.update(OMP_NUM_THREADS="1", TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="200")
-        os.execv(sys.executable, [sys.executable, "chat.py", "--device", "cpu", "--max-new-tokens", "4",
-                                  "--temperature", "0"])
+        os.execv(
+            sys.executable,
+            [sys.executable, "chat.py", "--device", "cpu", "--max-new-tokens", "4", "--temperature", "0"],
+        )
     buf, deadline = b"", time.time() + timeout
 
     def until(pattern, count):
@@ -226,13 +302,14 @@ def _pty_chat(inputs, timeout=200):
                     buf += os.read(fd, 65536)
                 except OSError:
                     break
+
     try:
         for n, data in enumerate(inputs, 1):
             until(b"you>", n)
             time.sleep(0.5)
             os.write(fd, data[:-1])
             time.sleep(0.5)
-            os.write(fd, data[-1:])           # Enter
+            os.write(fd, data[-1:])  # Enter
             until(b"tok/s", n)
         os.write(fd, b"/exit\r")
         until(b"bye", 1)
@@ -245,10 +322,11 @@ def _pty_chat(inputs, timeout=200):
 
 @pytest.mark.skipif(shutil.which("stty") is None, reason="needs a terminal")
 def test_chat_pastes_arrive_whole():
-    long_line = " ".join(f"w{n}" for n in range(1000))          # ~5.9K characters on one line
+    long_line = " ".join(f"w{n}" for n in range(1000))  # ~5.9K characters on one line
     multi = "line one\nline two\nline three"
-    out = _pty_chat([b"\x1b[200~" + long_line.encode() + b"\x1b[201~\r",
-                     b"\x1b[200~" + multi.encode() + b"\x1b[201~\r"])
+    out = _pty_chat(
+        [b"\x1b[200~" + long_line.encode() + b"\x1b[201~\r", b"\x1b[200~" + multi.encode() + b"\x1b[201~\r"]
+    )
     assert out.count("bot>") == 2, out[-2000:]
     prefills = [int(x.split(" tok")[0]) for x in out.split("prefill ")[1:]]
-    assert prefills[0] > 2000, prefills          # the whole line reached the model
+    assert prefills[0] > 2000, prefills  # the whole line reached the model

@@ -1,16 +1,21 @@
 """Double-P decode: the torch twin (kernels/doublep.py) against the definition in its docstring."""
+
 import math
 
 import pytest
 import torch
 
 from nanodp.config import ConfigError, SparseConfig
-from nanodp.kernels.doublep import (BINS_PER_NAT, NBINS, select_ref, sparse_ref, stage1_logits,
-                                    steady_mask, unit_scores)
+from nanodp.kernels.doublep import BINS_PER_NAT, NBINS, select_ref, sparse_ref, stage1_logits, steady_mask, unit_scores
 from tests.doublep_cases import RAGGED, all_centroid, dense, make_case, sp
 
-RULES = [dict(group_rule="mean"), dict(group_rule="max"), dict(group_rule="union"),
-         dict(group_rule="mean", whole=True), dict(group_rule="union", whole=True)]
+RULES = [
+    dict(group_rule="mean"),
+    dict(group_rule="max"),
+    dict(group_rule="union"),
+    dict(group_rule="mean", whole=True),
+    dict(group_rule="union", whole=True),
+]
 
 
 @pytest.mark.parametrize("g,d,style", [(1, 64, "skewed"), (4, 128, "flat"), (3, 64, "skewed")])
@@ -79,7 +84,7 @@ def test_union_covers_mean_heads():
     su = select_ref(q, layer, lens, ts, sinks, sp(0.95, 0.7, group_rule="union"))
     assert (su.head_exact <= su.exact[:, :, None]).all()
     _, _, _, lP, _ = unit_scores(q, layer, lens, ts, sinks, sp(group_rule="union"))
-    kept = (lP.exp() * su.exact[:, :, None]).sum(-1)            # each head's P mass read exactly
+    kept = (lP.exp() * su.exact[:, :, None]).sum(-1)  # each head's P mass read exactly
     assert (kept[layer.ncl > 0] >= 0.7 - 1e-6).all()
 
 
@@ -104,8 +109,9 @@ def test_whole_cut_with_a_head_on_its_sinks_takes_no_clusters():
 
 def test_bins_definition_and_ties():
     """Bins are 1/64 nat of the unit's log-score below R; equal scores share a bin, so a cut never splits them."""
-    q, layer, lens, ts, sinks = make_case(g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3, needles=0,
-                                          style="flat")
+    q, layer, lens, ts, sinks = make_case(
+        g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3, needles=0, style="flat"
+    )
     cfg = sp(0.9, 0.5)
     lu, R, S, _, _ = unit_scores(q, layer, lens, ts, sinks, cfg)
     zc, z, valid = stage1_logits(q, layer)
@@ -115,7 +121,7 @@ def test_bins_definition_and_ties():
     assert (R[:, :, 0] <= lu[:, :, 0].amax(-1) + math.log(4) + 1e-6).all()
     for p2 in (0.05, 0.2, 0.4):
         s = select_ref(q, layer, lens, ts, sinks, sp(0.9, p2))
-        top = s.exact[..., :3]                                # the planted identical clusters
+        top = s.exact[..., :3]  # the planted identical clusters
         assert (top.all(-1) | ~top.any(-1)).all()
 
 
@@ -132,7 +138,7 @@ def test_floor_is_the_union_with_the_token_cut():
             f = (sizes.sum(-1).float() * frac).clamp_min(floor)
             for b in range(3):
                 for h in range(2):
-                    cfg = SparseConfig("topk", budget=int(math.ceil(float(f[b, h]))))
+                    cfg = SparseConfig("topk", estimate="centroid", budget=int(math.ceil(float(f[b, h]))))
                     want = select_ref(q, layer, lens, ts, sinks, cfg).exact[b, h] | s0.exact[b, h]
                     assert torch.equal(s.exact[b, h], want)
                     if s.exact[b, h].any():
@@ -142,7 +148,9 @@ def test_floor_is_the_union_with_the_token_cut():
 def test_topk_budget_and_zone():
     q, layer, lens, ts, sinks = make_case(g=4, d=64, **RAGGED)
     for est in (0, 3):
-        s = select_ref(q, layer, lens, ts, sinks, SparseConfig("topk", budget=40, est_clusters=est))
+        s = select_ref(
+            q, layer, lens, ts, sinks, SparseConfig("topk", estimate="centroid", budget=40, est_clusters=est)
+        )
         assert ((s.need >= 40) | (s.exact.sum(-1) == layer.ncl)).all()
         n = s.exact.sum(-1)
         assert ((s.pseudo.sum(-1) >= est) | (n + s.pseudo.sum(-1) == layer.ncl)).all()
@@ -162,8 +170,14 @@ def test_capacity_fallback_is_dense():
 
 
 def test_config_validation():
-    for bad in (dict(group_rule="sum"), dict(whole=True, group_rule="max"), dict(p1=0.5, p2=0.7),
-                dict(estimate="max"), dict(capacity=-1), dict(attention="sparse")):
+    for bad in (
+        dict(group_rule="sum"),
+        dict(whole=True, group_rule="max"),
+        dict(p1=0.5, p2=0.7),
+        dict(estimate="max"),
+        dict(capacity=-1),
+        dict(attention="sparse"),
+    ):
         with pytest.raises(ConfigError):
             SparseConfig(**bad)
     assert SparseConfig("topk").mode == "topk" and SparseConfig("doublep").mode == "doublep"

@@ -1,5 +1,6 @@
 """Double-P decode: the Triton kernels (kernels/doublep_attn.py, doublep_select.py) against the twin, on fresh
 random inputs: every group rule, whole, floors, topk, ties, ragged batches, GQA 1/3/4/8, d 64/128."""
+
 import pytest
 import torch
 
@@ -7,9 +8,14 @@ from nanodp.config import SparseConfig
 from nanodp.kernels.doublep import sparse_ref
 from tests.doublep_cases import RAGGED, all_centroid, check, dense, make_case, safe, sp, tri
 
-RULES = [dict(group_rule="mean"), dict(group_rule="max"), dict(group_rule="union"),
-         dict(group_rule="mean", whole=True), dict(group_rule="union", whole=True)]
-rid = lambda r: "-".join(map(str, r.values()))   # noqa: E731
+RULES = [
+    dict(group_rule="mean"),
+    dict(group_rule="max"),
+    dict(group_rule="union"),
+    dict(group_rule="mean", whole=True),
+    dict(group_rule="union", whole=True),
+]
+rid = lambda r: "-".join(map(str, r.values()))  # noqa: E731
 
 
 def both(q, layer, lens, ts, sinks, cfg, atol=1e-4, msg=""):
@@ -31,9 +37,17 @@ def test_all_exact_is_dense_and_all_pseudo_is_all_centroid(rule):
     assert torch.equal(st["pseudo_tokens"], layer.ncl)
 
 
-@pytest.mark.parametrize("g,d,dtype,style", [
-    (1, 64, torch.float32, "skewed"), (3, 64, torch.float16, "flat"), (4, 128, torch.float32, "flat"),
-    (8, 128, torch.float16, "skewed"), (4, 64, torch.float16, "skewed"), (3, 128, torch.float32, "skewed")])
+@pytest.mark.parametrize(
+    "g,d,dtype,style",
+    [
+        (1, 64, torch.float32, "skewed"),
+        (3, 64, torch.float16, "flat"),
+        (4, 128, torch.float32, "flat"),
+        (8, 128, torch.float16, "skewed"),
+        (4, 64, torch.float16, "skewed"),
+        (3, 128, torch.float32, "skewed"),
+    ],
+)
 @pytest.mark.parametrize("rule", RULES, ids=rid)
 def test_kernel_matches_twin(g, d, dtype, style, rule):
     seed = torch.seed() % 2**31
@@ -46,9 +60,11 @@ def test_kernel_matches_twin(g, d, dtype, style, rule):
 def test_kernel_planted_ties_and_work_list(rule):
     """Identical top clusters (bitwise equal scores) straddling the cut; the work list equals the twin's masks."""
     from nanodp.kernels.doublep import select_ref
+
     seed = torch.seed() % 2**31
-    q, layer, lens, ts, sinks = make_case(g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3,
-                                          needles=0, style="flat", seed=seed)
+    q, layer, lens, ts, sinks = make_case(
+        g=4, d=64, B=2, lens=(220, 160), tail=(200, 150), dup=3, needles=0, style="flat", seed=seed
+    )
     for p2 in (0.05, 0.3):
         cfg = safe(q, layer, lens, ts, sinks, sp(0.9, p2, **rule))
         both(q, layer, lens, ts, sinks, cfg, 1e-4, f"seed {seed}")
@@ -60,14 +76,15 @@ def test_kernel_planted_ties_and_work_list(rule):
                 S0, T0, T1, nX, nP = plan["meta"][b * 2 + h, :5].tolist()
                 got = set(range(S0)) | set(range(T0, T1)) | set(plan["idx"][b * 2 + h, :nX].tolist())
                 assert got == set(s.tokens[b, h].nonzero().flatten().tolist()), (seed, b, h)
-                assert nX == int(s.need[b, h]) and len(got) == S0 + T1 - T0 + nX   # no token twice
+                assert nX == int(s.need[b, h]) and len(got) == S0 + T1 - T0 + nX  # no token twice
                 assert sorted(plan["pid"][b * 2 + h, :nP].tolist()) == s.pseudo[b, h].nonzero().flatten().tolist()
 
 
 def test_kernel_edge_cases():
     # clusters of size 1, an empty tail, a sequence with nothing clustered, fp16
-    q, layer, lens, ts, sinks = make_case(g=3, d=64, B=3, lens=(100, 64, 33), tail=(100, 40, 0),
-                                          max_size=1, dtype=torch.float16)
+    q, layer, lens, ts, sinks = make_case(
+        g=3, d=64, B=3, lens=(100, 64, 33), tail=(100, 40, 0), max_size=1, dtype=torch.float16
+    )
     for rule in (dict(), dict(group_rule="union", whole=True)):
         both(q, layer, lens, ts, sinks, sp(0.9, 0.5, **rule), 1e-2, "size-1 clusters")
     # every sequence unclustered: pure dense over the tail
@@ -81,13 +98,29 @@ def test_kernel_topk_and_floors(rule):
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = make_case(g=3, d=64, seed=seed, **RAGGED)
     for est in (0, 3):
-        st = both(q, layer, lens, ts, sinks, SparseConfig("topk", group_rule=rule, budget=40, est_clusters=est),
-                  1e-4, f"seed {seed} topk")
-        assert ((st["need_tokens"] >= 40) | (st["exact_clusters"] == layer.ncl)).all()   # budget reached
+        st = both(
+            q,
+            layer,
+            lens,
+            ts,
+            sinks,
+            SparseConfig("topk", estimate="centroid", group_rule=rule, budget=40, est_clusters=est),
+            1e-4,
+            f"seed {seed} topk",
+        )
+        assert ((st["need_tokens"] >= 40) | (st["exact_clusters"] == layer.ncl)).all()  # budget reached
     for floor, frac in [(40, 0.0), (1, 0.0), (10**5, 0.0), (0, 0.3), (40, 0.05)]:
-        for whole in ((False, True) if rule != "max" else (False,)):
-            both(q, layer, lens, ts, sinks, sp(0.9, 0.5, group_rule=rule, whole=whole, floor=floor, floor_frac=frac),
-                 1e-4, f"seed {seed} floor {floor} {frac}")
+        for whole in (False, True) if rule != "max" else (False,):
+            both(
+                q,
+                layer,
+                lens,
+                ts,
+                sinks,
+                sp(0.9, 0.5, group_rule=rule, whole=whole, floor=floor, floor_frac=frac),
+                1e-4,
+                f"seed {seed} floor {floor} {frac}",
+            )
 
 
 def test_kernel_capacity_fallback():
@@ -104,8 +137,9 @@ def test_kernel_capacity_fallback():
 def test_kernel_many_blocks(rule):
     """More clusters than one select block (256), clusters longer than an idx tile (32), counts that are no
     multiple of either; p1 = p2 (no pseudo) and p = 0."""
-    q, layer, lens, ts, sinks = make_case(g=2, d=64, B=2, Hkv=1, lens=(3000, 700), tail=(2980, 650),
-                                          max_size=40, style="flat", seed=7, needles=0)
+    q, layer, lens, ts, sinks = make_case(
+        g=2, d=64, B=2, Hkv=1, lens=(3000, 700), tail=(2980, 650), max_size=40, style="flat", seed=7, needles=0
+    )
     q2, layer2, lens2, ts2, _ = make_case(g=2, d=64, B=1, Hkv=1, lens=(2100,), tail=(2090,), max_size=6, style="flat")
     assert int(layer2.ncl[0, 0]) > 300 and int(layer2.ncl[0, 0]) % 256
     for p1, p2 in [(0.999, 0.99), (0.8, 0.8), (0.0, 0.0)]:
@@ -119,11 +153,20 @@ def test_kernel_many_blocks(rule):
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])
 def test_gpu_bf16(g, d):
     seed = torch.seed() % 2**31
-    q, layer, lens, ts, sinks = make_case(g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130),
-                                          tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
-    for cfg in [sp(), SparseConfig("topk", budget=300, est_clusters=8), sp(group_rule="max"), sp(capacity=200),
-                sp(floor=600), sp(floor_frac=0.2), sp(group_rule="union"), sp(whole=True),
-                sp(group_rule="union", whole=True, floor_frac=0.2)]:
+    q, layer, lens, ts, sinks = make_case(
+        g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130), tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16
+    )
+    for cfg in [
+        sp(),
+        SparseConfig("topk", estimate="centroid", budget=300, est_clusters=8),
+        sp(group_rule="max"),
+        sp(capacity=200),
+        sp(floor=600),
+        sp(floor_frac=0.2),
+        sp(group_rule="union"),
+        sp(whole=True),
+        sp(group_rule="union", whole=True, floor_frac=0.2),
+    ]:
         both(q, layer, lens, ts, sinks, cfg, 2e-2, f"seed {seed}")
     o, _ = tri(q, layer, lens, ts, sinks, sp(1.0, 1.0))
     assert (o.float() - dense(q, layer, lens)).abs().max() < 2e-2

@@ -1,5 +1,6 @@
 """The select kernel's cut helpers (kernels/doublep_select.py) against the twin's (kernels/doublep.py) on hand-made
 histograms: empty and full ones, targets on a cumulative sum exactly, steady shares at and above the target."""
+
 import math
 
 import pytest
@@ -27,8 +28,17 @@ def _probe(cnt_ptr, r_ptr, s_ptr, out_ptr, p, tgt, BPB, U: tl.constexpr, NB: tl.
 
 def run(cnt, R, S, p, tgt):
     out = torch.empty(U + 1, device=DEV, dtype=torch.int32)
-    _probe[(1,)](cnt.int().to(DEV), (R / math.log(2)).float().to(DEV), S.float().to(DEV), out, float(p),
-                 float(tgt), BINS_PER_NAT * math.log(2), U=U, NB=NBINS)
+    _probe[(1,)](
+        cnt.int().to(DEV),
+        (R / math.log(2)).float().to(DEV),
+        S.float().to(DEV),
+        out,
+        float(p),
+        float(tgt),
+        BINS_PER_NAT * math.log(2),
+        U=U,
+        NB=NBINS,
+    )
     return out.cpu().long()
 
 
@@ -44,12 +54,12 @@ def test_cuts_equal_the_twin(seed):
     gen = torch.Generator().manual_seed(seed)
     for trial in range(4):
         cnt = torch.zeros(U, NBINS, dtype=torch.long)
-        for u in range(U):                   # a few occupied bins (u = 0 stays empty on trial 0)
+        for u in range(U):  # a few occupied bins (u = 0 stays empty on trial 0)
             if trial or u:
                 nz = torch.randint(0, 200, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen)
                 cnt[u, nz] = torch.randint(1, 5, (len(nz),), generator=gen)
-        cnt[-1, -1] += 3                     # the overflow bin
-        R = torch.zeros(U)                   # R = 0: weights e^{-(k + 1/2)/64}
+        cnt[-1, -1] += 3  # the overflow bin
+        R = torch.zeros(U)  # R = 0: weights e^{-(k + 1/2)/64}
         S = torch.tensor([0.0, 0.0, 0.5, 2.0]) * cnt.float().mul(bin_weights(R)).sum(-1)
         for p in (0.0, 0.3, 0.7, 0.95, 1.0):
             want = twin_mass_cut(cnt, R, S, p)
@@ -58,7 +68,7 @@ def test_cuts_equal_the_twin(seed):
                 got = run(cnt, R, S, p, tgt)
                 assert torch.equal(got[:U], want), (seed, trial, p, got, want)
                 assert int(got[U]) == int(cut(cum.float(), torch.tensor(float(tgt)))), (seed, trial, tgt)
-            assert int(want[3]) == -1 or p > 2 / 3       # the steady share, 2/3 of the whole, holds p
+            assert int(want[3]) == -1 or p > 2 / 3  # the steady share, 2/3 of the whole, holds p
             if p > 0:
                 assert int(want[0]) >= (-1 if trial == 0 else 0)
 
@@ -66,7 +76,7 @@ def test_cuts_equal_the_twin(seed):
 def test_count_cut_definition():
     cum = torch.tensor([0, 0, 3, 3, 7]).repeat_interleave(1)
     cum = torch.cat([cum, torch.full((NBINS - 5,), 7)])
-    assert int(cut(cum.float(), torch.tensor(3.0))) == 2      # the first bin where 3 is reached
+    assert int(cut(cum.float(), torch.tensor(3.0))) == 2  # the first bin where 3 is reached
     assert int(cut(cum.float(), torch.tensor(3.5))) == 4
-    assert int(cut(cum.float(), torch.tensor(0.0))) == -1     # a target of nothing keeps nothing
+    assert int(cut(cum.float(), torch.tensor(0.0))) == -1  # a target of nothing keeps nothing
     assert int(cut(cum.float(), torch.tensor(99.0))) == NBINS - 1

@@ -1,4 +1,5 @@
 """End to end on the default model (CPU, fp32): nanodp equals transformers; the CLIs work for a user."""
+
 import json
 import subprocess
 import sys
@@ -39,9 +40,14 @@ def test_logits_and_greedy_equal_transformers(eng, hf):
     res = eng.generate([plain, chat], SamplingParams(temperature=0, max_new_tokens=40))
     for ids, r in zip([plain, chat], res):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
-                              eos_token_id=sorted(eng.tok.eos_ids), pad_token_id=0)[0, len(ids):].tolist()
-        out = [t for t in out if t not in eng.tok.eos_ids][:len(r.token_ids)] if r.finish_reason == "stop" else out
+            out = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=40,
+                do_sample=False,
+                eos_token_id=sorted(eng.tok.eos_ids),
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
+        out = [t for t in out if t not in eng.tok.eos_ids][: len(r.token_ids)] if r.finish_reason == "stop" else out
         assert r.token_ids == out
         assert len(r.token_ids) >= 32 or r.finish_reason == "stop"
     assert "Paris" in res[0].text
@@ -52,9 +58,10 @@ def test_stop_strings_and_streaming(eng):
     pieces = []
     full = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=12))[0]
     assert " six" in full.text
-    r = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=12, stop=[" six"]),
-                     on_text=lambda i, p: pieces.append(p))[0]
-    assert r.finish_reason == "stop" and r.text == full.text[:full.text.index(" six")]
+    r = eng.generate(
+        [ids], SamplingParams(temperature=0, max_new_tokens=12, stop=[" six"]), on_text=lambda i, p: pieces.append(p)
+    )[0]
+    assert r.finish_reason == "stop" and r.text == full.text[: full.text.index(" six")]
     assert "".join(pieces).startswith(r.text)
 
 
@@ -75,9 +82,19 @@ def test_chat_turns_reuse_the_cache(eng):
 
 def test_generate_cli_keeps_records_when_a_prompt_fails(tmp_path, monkeypatch):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps(x) for x in [
-        {"prompt": "The capital of France is"}, {"bad": 1}, {"messages": [{"role": "user", "content": "Hi"}]},
-        {"prompt": "x " * 3000}, {"prompt": "One, two, three,"}]) + "\n")
+    prompts.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"prompt": "The capital of France is"},
+                {"bad": 1},
+                {"messages": [{"role": "user", "content": "Hi"}]},
+                {"prompt": "x " * 3000},
+                {"prompt": "One, two, three,"},
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     calls = {"n": 0}
     real = LLM.generate
@@ -87,9 +104,26 @@ def test_generate_cli_keeps_records_when_a_prompt_fails(tmp_path, monkeypatch):
         if calls["n"] == 2:
             raise RuntimeError("simulated failure")
         return real(self, *a, **k)
+
     monkeypatch.setattr(LLM, "generate", flaky)
-    rc = gen_cli.main(["--prompts", str(prompts), "--output", str(out), "--batch-size", "1", "--max-new-tokens", "6",
-                       "--max-len", "512", "--device", "cpu", "--attention", "dense"])
+    rc = gen_cli.main(
+        [
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(out),
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--max-len",
+            "512",
+            "--device",
+            "cpu",
+            "--attention",
+            "dense",
+        ]
+    )
     recs = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rc == 1 and sorted(recs) == [0, 1, 2, 3, 4]
     assert "Paris" in recs[0]["completion"] and recs[0]["finish_reason"] in ("length", "stop")
@@ -106,10 +140,25 @@ def test_generate_cli_refuses_bad_sampling(capsys):
 
 
 def test_chat_through_stdin():
-    p = subprocess.run([sys.executable, "chat.py", "--max-new-tokens", "12", "--device", "cpu", "--max-len", "512",
-                        "--temperature", "0"],
-                       input="What is the capital of France?\n/reset\nSay hi.\n/exit\n", cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "chat.py",
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--max-len",
+            "512",
+            "--temperature",
+            "0",
+        ],
+        input="What is the capital of France?\n/reset\nSay hi.\n/exit\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("bot>") == 2 and "Paris" in p.stdout
     assert "(new conversation)" in p.stdout and "tok/s" in p.stdout and p.stdout.rstrip().endswith("bye")

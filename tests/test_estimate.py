@@ -1,5 +1,6 @@
 """The `gauss` stage-1 estimate (SparseConfig.estimate): its definition, its exact cases, and the Triton
 score kernel against the twin with it on. The cache-side statistic (kvar) is checked in tests/test_cache.py."""
+
 import math
 from dataclasses import make_dataclass
 
@@ -22,10 +23,11 @@ def with_kvar(layer):
         for h in range(H):
             cs = layer.cstart[b, h].long()
             for i in range(int(layer.ncl[b, h])):
-                m = layer.k[b, h, cs[i]:cs[i + 1]].double()
+                m = layer.k[b, h, cs[i] : cs[i + 1]].double()
                 kvar[b, h, i] = ((m - m.mean(0)) ** 2).mean(0).float()
-    return LayerV(*[getattr(layer, f) for f in LayerV.__dataclass_fields__ if f != "kvar"],
-                  kvar.to(layer.centroids.dtype))
+    return LayerV(
+        *[getattr(layer, f) for f in LayerV.__dataclass_fields__ if f != "kvar"], kvar.to(layer.centroids.dtype)
+    )
 
 
 def case(**kw):
@@ -47,14 +49,14 @@ def test_gauss_logits_definition():
         for h in range(2):
             cs = layer.cstart[b, h].long()
             for i in range(int(layer.ncl[b, h])):
-                m = layer.k[b, h, cs[i]:cs[i + 1]].double()
+                m = layer.k[b, h, cs[i] : cs[i + 1]].double()
                 for r in range(3):
                     qh = q[b, 3 * h + r].double() / 8
                     want_c = math.log(len(m)) + float(qh @ m.mean(0))
-                    want = want_c + 0.5 * float((qh ** 2) @ m.var(0, unbiased=False))
+                    want = want_c + 0.5 * float((qh**2) @ m.var(0, unbiased=False))
                     assert abs(float(zc[b, h, r, i]) - want_c) < 1e-4
                     assert abs(float(z[b, h, r, i]) - want) < 1e-4
-            assert torch.isinf(z[b, h, :, int(layer.ncl[b, h]):]).all()
+            assert torch.isinf(z[b, h, :, int(layer.ncl[b, h]) :]).all()
 
 
 def test_gauss_exact_for_single_token_clusters():
@@ -64,7 +66,7 @@ def test_gauss_exact_for_single_token_clusters():
     for b in range(3):
         for h in range(2):
             n = int(layer.ncl[b, h])
-            true = q[b, 4 * h:4 * h + 4] @ layer.k[b, h, layer.cstart[b, h, :n].long()].T / 8
+            true = q[b, 4 * h : 4 * h + 4] @ layer.k[b, h, layer.cstart[b, h, :n].long()].T / 8
             assert torch.allclose(z[b, h, :, :n], true, atol=1e-5) and torch.equal(z[b, h], zc[b, h])
 
 
@@ -77,10 +79,18 @@ def test_gauss_tracks_a_gaussian_cluster():
     sd = 0.5 + torch.rand(d, generator=gen)
     keys = torch.randn(d, generator=gen) + sd * torch.randn(n, d, generator=gen)
     true = torch.logsumexp(keys @ q[0, 0] / 4, 0)
-    layer = LayerV(None, None, keys.mean(0).view(1, 1, 1, d), None, torch.tensor([[[math.log(n)]]]), None,
-                   torch.tensor([[1]]), keys.var(0, unbiased=False).view(1, 1, 1, d))
+    layer = LayerV(
+        None,
+        None,
+        keys.mean(0).view(1, 1, 1, d),
+        None,
+        torch.tensor([[[math.log(n)]]]),
+        None,
+        torch.tensor([[1]]),
+        keys.var(0, unbiased=False).view(1, 1, 1, d),
+    )
     zc, z, _ = stage1_logits(q, layer, estimate="gauss")
-    half_var = 0.5 * float((q[0, 0] / 4) ** 2 @ sd ** 2)
+    half_var = 0.5 * float((q[0, 0] / 4) ** 2 @ sd**2)
     assert abs(float(z[0, 0, 0, 0]) - float(true)) < 0.1 + 0.1 * half_var
     assert abs(float(true - zc[0, 0, 0, 0]) - half_var) < 0.1 + 0.1 * half_var
 
@@ -94,19 +104,31 @@ def test_gauss_lifts_a_needle_cluster():
     q = 0.3 * torch.randn(1, g, d, generator=gen)
     q[..., :2] += 5.0
     u = q[0, 0] / q[0, 0].norm()
-    keys = 0.3 * torch.randn(10, 16, d, generator=gen)          # 10 clusters of 16
-    logit = torch.where(torch.arange(10) > 0, 1 + 2 * torch.arange(10) / 10, 0.0)   # 0, then 1.2 .. 2.8
+    keys = 0.3 * torch.randn(10, 16, d, generator=gen)  # 10 clusters of 16
+    logit = torch.where(torch.arange(10) > 0, 1 + 2 * torch.arange(10) / 10, 0.0)  # 0, then 1.2 .. 2.8
     keys += logit[:, None, None] * 8 / q[0, 0].norm() * u
-    keys[0, 5] = 16 * 8 / q[0, 0].norm() * u                     # the needle (logit ~ 16), in cluster 0
+    keys[0, 5] = 16 * 8 / q[0, 0].norm() * u  # the needle (logit ~ 16), in cluster 0
     k = keys.reshape(1, 1, 160, d)
     cstart = (torch.arange(11) * 16).view(1, 1, 11).int()
-    layer = with_kvar(type("L", (), dict(k=k, v=k, centroids=keys.mean(1)[None, None], vmean=keys.mean(1)[None, None],
-                                        logsize=torch.full((1, 1, 10), math.log(16)), cstart=cstart,
-                                        ncl=torch.tensor([[10]])))())
+    layer = with_kvar(
+        type(
+            "L",
+            (),
+            dict(
+                k=k,
+                v=k,
+                centroids=keys.mean(1)[None, None],
+                vmean=keys.mean(1)[None, None],
+                logsize=torch.full((1, 1, 10), math.log(16)),
+                cstart=cstart,
+                ncl=torch.tensor([[10]]),
+            ),
+        )()
+    )
     true = torch.logsumexp((k[0, 0] @ q[0, 0] / 8).view(10, 16), 1)
     assert int(true.argmax()) == 0
     Gc, Gg = gs(q, layer, "centroid"), gs(q, layer, "gauss")
-    assert int((Gc[0, 0] > Gc[0, 0, 0]).sum()) >= 5          # centroid: the needle cluster ranks low
+    assert int((Gc[0, 0] > Gc[0, 0, 0]).sum()) >= 5  # centroid: the needle cluster ranks low
     assert int(Gg[0, 0].argmax()) == 0
 
 
@@ -126,9 +148,15 @@ def test_twin_pseudo_logits_are_the_centroids():
 
 
 # ---------------------------------------------------------------- the kernels against the twin
-@pytest.mark.parametrize("g,d,dtype,style", [
-    (1, 64, torch.float32, "skewed"), (3, 64, torch.float16, "flat"), (4, 128, torch.float32, "flat"),
-    (4, 64, torch.float16, "skewed")])
+@pytest.mark.parametrize(
+    "g,d,dtype,style",
+    [
+        (1, 64, torch.float32, "skewed"),
+        (3, 64, torch.float16, "flat"),
+        (4, 128, torch.float32, "flat"),
+        (4, 64, torch.float16, "skewed"),
+    ],
+)
 def test_kernel_matches_twin_gauss(g, d, dtype, style):
     seed = torch.seed() % 2**31
     q, layer, lens, ts, sinks = case(g=g, d=d, dtype=dtype, style=style, seed=seed, **RAGGED)
@@ -143,14 +171,17 @@ def test_kernel_gauss_all_exact_topk_and_max():
     q, layer, lens, ts, sinks = case(g=4, d=64, **RAGGED)
     o, _ = tri(q, layer, lens, ts, sinks, sp(1.0, 1.0, estimate="gauss"))
     assert (o - dense(q, layer, lens)).abs().max() < 1e-5
-    for cfg in (SparseConfig("topk", budget=40, est_clusters=2, estimate="gauss"),
-                safe(q, layer, lens, ts, sinks, sp(0.9, 0.6, group_rule="max", estimate="gauss"))):
+    for cfg in (
+        SparseConfig("topk", budget=40, est_clusters=2, estimate="gauss"),
+        safe(q, layer, lens, ts, sinks, sp(0.9, 0.6, group_rule="max", estimate="gauss")),
+    ):
         o1, st1 = sparse_ref(q, layer, lens, ts, sinks, cfg)
         check(o1, st1, *tri(q, layer, lens, ts, sinks, cfg), 1e-4, f"{cfg}")
 
 
 def test_config_estimate():
     from nanodp.config import ConfigError
+
     with pytest.raises(ConfigError, match="estimate"):
         SparseConfig(estimate="max")
 
@@ -159,10 +190,14 @@ def test_config_estimate():
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64)])
 def test_gpu_bf16_gauss(g, d):
     seed = torch.seed() % 2**31
-    q, layer, lens, ts, sinks = case(g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130),
-                                     tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16)
-    for cfg in (sp(estimate="gauss"), sp(estimate="gauss", group_rule="union", whole=True),
-                SparseConfig("topk", budget=300, est_clusters=8, estimate="gauss")):
+    q, layer, lens, ts, sinks = case(
+        g=g, d=d, B=4, Hkv=2, lens=(4000, 2500, 700, 130), tail=(3900, 2500, 600, 0), seed=seed, dtype=torch.bfloat16
+    )
+    for cfg in (
+        sp(estimate="gauss"),
+        sp(estimate="gauss", group_rule="union", whole=True),
+        SparseConfig("topk", budget=300, est_clusters=8, estimate="gauss"),
+    ):
         cfg = safe(q, layer, lens, ts, sinks, cfg)
         o1, st1 = sparse_ref(q, layer, lens, ts, sinks, cfg)
         check(o1, st1, *tri(q, layer, lens, ts, sinks, cfg), 2e-2, f"seed {seed} {cfg}")

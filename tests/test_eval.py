@@ -1,5 +1,6 @@
 """The evaluation harness cannot silently break: task generators (sizes, answers, determinism) and a tiny
 `python -m nanodp.eval` run on the CPU (dense answers a passkey; every metric is there and sane)."""
+
 import json
 from types import SimpleNamespace
 
@@ -11,9 +12,11 @@ from nanodp.eval import metrics as eval_metrics
 from nanodp.eval.tasks import KINDS, make_tasks
 from nanodp.tokenizer import Tokenizer
 
-PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
-         "cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, had been "
-         "tacked to the wall. Outside, even through the shut window-pane, the world looked cold. ") * 3
+PROSE = (
+    "It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
+    "cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, had been "
+    "tacked to the wall. Outside, even through the shut window-pane, the world looked cold. "
+) * 3
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +51,14 @@ def test_methods_parse_and_score():
     assert ev.parse_method("doublep-max:0.95:0.7")["sparse"]["group_rule"] == "max"
     assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["sparse"]["floor"] == 256
     assert ev.parse_method("doublep:0.95:0.7")["sparse"]["floor_frac"] == 0.0
-    ccfg = ClusterConfig()           # a floor of F% of each head's clustered tokens; topk:F% of the prompt's
+    ccfg = ClusterConfig()  # a floor of F% of each head's clustered tokens; topk:F% of the prompt's
     args, ntok = SimpleNamespace(dense_layers=0), 1000 + ccfg.sinks + ccfg.window
     sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7:f10%"), 1000, ntok, {}, args, ccfg)
     assert (sp.floor, sp.floor_frac) == (0, 0.1)
-    sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7"), 1000, ntok, {}, args, ccfg)     # no floor: none
+    sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7"), 1000, ntok, {}, args, ccfg)  # no floor: none
     assert (sp.floor, sp.floor_frac) == (0, 0.0)
     assert ev.sparse_for(ev.parse_method("topk:10%"), 1000, ntok, {}, args, ccfg).budget == 100
-    for bad in ("doublep:0.95:0.7:f10%%", "doublep:0.95:0.7:f150%"):       # refused before anything runs
+    for bad in ("doublep:0.95:0.7:f10%%", "doublep:0.95:0.7:f150%"):  # refused before anything runs
         with pytest.raises(ValueError):
             ev.parse_method(bad)
     assert ev.parse_method("topk=doublep:0.9:0.7")["match"] == "doublep:0.9:0.7"
@@ -69,9 +72,31 @@ def test_methods_parse_and_score():
 
 def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--device", "cpu", "--lengths", "300", "--tasks", "passkey,single_needle", "--n", "1", "--depths", "0.5",
-            "--answer-tokens", "10", "--methods", "dense,doublep:0.95:0.7", "--topk-match", "--fidelity-n", "1",
-            "--teacher-tokens", "3", "--batch-size", "2", "--out", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--lengths",
+        "300",
+        "--tasks",
+        "passkey,single_needle",
+        "--n",
+        "1",
+        "--depths",
+        "0.5",
+        "--answer-tokens",
+        "10",
+        "--methods",
+        "dense,doublep:0.95:0.7",
+        "--topk-match",
+        "--fidelity-n",
+        "1",
+        "--teacher-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert ev.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     R = json.loads((out / "results.json").read_text())
@@ -86,7 +111,7 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert len(fid["err_layers"]) == 30 and fid["n"] == 1
     kv = R["methods"]["topk=doublep:0.95:0.7"]["kv"]["300"]
     assert kv["sparse"]["attention"] == "topk" and kv["sparse"]["budget"] > 0
-    assert R["pick"] == "doublep:0.95:0.7"               # the only candidate: picked, passing the targets or not
+    assert R["pick"] == "doublep:0.95:0.7"  # the only candidate: picked, passing the targets or not
     # the same command and seed give the same prompts and scores; --pick-from adds the development run's pick
     short = argv[:-2] + ["--methods", "dense", "--no-topk-match", "--fidelity-n", "0", "--out"]
     assert ev.main(short[:-1] + ["--pick-from", str(out), "--out", str(tmp_path / "again")]) == 0
@@ -105,14 +130,25 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
 
 def test_plot_only(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    tasks = [{"id": f"passkey-noise-{n}-d{d}-0", "kind": "passkey", "length": n, "depth": d} for n in (300, 600)
-             for d in (0.1, 0.9)]
+    tasks = [
+        {"id": f"passkey-noise-{n}-d{d}-0", "kind": "passkey", "length": n, "depth": d}
+        for n in (300, 600)
+        for d in (0.1, 0.9)
+    ]
     out = {t["id"]: {"score": 1.0, "agree": 3} for t in tasks}
     kv = {"kv_bytes": 0.3, "exact": {"mean": 0.2}, "pseudo": {"mean": 0.01}, "exact_layer_head": [[0.2, 0.3]] * 4}
-    R = {"meta": {"args": {"seed": 0, "teacher_tokens": 3}, "prompts_sha": "0" * 12, "device": "cpu",
-                  "dtype": "torch.float32"}, "tasks": tasks,
-         "methods": {m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}}
-                     for m in ("dense", "doublep:1:1")}}
+    R = {
+        "meta": {
+            "args": {"seed": 0, "teacher_tokens": 3},
+            "prompts_sha": "0" * 12,
+            "device": "cpu",
+            "dtype": "torch.float32",
+        },
+        "tasks": tasks,
+        "methods": {
+            m: {"outputs": out, "kv": {"300": kv, "600": kv}, "fidelity": {}} for m in ("dense", "doublep:1:1")
+        },
+    }
     (tmp_path / "results.json").write_text(json.dumps(R))
     assert ev.main(["--plot-only", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["pick"] == "doublep:1:1"
@@ -129,13 +165,19 @@ def test_read_masks_match_the_kernel_selection():
     from nanodp.bench.sparse import make_synthetic
     from nanodp.config import SparseConfig
     from nanodp.kernels.doublep import sparse_ref
+
     torch.manual_seed(0)
     q, layer, lens, tail = make_synthetic(2, 6, 2, 32, 700, device="cpu", dtype=torch.float32, rel_frac=0.1, boost=2.0)
     lens = lens - torch.tensor([0, 50], dtype=torch.int32)
-    nf = dict(floor_frac=0.0)                                     # SparseConfig default has a floor
-    for sp in (SparseConfig("doublep", 0.8, 0.8, **nf), SparseConfig("doublep", 0.8, 0.8, "max", **nf),
-               SparseConfig("topk", budget=100), SparseConfig("doublep", 0.9, 0.6, **nf),
-               SparseConfig("doublep", 0.8, 0.8, floor=120, **nf), SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3)):
+    nf = dict(floor_frac=0.0)  # SparseConfig default has a floor
+    for sp in (
+        SparseConfig("doublep", 0.8, 0.8, **nf),
+        SparseConfig("doublep", 0.8, 0.8, "max", **nf),
+        SparseConfig("topk", budget=100),
+        SparseConfig("doublep", 0.9, 0.6, **nf),
+        SparseConfig("doublep", 0.8, 0.8, floor=120, **nf),
+        SparseConfig("doublep", 0.9, 0.6, floor_frac=0.3),
+    ):
         o, st = sparse_ref(q, layer, lens, tail, 4, sp)
         exact, kept = eval_metrics.read_masks(q, layer, lens, tail, sp, 4)
         assert torch.equal(exact.sum(-1).int(), st["exact_tokens"])

@@ -3,6 +3,7 @@
 On CPU the Triton kernels run in the interpreter (fp16/fp32, small sizes); `gpu` tests run bf16 on CUDA
 at realistic sizes. Every test draws a fresh seed and prints it, so a failure can be replayed.
 """
+
 import math
 import random
 
@@ -31,14 +32,17 @@ def rand(*shape, dtype, gen):
 def prefill_case(B, Hq, Hkv, d, q_start, q_len, L, dtype, gen, plant=()):
     """Random q/k/v; q padding rows and cache slots past each sequence's keys are NaN (must not be read)."""
     T = max(q_len)
-    q, k, v = rand(B, Hq, T, d, dtype=dtype, gen=gen), rand(B, Hkv, L, d, dtype=dtype, gen=gen), \
-        rand(B, Hkv, L, d, dtype=dtype, gen=gen)
-    for b, i, j, scale in plant:     # key j := scale * query i of head 0: one huge logit for that row
+    q, k, v = (
+        rand(B, Hq, T, d, dtype=dtype, gen=gen),
+        rand(B, Hkv, L, d, dtype=dtype, gen=gen),
+        rand(B, Hkv, L, d, dtype=dtype, gen=gen),
+    )
+    for b, i, j, scale in plant:  # key j := scale * query i of head 0: one huge logit for that row
         k[b, 0, q_start[b] + j] = (scale * q[b, 0, i].float()).to(dtype)
     for b in range(B):
-        q[b, :, q_len[b]:] = float("nan")
-        k[b, :, q_start[b] + q_len[b]:] = float("nan")
-        v[b, :, q_start[b] + q_len[b]:] = float("nan")
+        q[b, :, q_len[b] :] = float("nan")
+        k[b, :, q_start[b] + q_len[b] :] = float("nan")
+        v[b, :, q_start[b] + q_len[b] :] = float("nan")
     i32 = dict(device=DEV, dtype=torch.int32)
     return q, k, v, torch.tensor(q_start, **i32), torch.tensor(q_len, **i32)
 
@@ -62,7 +66,7 @@ def naive_f64(q, k, v, lo, n):
     for h in range(q.shape[0]):
         qh, kh, vh = q[h].double(), k[h // g].double(), v[h // g].double()
         for i in range(n):
-            keys = lo + i + 1                     # row i sees keys 0 .. lo + i
+            keys = lo + i + 1  # row i sees keys 0 .. lo + i
             s = kh[:keys] @ qh[i] / math.sqrt(q.shape[-1])
             w = torch.exp(s - s.max())
             out[h, i] = (w / w.sum()) @ vh[:keys]
@@ -71,8 +75,11 @@ def naive_f64(q, k, v, lo, n):
 
 # ---------------------------------------------------------------- prefill (interpreter on CPU)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("Hq,Hkv,d", [(2, 2, 64), (3, 1, 128), (8, 2, 64), (8, 1, 128)],
-                         ids=["mha-d64", "gqa3-d128", "gqa4-d64", "gqa8-d128"])
+@pytest.mark.parametrize(
+    "Hq,Hkv,d",
+    [(2, 2, 64), (3, 1, 128), (8, 2, 64), (8, 1, 128)],
+    ids=["mha-d64", "gqa3-d128", "gqa4-d64", "gqa8-d128"],
+)
 def test_prefill_ragged(Hq, Hkv, d, dtype):
     gen = seeded(f"prefill Hq={Hq} Hkv={Hkv} d={d} {dtype}")
     # ragged: a fresh prompt not a tile multiple, a second turn (q_start > 0), a single-token chunk
@@ -127,7 +134,7 @@ def test_prefill_twin_vs_float64():
 def decode_case(B, Hq, Hkv, d, lens, L, dtype, gen):
     q = rand(B, Hq, d, dtype=dtype, gen=gen)
     k, v = rand(B, Hkv, L, d, dtype=dtype, gen=gen), rand(B, Hkv, L, d, dtype=dtype, gen=gen)
-    for b, n in enumerate(lens):         # cache slots past lens must never be read
+    for b, n in enumerate(lens):  # cache slots past lens must never be read
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("nan")
     return q, k, v, torch.tensor(lens, device=DEV, dtype=torch.int32)
@@ -143,8 +150,11 @@ def check_decode(q, k, v, lens, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("Hq,Hkv,d", [(2, 2, 64), (3, 1, 128), (8, 2, 64), (8, 1, 128)],
-                         ids=["mha-d64", "gqa3-d128", "gqa4-d64", "gqa8-d128"])
+@pytest.mark.parametrize(
+    "Hq,Hkv,d",
+    [(2, 2, 64), (3, 1, 128), (8, 2, 64), (8, 1, 128)],
+    ids=["mha-d64", "gqa3-d128", "gqa4-d64", "gqa8-d128"],
+)
 def test_decode_ragged(Hq, Hkv, d, dtype):
     gen = seeded(f"decode Hq={Hq} Hkv={Hkv} d={d} {dtype}")
     q, k, v, lens = decode_case(3, Hq, Hkv, d, [300, 1, 97], 300, dtype, gen)
@@ -179,7 +189,7 @@ def test_decode_gpu_tiles(d, fused):
 def test_decode_huge_logit():
     gen = seeded("decode huge logit")
     q, k, v, lens = decode_case(1, 4, 1, 64, [280], 280, torch.float16, gen)
-    k[0, 0, 260] = (40.0 * q[0, 2].float()).to(torch.float16)      # logit ~ +320 for head 2
+    k[0, 0, 260] = (40.0 * q[0, 2].float()).to(torch.float16)  # logit ~ +320 for head 2
     check_decode(q, k, v, lens, torch.float16)
 
 
@@ -198,8 +208,9 @@ def test_decode_twin_vs_float64():
 @pytest.mark.parametrize("Hq,Hkv,d", [(32, 8, 128), (9, 3, 64)], ids=["llama8b", "default"])
 def test_gpu_prefill_bf16(Hq, Hkv, d):
     gen = seeded(f"gpu prefill Hq={Hq} d={d}")
-    q, k, v, qs, ql = prefill_case(3, Hq, Hkv, d, [0, 1000, 3], [2100, 777, 1], 3200, torch.bfloat16, gen,
-                                   plant=[(0, 1500, 7, 8.0)])
+    q, k, v, qs, ql = prefill_case(
+        3, Hq, Hkv, d, [0, 1000, 3], [2100, 777, 1], 3200, torch.bfloat16, gen, plant=[(0, 1500, 7, 8.0)]
+    )
     check_prefill(q, k, v, qs, ql, torch.bfloat16)
 
 

@@ -3,13 +3,21 @@
 On CPU the Triton kernels run in the interpreter (fp16/fp32, small sizes that are not tile multiples); `gpu`
 tests run bf16 on CUDA. Every test draws a fresh seed and prints it, so a failure can be replayed.
 """
+
 import random
 
 import pytest
 import torch
 
-from nanodp.kernels.fused import (add_rmsnorm_ref, add_rmsnorm_triton, rope_ref, rope_store_ref, rope_store_triton,
-                                  silu_mul_ref, silu_mul_triton)
+from nanodp.kernels.fused import (
+    add_rmsnorm_ref,
+    add_rmsnorm_triton,
+    rope_ref,
+    rope_store_ref,
+    rope_store_triton,
+    silu_mul_ref,
+    silu_mul_triton,
+)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -44,8 +52,9 @@ def test_add_rmsnorm(dtype, H):
         torch.testing.assert_close(y, y_ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
     # a strided input (the last position of a [B, T, H] batch) reads the right rows
     y, _ = add_rmsnorm_triton(x[:, -1], res[:, -1], w, 1e-5)
-    torch.testing.assert_close(y, add_rmsnorm_ref(x[:, -1], res[:, -1], w, 1e-5)[0], atol=TOL[dtype][0],
-                               rtol=TOL[dtype][1])
+    torch.testing.assert_close(
+        y, add_rmsnorm_ref(x[:, -1], res[:, -1], w, 1e-5)[0], atol=TOL[dtype][0], rtol=TOL[dtype][1]
+    )
 
 
 def test_add_rmsnorm_ref_is_hugging_face():
@@ -53,6 +62,7 @@ def test_add_rmsnorm_ref_is_hugging_face():
     the weight; the twin rounds once, so it is within a rounding or two of HF's and closer to the fp64 value."""
     pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     seeded("rmsnorm vs HF")
     for dtype in (torch.float16, torch.float32):
         norm = LlamaRMSNorm(70, eps=1e-6).to(device=DEV, dtype=dtype)
@@ -84,9 +94,14 @@ def test_silu_mul(dtype, shape):
 def test_rope_ref_is_hugging_face():
     pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     seeded("rope vs HF")
-    q, k, cos, sin = rand(2, 3, 4, 32, dtype=torch.float32), rand(2, 3, 2, 32, dtype=torch.float32), \
-        rand(2, 3, 32, dtype=torch.float32), rand(2, 3, 32, dtype=torch.float32)
+    q, k, cos, sin = (
+        rand(2, 3, 4, 32, dtype=torch.float32),
+        rand(2, 3, 2, 32, dtype=torch.float32),
+        rand(2, 3, 32, dtype=torch.float32),
+        rand(2, 3, 32, dtype=torch.float32),
+    )
     hq, hk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # HF: [B, H, T, d]
     torch.testing.assert_close(rope_ref(q, cos, sin), hq.transpose(1, 2))
     torch.testing.assert_close(rope_ref(k, cos, sin), hk.transpose(1, 2))
@@ -126,7 +141,7 @@ def test_rope_store_prefill_ragged(dtype, Hq, Hkv, d):
     written = (~kc.isnan()).all(-1).all(1)  # [B + 1, L]: positions written in every KV head
     want = torch.zeros_like(written)
     for b in range(3):
-        want[b, start[b]:start[b] + n[b]] = True
+        want[b, start[b] : start[b] + n[b]] = True
     assert torch.equal(written, want)
 
 

@@ -1,4 +1,5 @@
 """Tiny random Llama checkpoints written by transformers load in nanodp and give the same logits and tokens."""
+
 import argparse
 import json
 
@@ -17,17 +18,28 @@ VOCAB = 97
 
 def make_tiny(path, heads=4, kv_heads=2, tie=False, rope_scaling=None, shard=None, head_dim=16, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   head_dim=head_dim, max_position_embeddings=256, rope_theta=5000.0,
-                                   rope_scaling=rope_scaling, tie_word_embeddings=tie, eos_token_id=VOCAB - 1,
-                                   bos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=heads * head_dim,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rope_theta=5000.0,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tie,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():  # larger weights than the default init so logits are not all near zero
         for p in model.parameters():
             p.mul_(3.0) if p.dim() == 2 else None
     model.save_pretrained(path, max_shard_size=shard or "2GB", safe_serialization=True)
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
@@ -42,11 +54,21 @@ def hf_logits(model, ids):
 CASES = {
     "gqa": dict(heads=4, kv_heads=2),
     "mha_tied": dict(heads=4, kv_heads=4, tie=True),
-    "llama3_rope_sharded": dict(heads=6, kv_heads=2, shard="40KB",
-                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "yarn_rope": dict(heads=4, kv_heads=1, rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                         "original_max_position_embeddings": 64}),
+    "llama3_rope_sharded": dict(
+        heads=6,
+        kv_heads=2,
+        shard="40KB",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "yarn_rope": dict(
+        heads=4, kv_heads=1, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    ),
     "linear_rope": dict(heads=4, kv_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }
 
@@ -66,10 +88,11 @@ def test_tiny_llama_matches_transformers(tmp_path, case):
     # greedy decode in a batch equals transformers' greedy generate for each prompt alone
     res = eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
     for p, r in zip(prompts, res):
-        out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=VOCAB - 1,
-                          pad_token_id=0)[0, len(p):].tolist()
+        out = hf.generate(
+            torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=VOCAB - 1, pad_token_id=0
+        )[0, len(p) :].tolist()
         if VOCAB - 1 in out:
-            out = out[:out.index(VOCAB - 1)]
+            out = out[: out.index(VOCAB - 1)]
         assert r.token_ids == out, case
 
 
@@ -93,8 +116,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(PromptTooLong, match="40 tokens.*context holds 32"):
         eng.generate([[1] * 40], SamplingParams())
     cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"],
-                                                      "model_type": "mistral"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    )
     with pytest.raises(ConfigError, match="LlamaForCausalLM"):
         Engine(str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -110,8 +134,15 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 def test_config_validation():
-    base = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=3,
-                num_key_value_heads=2, head_dim=4)
+    base = dict(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=2,
+        head_dim=4,
+    )
     with pytest.raises(ConfigError, match="multiple"):
         ModelConfig(**base)
     with pytest.raises(ConfigError, match="p2 <= p1"):
@@ -119,6 +150,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="floor"):
         SparseConfig(floor_frac=1.5)
     from nanodp.config import floor_arg
+
     assert floor_arg("256") == dict(floor=256, floor_frac=0.0) and floor_arg("40%") == dict(floor=0, floor_frac=0.4)
     with pytest.raises(argparse.ArgumentTypeError, match="F%"):
         floor_arg("many")
@@ -131,10 +163,17 @@ def test_projections_fused_after_loading(tmp_path, tie):
     """q/k/v and gate/up become one weight each, holding the same numbers; nothing is kept twice."""
     hf = make_tiny(tmp_path, heads=6, kv_heads=2, tie=tie)
     from nanodp.loader import load_model
+
     m = load_model(str(tmp_path))
     names = {n for n, _ in m.named_parameters()}  # shared (tied) parameters are listed once
-    assert {n.split(".")[-2] for n in names if "layers" in n} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj",
-                                                                "input_layernorm", "post_attention_layernorm"}
+    assert {n.split(".")[-2] for n in names if "layers" in n} == {
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    }
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in hf.parameters())
     assert (m.lm_head.weight is m.model.embed_tokens.weight) == tie
     a, ha = m.model.layers[1].self_attn, hf.model.layers[1].self_attn

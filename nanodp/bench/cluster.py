@@ -4,6 +4,7 @@ Shape: Llama-3.1-8B attention (32 layers, 32 query / 8 KV heads, d=128, bf16), b
 but structured (a mixture of directions with topic runs, like real keys drifting through a text), so
 k-means does real work; values are Gaussian. `python -m nanodp.bench cluster [--lengths 32768 131072]`.
 """
+
 import argparse
 import time
 
@@ -52,6 +53,7 @@ def _dense_prefill_ms(cache, T, reps):
     k, v = cache.layers[0].k, cache.layers[0].v
     try:
         from nanodp.kernels.prefill import prefill_triton
+
         qs = torch.zeros(1, dtype=torch.int32, device="cuda")
         ql = torch.full((1,), T, dtype=torch.int32, device="cuda")
         fn, name = (lambda: prefill_triton(q, k, v, qs, ql)), "prefill_triton"
@@ -69,15 +71,21 @@ def _dense_prefill_ms(cache, T, reps):
 def _segment_breakdown(cfg, tune=False):
     """Where one 8K segment of all layers x heads goes: kernel times (triton.testing.do_bench, ms)."""
     from triton.testing import do_bench
+
     N, n, k = N_LAYERS * HKV, cfg.segment_len, cfg.segment_len // cfg.cluster_size
     topic = torch.randint(0, 64, (n // 32 + 1,), device="cuda").repeat_interleave(32)[:n]
     x = (torch.randn(N, 64, D, device="cuda")[:, topic] + 0.5 * torch.randn(N, n, D, device="cuda")).bfloat16()
     c = x[:, :: n // k].contiguous()
     a = assign_triton(x, c)
-    r = dict(problems=N, n=n, k=k, assign_ms=do_bench(lambda: assign_triton(x, c, out=a)),
-             sums_ms=do_bench(lambda: cluster_sums_triton(x, a, k)),
-             kmeans_ms=do_bench(lambda: kmeans(x, k, cfg.kmeans_iters), rep=200),
-             cluster_block_ms=do_bench(lambda: cluster_block(x, x, k, cfg.kmeans_iters), rep=200))
+    r = dict(
+        problems=N,
+        n=n,
+        k=k,
+        assign_ms=do_bench(lambda: assign_triton(x, c, out=a)),
+        sums_ms=do_bench(lambda: cluster_sums_triton(x, a, k)),
+        kmeans_ms=do_bench(lambda: kmeans(x, k, cfg.kmeans_iters), rep=200),
+        cluster_block_ms=do_bench(lambda: cluster_block(x, x, k, cfg.kmeans_iters), rep=200),
+    )
     r["assign_tflops"] = 2 * N * n * k * D / r["assign_ms"] / 1e9
     if tune:
         for bt, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8), (64, 128, 4)):
@@ -98,39 +106,47 @@ def bench_cluster(args=None):
     for T in lengths:
         cache = KVCache(N_LAYERS, 1, HKV, T + extra, D, torch.bfloat16, "cuda", cfg)
         _fill(cache, T)
-        cache.cluster_pending(force=True)              # warm-up: compiles the kernels for these shapes
+        cache.cluster_pending(force=True)  # warm-up: compiles the kernels for these shapes
 
         def again():
             cache.reset(0)
             cache.set_len(0, T)
+
         cl_ms = _timed(lambda: cache.cluster_pending(force=True), reps, setup=again)
         dense_ms, name = _dense_prefill_ms(cache, T, reps)
         ncl = float(cache.layers[0].ncl[0].float().mean())
-        out["prefill"].append(dict(T=T, cluster_ms=cl_ms, dense_ms=dense_ms, dense=name,
-                                   share=cl_ms / dense_ms, clusters_per_head=ncl))
+        out["prefill"].append(
+            dict(T=T, cluster_ms=cl_ms, dense_ms=dense_ms, dense=name, share=cl_ms / dense_ms, clusters_per_head=ncl)
+        )
         if T == lengths[0]:
             # Re-clustering: the tail holds recluster_every tokens beyond the window -> one event.
             step = lambda: cache.set_len(0, cache.lens_host[0] + cfg.recluster_every)  # noqa: E731
             step()
-            cache.cluster_pending()                    # warm-up (new shapes: n = 256)
+            cache.cluster_pending()  # warm-up (new shapes: n = 256)
             ms = _timed(lambda: cache.cluster_pending(), reps, setup=step)
             out["recluster"] = dict(T=T, tokens=cfg.recluster_every, event_ms=ms, per_layer_ms=ms / N_LAYERS)
-        cache = None                                   # free the GPU memory before the next length
+        cache = None  # free the GPU memory before the next length
         torch.cuda.empty_cache()
 
     out["segment"] = seg = _segment_breakdown(cfg, tune=bool(getattr(args, "tune", False)))
     print(f"clustering benchmark: {out['shape']}, {cfg}")
     print(f"{'context':>8} {'dense prefill ms':>17} {'clustering ms':>14} {'share':>7}  {'clusters/head':>13}")
     for r in out["prefill"]:
-        print(f"{r['T']:>8} {r['dense_ms']:>17.1f} {r['cluster_ms']:>14.1f} {r['share'] * 100:>6.1f}%"
-              f"  {r['clusters_per_head']:>13.0f}   ({r['dense']} x {N_LAYERS} layers)")
+        print(
+            f"{r['T']:>8} {r['dense_ms']:>17.1f} {r['cluster_ms']:>14.1f} {r['share'] * 100:>6.1f}%"
+            f"  {r['clusters_per_head']:>13.0f}   ({r['dense']} x {N_LAYERS} layers)"
+        )
     rc = out.get("recluster")
     if rc:
-        print(f"re-clustering {rc['tokens']} tokens at {rc['T']}: {rc['event_ms']:.2f} ms per event, "
-              f"{rc['per_layer_ms'] * 1e3:.0f} us per layer (target < 1000 us)")
-    print(f"one segment ({seg['problems']} problems x {seg['n']} keys, k={seg['k']}): assignment "
-          f"{seg['assign_ms']:.2f} ms ({seg['assign_tflops']:.0f} TFLOP/s), update sums {seg['sums_ms']:.2f} ms, "
-          f"k-means {seg['kmeans_ms']:.1f} ms, k-means + reorder stats {seg['cluster_block_ms']:.1f} ms")
+        print(
+            f"re-clustering {rc['tokens']} tokens at {rc['T']}: {rc['event_ms']:.2f} ms per event, "
+            f"{rc['per_layer_ms'] * 1e3:.0f} us per layer (target < 1000 us)"
+        )
+    print(
+        f"one segment ({seg['problems']} problems x {seg['n']} keys, k={seg['k']}): assignment "
+        f"{seg['assign_ms']:.2f} ms ({seg['assign_tflops']:.0f} TFLOP/s), update sums {seg['sums_ms']:.2f} ms, "
+        f"k-means {seg['kmeans_ms']:.1f} ms, k-means + reorder stats {seg['cluster_block_ms']:.1f} ms"
+    )
     for key, val in seg.items():
         if key.startswith("assign_ms_"):
             print(f"  {key}: {val:.3f} ms")

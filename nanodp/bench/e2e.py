@@ -14,6 +14,7 @@ weight and KV bytes (and so MBU) are per GPU. The decode speed at TP=1 and TP=2,
     python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 1
     python -m nanodp.bench e2e --models llama8b --batches 8 --contexts 32k --tp 2
 """
+
 import argparse
 import time
 
@@ -25,13 +26,23 @@ from ..engine import Counters, Engine
 from ..eval.tasks import prose
 from .timing import cell, common_parser, copy_bandwidth, print_table, require_cuda, sizes
 
-LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-               max_position_embeddings=131072, rms_norm_eps=1e-5)
+LLAMA8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
 
 
 def random_llama(cfg: ModelConfig):
     from ..model import LlamaForCausalLM, Rope
+
     dev = parallel.place(torch.device("cuda"))
     with torch.device("meta"):
         m = LlamaForCausalLM(cfg)  # under TP: this rank's shards
@@ -50,7 +61,7 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
     eng.counters = Counters()
     if real_prompt:
         prompts = [prose(eng.tok, ctx, seed + b) for b in range(B)]
-        eng.prefill(prompts, [0] * B)          # compiles the kernels of these shapes: the timed prefill is next
+        eng.prefill(prompts, [0] * B)  # compiles the kernels of these shapes: the timed prefill is next
         for b in range(B):
             eng.cache.reset(b)
         eng.counters = Counters()
@@ -83,22 +94,36 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
     sync()
     dt = (time.perf_counter() - t0) / steps
     s = eng.ctx.stats.summary()
-    return dict(ms_per_step=dt * 1e3, tok_s=B / dt, kv_read=s.get("kv_read_fraction", 1.0),
-                pseudo=s.get("pseudo_fraction", 0.0), fallbacks=s.get("fallbacks", 0),
-                prefill_s=eng.counters.prefill_s, cluster_s=eng.counters.cluster_s,
-                ran="/".join(sorted(eng.counters.steps)))
+    return dict(
+        ms_per_step=dt * 1e3,
+        tok_s=B / dt,
+        kv_read=s.get("kv_read_fraction", 1.0),
+        pseudo=s.get("pseudo_fraction", 0.0),
+        fallbacks=s.get("fallbacks", 0),
+        prefill_s=eng.counters.prefill_s,
+        cluster_s=eng.counters.cluster_s,
+        ran="/".join(sorted(eng.counters.steps)),
+    )
 
 
 def bench_e2e(argv):
-    p = argparse.ArgumentParser(prog="python -m nanodp.bench e2e", parents=[common_parser()], description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m nanodp.bench e2e",
+        parents=[common_parser()],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", default="default,llama8b", help="default and/or llama8b (default: %(default)s)")
     p.add_argument("--batches", default="1,8,32", help="batch sizes (default: %(default)s)")
-    p.add_argument("--contexts", default="8k,32k,128k", help="the default model runs at most its 8K (default: "
-                                                               "%(default)s)")
+    p.add_argument(
+        "--contexts", default="8k,32k,128k", help="the default model runs at most its 8K (default: %(default)s)"
+    )
     p.add_argument("--attentions", default="dense,doublep", help="decode attentions to time (default: %(default)s)")
-    p.add_argument("--write-auto", action="store_true",
-                   help="write the --attention auto table of this GPU from the default model's cells, then time auto")
+    p.add_argument(
+        "--write-auto",
+        action="store_true",
+        help="write the --attention auto table of this GPU from the default model's cells, then time auto",
+    )
     flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers", "tp")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per cell (default: %(default)s)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
@@ -107,8 +132,10 @@ def bench_e2e(argv):
     require_cuda("e2e")
     parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write) | "
-          f"TP {parallel.world_size()}")
+    print(
+        f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write) | "
+        f"TP {parallel.world_size()}"
+    )
     results, rows = {"copy_tb_s": bw / 1e12, "tp": parallel.world_size(), "cells": []}, []
     for model_name in args.models.split(","):
         real = model_name == "default"
@@ -121,41 +148,74 @@ def bench_e2e(argv):
         if real and (args.write_auto or "auto" in args.attentions.split(",")):
             cells += [(ctx, B, "auto") for ctx in ctxs for B in sizes(args.batches)]
         for ctx, B, att in cells:
-                    if att == "auto" and args.write_auto and "auto_table" not in results:
-                        results["auto_table"] = write_auto(results["cells"])
-                    if att != "dense" and not real:
-                        continue  # random weights: flat attention, sparse numbers would mean nothing
-                    max_len = min(ctx, 8192) if real else ctx + args.steps + 64
-                    fill = ctx - args.steps - 8 if real else ctx
-                    sp = flags.sparse_from_args(args, attention=att)
+            if att == "auto" and args.write_auto and "auto_table" not in results:
+                results["auto_table"] = write_auto(results["cells"])
+            if att != "dense" and not real:
+                continue  # random weights: flat attention, sparse numbers would mean nothing
+            max_len = min(ctx, 8192) if real else ctx + args.steps + 64
+            fill = ctx - args.steps - 8 if real else ctx
+            sp = flags.sparse_from_args(args, attention=att)
 
-                    def measure():
-                        eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)
-                        try:
-                            r = run_cell(eng, B, fill, args.steps, real, args.seed)
-                            w = sum(t.numel() * t.element_size() for t in eng.model.parameters())
-                            per_tok = eng.cfg.num_hidden_layers * eng.cache.n_kv_heads * eng.cfg.head_dim * 2 * 2
-                            kv = per_tok * B * (fill + args.steps / 2) * r["kv_read"]
-                            r.update(mbu=(w + kv) / (r["ms_per_step"] / 1e3) / bw, weight_gb=w / 1e9,
-                                     kv_gb_per_step=kv / 1e9)
-                            return r
-                        finally:
-                            del eng
-                    r = dict(model=model_name, B=B, ctx=ctx, attention=att, **cell(measure))
-                    results["cells"].append(r)
-                    kv_gbs = r["kv_gb_per_step"] / (r["ms_per_step"] / 1e3) if "kv_gb_per_step" in r else None
-                    cl = 100 * r["cluster_s"] / r["prefill_s"] if r.get("prefill_s") else None
-                    rows.append([model_name, B, ctx, att, r.get("ms_per_step"), r.get("tok_s"),
-                                 None if "kv_read" not in r else 100 * r["kv_read"], kv_gbs, r.get("mbu"),
-                                 r.get("prefill_s"), cl, r.get("ran", ""), r.get("skipped", "")])
+            def measure():
+                eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)
+                try:
+                    r = run_cell(eng, B, fill, args.steps, real, args.seed)
+                    w = sum(t.numel() * t.element_size() for t in eng.model.parameters())
+                    per_tok = eng.cfg.num_hidden_layers * eng.cache.n_kv_heads * eng.cfg.head_dim * 2 * 2
+                    kv = per_tok * B * (fill + args.steps / 2) * r["kv_read"]
+                    r.update(mbu=(w + kv) / (r["ms_per_step"] / 1e3) / bw, weight_gb=w / 1e9, kv_gb_per_step=kv / 1e9)
+                    return r
+                finally:
+                    del eng
+
+            r = dict(model=model_name, B=B, ctx=ctx, attention=att, **cell(measure))
+            results["cells"].append(r)
+            kv_gbs = r["kv_gb_per_step"] / (r["ms_per_step"] / 1e3) if "kv_gb_per_step" in r else None
+            cl = 100 * r["cluster_s"] / r["prefill_s"] if r.get("prefill_s") else None
+            rows.append(
+                [
+                    model_name,
+                    B,
+                    ctx,
+                    att,
+                    r.get("ms_per_step"),
+                    r.get("tok_s"),
+                    None if "kv_read" not in r else 100 * r["kv_read"],
+                    kv_gbs,
+                    r.get("mbu"),
+                    r.get("prefill_s"),
+                    cl,
+                    r.get("ran", ""),
+                    r.get("skipped", ""),
+                ]
+            )
         if real and not args.no_transformers and parallel.world_size() == 1:
             results["transformers"] = cell(lambda: hf_generate(args, ctxs[-1]))
         model = None  # free the random 8B weights before the next model
         torch.cuda.empty_cache()
-    print_table(f"end-to-end decode (bf16, CUDA graphs, TP {parallel.world_size()})", ["model", "B", "ctx", "attention", "ms/token",
-                "tok/s", "KV read %", "KV GB/s", "MBU", "prefill s", "cluster %", "ran", "note"], rows)
-    print("KV GB/s: KV bytes read per step / step time (all of the step, so a lower bound of the attention's);"
-          " cluster %: clustering time / prefill time (prefill excludes clustering)")
+    print_table(
+        f"end-to-end decode (bf16, CUDA graphs, TP {parallel.world_size()})",
+        [
+            "model",
+            "B",
+            "ctx",
+            "attention",
+            "ms/token",
+            "tok/s",
+            "KV read %",
+            "KV GB/s",
+            "MBU",
+            "prefill s",
+            "cluster %",
+            "ran",
+            "note",
+        ],
+        rows,
+    )
+    print(
+        "KV GB/s: KV bytes read per step / step time (all of the step, so a lower bound of the attention's);"
+        " cluster %: clustering time / prefill time (prefill excludes clustering)"
+    )
     if "transformers" in results:
         print(f"transformers generate, default model, B=1, ctx {ctxs[-1]}: {results['transformers']}")
     return args, results
@@ -166,8 +226,13 @@ def write_auto(cells):
     from .. import auto
 
     ms = {(c["B"], c["ctx"], c["attention"]): c.get("ms_per_step") for c in cells if c["model"] == "default"}
-    table = {f"{B},{ctx}": "doublep" if ms.get((B, ctx, "doublep")) and ms[(B, ctx, "doublep")] < ms[(B, ctx, a)]
-             else "dense" for (B, ctx, a) in ms if a == "dense" and ms[(B, ctx, a)]}
+    table = {
+        f"{B},{ctx}": "doublep"
+        if ms.get((B, ctx, "doublep")) and ms[(B, ctx, "doublep")] < ms[(B, ctx, a)]
+        else "dense"
+        for (B, ctx, a) in ms
+        if a == "dense" and ms[(B, ctx, a)]
+    }
     path = auto.save(torch.cuda.get_device_name(0), "SmolLM2-135M-Instruct", table)
     print(f"auto table {table} -> {path}")
     return table
@@ -179,9 +244,13 @@ def hf_generate(args, ctx):
 
     from ..loader import resolve_model_dir
     from ..tokenizer import Tokenizer
+
     d = resolve_model_dir(None, quiet=True)
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16,
-                                                          attn_implementation="sdpa").cuda().eval()
+    m = (
+        transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16, attn_implementation="sdpa")
+        .cuda()
+        .eval()
+    )
     ids = torch.tensor([prose(Tokenizer(d), ctx - 64, args.seed)], device="cuda")
     times = {}
     for n in (4, 36):

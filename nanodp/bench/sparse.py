@@ -14,6 +14,7 @@ Synthetic inputs (made so that about 1-3% of tokens are kept exactly, and report
   centroid / vmean = exact member means, logsize = ln 16. Real attention is less regular: use the
   model-level evaluation (nanodp.eval) for what Double-P keeps on real text.
 """
+
 import argparse
 import math
 import sys
@@ -24,7 +25,7 @@ import torch
 from .. import flags
 from .timing import common_parser, require_cuda, time_us
 
-SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}   # (query heads, KV heads, head dim)
+SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}  # (query heads, KV heads, head dim)
 SINKS, WINDOW, CSIZE = 4, 64, 16
 
 
@@ -39,7 +40,7 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
     vmean = torch.empty_like(cent)
     kvar = torch.empty_like(cent)
     q = torch.empty(B, Hq, d, device=device, dtype=dtype)
-    for b in range(B):                      # one sequence at a time keeps fp32 temporaries small
+    for b in range(B):  # one sequence at a time keeps fp32 temporaries small
         w = torch.randn(Hkv, 1, d, device=device, generator=gen)
         w = w / w.norm(dim=-1, keepdim=True)
         mu = torch.randn(Hkv, ncl, d, device=device, generator=gen)
@@ -58,10 +59,17 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
         qq = math.sqrt(d) * w.expand(Hkv, g, d) + 0.3 * torch.randn(Hkv, g, d, device=device, generator=gen)
         q[b] = qq.reshape(Hq, d).to(dtype)
     layer = SimpleNamespace(
-        k=k, v=v, centroids=cent, vmean=vmean, kvar=kvar,
+        k=k,
+        v=v,
+        centroids=cent,
+        vmean=vmean,
+        kvar=kvar,
         logsize=torch.full((B, Hkv, ncl), math.log(CSIZE), device=device),
-        cstart=(SINKS + CSIZE * torch.arange(ncl + 1, device=device, dtype=torch.int32)).expand(B, Hkv, ncl + 1).contiguous(),
-        ncl=torch.full((B, Hkv), ncl, device=device, dtype=torch.int32))
+        cstart=(SINKS + CSIZE * torch.arange(ncl + 1, device=device, dtype=torch.int32))
+        .expand(B, Hkv, ncl + 1)
+        .contiguous(),
+        ncl=torch.full((B, Hkv), ncl, device=device, dtype=torch.int32),
+    )
     lens = torch.full((B,), ctx, device=device, dtype=torch.int32)
     tail = torch.full((B,), ts, device=device, dtype=torch.int32)
     return q, layer, lens, tail
@@ -69,9 +77,11 @@ def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_
 
 def _dense_fns(q, layer, lens, ctx):
     import torch.nn.functional as F
+
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q[:, :, None], layer.k, layer.v, enable_gqa=True)[:, :, 0]}
     try:
         from nanodp.kernels.decode import decode_triton
+
         decode_triton(q, layer.k, layer.v, lens, max_len=ctx)
         fns["decode_triton"] = lambda: decode_triton(q, layer.k, layer.v, lens, max_len=ctx)
     except Exception as e:  # missing (being written) or broken: SDPA is the baseline then
@@ -82,6 +92,7 @@ def _dense_fns(q, layer, lens, ctx):
 def kernel_breakdown(fn, iters=20):
     """Mean device microseconds per call of each kernel `fn` launches (torch profiler, eager)."""
     from torch.profiler import ProfilerActivity, profile
+
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -97,19 +108,22 @@ def kernel_breakdown(fn, iters=20):
 
 
 def bench_sparse(args=None):
-    a = lambda name, default: getattr(args, name, None) or default   # noqa: E731
+    a = lambda name, default: getattr(args, name, None) or default  # noqa: E731
     if not torch.cuda.is_available():
         print("bench_sparse needs a CUDA GPU (the Triton kernels run on the GPU); skipped.", file=sys.stderr)
         return {"skipped": "needs CUDA"}
     from nanodp.kernels.doublep_attn import sparse_triton
+
     batches, contexts, shapes = a("batches", [1, 8, 32]), a("contexts", [32768, 131072]), a("shapes", list(SHAPES))
     from nanodp.config import SparseConfig
 
     sp = flags.sparse_from_args(args, attention="doublep") if args is not None else SparseConfig("doublep")
     reps = a("reps", 30)
     rows = []
-    hdr = (f"{'shape':8} {'B':>3} {'ctx':>7} {'exact%':>7} {'pseudo%':>7} {'dense':>9} {'sdpa':>9} {'doublep':>9} "
-           f"{'x':>6} {'topk':>9} {'x':>6} {'eager':>9}")
+    hdr = (
+        f"{'shape':8} {'B':>3} {'ctx':>7} {'exact%':>7} {'pseudo%':>7} {'dense':>9} {'sdpa':>9} {'doublep':>9} "
+        f"{'x':>6} {'topk':>9} {'x':>6} {'eager':>9}"
+    )
     print(f"Double-P decode step vs dense (bf16, us per layer step, CUDA-graph replay, {sp})")
     print(hdr)
     for shape in shapes:
@@ -131,24 +145,40 @@ def bench_sparse(args=None):
                 t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp), reps, graph=False)
                 tk = SparseConfig("topk", budget=budget, estimate=sp.estimate)
                 t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, tk), reps)
-                row = dict(shape=shape, B=B, ctx=ctx, exact_frac=exact, pseudo_frac=pseudo, topk_budget=budget,
-                           dense_us=base, dense_kernel="decode_triton" if "decode_triton" in dense else "sdpa",
-                           sdpa_us=dense["sdpa"], doublep_us=t_dp, doublep_eager_us=t_eager, topk_us=t_tk,
-                           speedup=base / t_dp, topk_speedup=base / t_tk,
-                           fallback_heads=int(st["fallback"].sum().item()))
+                row = dict(
+                    shape=shape,
+                    B=B,
+                    ctx=ctx,
+                    exact_frac=exact,
+                    pseudo_frac=pseudo,
+                    topk_budget=budget,
+                    dense_us=base,
+                    dense_kernel="decode_triton" if "decode_triton" in dense else "sdpa",
+                    sdpa_us=dense["sdpa"],
+                    doublep_us=t_dp,
+                    doublep_eager_us=t_eager,
+                    topk_us=t_tk,
+                    speedup=base / t_dp,
+                    topk_speedup=base / t_tk,
+                    fallback_heads=int(st["fallback"].sum().item()),
+                )
                 if a("profile", False) and B == batches[0] and ctx == contexts[-1]:
-                    row["kernels_us"] = kernel_breakdown(
-                        lambda: sparse_triton(q, layer, lens, ts, SINKS, sp))
+                    row["kernels_us"] = kernel_breakdown(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp))
                 rows.append(row)
-                print(f"{shape:8} {B:>3} {ctx:>7} {100 * exact:>6.2f}% {100 * pseudo:>6.2f}% {base:>9.1f} "
-                      f"{dense['sdpa']:>9.1f} {t_dp:>9.1f} {base / t_dp:>5.1f}x {t_tk:>9.1f} {base / t_tk:>5.1f}x "
-                      f"{t_eager:>9.1f}", flush=True)
+                print(
+                    f"{shape:8} {B:>3} {ctx:>7} {100 * exact:>6.2f}% {100 * pseudo:>6.2f}% {base:>9.1f} "
+                    f"{dense['sdpa']:>9.1f} {t_dp:>9.1f} {base / t_dp:>5.1f}x {t_tk:>9.1f} {base / t_tk:>5.1f}x "
+                    f"{t_eager:>9.1f}",
+                    flush=True,
+                )
                 if "kernels_us" in row:
                     print("   per kernel (us):", ", ".join(f"{n[:24]} {t:.1f}" for n, t in row["kernels_us"].items()))
                 q = layer = lens = ts = None
                 torch.cuda.empty_cache()
-    print("dense = decode_triton if importable else SDPA; x = dense / sparse; eager = doublep without a graph;"
-          " topk at the mean exact clustered-token count of doublep")
+    print(
+        "dense = decode_triton if importable else SDPA; x = dense / sparse; eager = doublep without a graph;"
+        " topk at the mean exact clustered-token count of doublep"
+    )
     return {"rows": rows, "sparse": sp.__dict__, "inputs": __doc__.split("Synthetic inputs")[1].strip()}
 
 

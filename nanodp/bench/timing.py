@@ -1,5 +1,6 @@
 """What every benchmark section shares: the common flags, the environment record, CUDA timing (graphs,
 inputs rotated past L2, L2 flushes), the copy-bandwidth ceiling and table printing."""
+
 import argparse
 import datetime
 import math
@@ -10,7 +11,7 @@ import time
 
 import torch
 
-SHAPES = {"llama8b": (32, 8, 128), "default": (9, 3, 64)}   # (Hq, Hkv, d)
+SHAPES = {"llama8b": (32, 8, 128), "default": (9, 3, 64)}  # (Hq, Hkv, d)
 
 
 def common_parser():
@@ -22,22 +23,33 @@ def common_parser():
 
 def require_cuda(section):
     if not torch.cuda.is_available():
-        sys.exit(f"nanodp.bench {section}: needs a CUDA GPU (torch.cuda.is_available() is False here); "
-                 f"it times the Triton kernels against torch SDPA on the device. Nothing was measured.")
+        sys.exit(
+            f"nanodp.bench {section}: needs a CUDA GPU (torch.cuda.is_available() is False here); "
+            f"it times the Triton kernels against torch SDPA on the device. Nothing was measured."
+        )
 
 
 def environment():
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
     if torch.cuda.is_available():
         prop = torch.cuda.get_device_properties(0)
-        env.update(device=prop.name, sms=prop.multi_processor_count, cuda=torch.version.cuda,
-                   memory_gib=round(prop.total_memory / 2**30, 1))
+        env.update(
+            device=prop.name,
+            sms=prop.multi_processor_count,
+            cuda=torch.version.cuda,
+            memory_gib=round(prop.total_memory / 2**30, 1),
+        )
     return env
 
 
@@ -76,7 +88,7 @@ def time_cuda(fn, sets=((),), warmup=3, reps=20, graph=True):
     for i in range(warmup):
         fn(*sets[i % len(sets)])
     torch.cuda.synchronize()
-    run = lambda: [fn(*s) for s in sets]   # noqa: E731
+    run = lambda: [fn(*s) for s in sets]  # noqa: E731
     if graph:
         run = graphed(run)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -93,6 +105,7 @@ def print_table(title, columns, rows):
     try:
         from rich.console import Console
         from rich.table import Table
+
         t = Table(title=title)
         for c in columns:
             t.add_column(c, justify="right")

@@ -1,5 +1,6 @@
 """Evaluation metrics: KV bytes read, per-layer output error and true mass kept (an observer on the engine's
 decode attention), and teacher forcing. Definitions are in nanodp/eval/harness.py's docstring."""
+
 import math
 
 import torch
@@ -22,24 +23,24 @@ class KVTally:
 
     def add(self, eng, steps):
         st = eng.ctx.stats
-        if eng.sparse.attention == "dense" or not st.sums:   # dense decode keeps no stats: reads everything
+        if eng.sparse.attention == "dense" or not st.sums:  # dense decode keeps no stats: reads everything
             return
         self.dl, self.gauss = eng.sparse.dense_layers, eng.sparse.estimate == "gauss"
         for k, v in st.sums.items():
             self.s[k] = self.s.get(k, 0) + v.double().cpu()
         self.dense += float(st.dense_tokens)
         self.steps += sum(steps)
-        ncl = eng.cache.store.ncl[:, :len(steps)].double().cpu()          # [layers, B, Hkv], fixed in decode
+        ncl = eng.cache.store.ncl[:, : len(steps)].double().cpu()  # [layers, B, Hkv], fixed in decode
         scan = (ncl * torch.tensor(steps, dtype=torch.float64)[None, :, None]).sum(1)
-        scan[:self.dl] = 0                                                  # dense layers scan nothing
+        scan[: self.dl] = 0  # dense layers scan nothing
         self.scan = self.scan + scan
 
     def summary(self, d, es):
         if not self.s:
             return {"kv_bytes": 1.0, "exact": spread([1.0]), "pseudo": spread([0.0])}
         nl, nh = self.s["exact_tokens"].shape
-        D = self.dense / (nl * nh)                       # dense tokens per (layer, head), summed over steps
-        scored = self.s["scored_clusters"] if "scored_clusters" in self.s else self.scan   # what stage 1 scored
+        D = self.dense / (nl * nh)  # dense tokens per (layer, head), summed over steps
+        scored = self.s["scored_clusters"] if "scored_clusters" in self.s else self.scan  # what stage 1 scored
         ex, ps, sc = self.s["exact_tokens"] / D, self.s.get("pseudo_tokens", torch.zeros(nl, nh)) / D, scored / D
         # bytes over dense's (K and V of every token): an exact token reads K and V, a pseudo-token its V̄ (its
         # centroid was read by the scan), the stage-1 scan every centroid and its ln s (fp32), + its key
@@ -50,12 +51,17 @@ class KVTally:
         # (read again as exact tokens: counted twice, an upper bound). kernels/doublep.py lists them.
         steady = self.s.get("steady_scored", torch.zeros(nl, nh)) / D
         kvb = (ex * 2 * d * es + ps * d * es + sc * ((1 + self.gauss) * d * es + 8) + steady * d * es) / (2 * d * es)
-        need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl:].sum()  # exact clustered tokens asked for
-        return {"kv_bytes": kvb.mean().item(), "kv_bytes_spread": spread(kvb), "exact": spread(ex),
-                "pseudo": spread(ps), "scan": sc.mean().item(),
-                "need_mean": need.item() / max(1, self.steps * (nl - self.dl) * nh),   # per head and step
-                "fallbacks": int(self.s["fallback"].sum()) if "fallback" in self.s else 0,
-                "exact_layer_head": ex.tolist()}
+        need = self.s.get("need_tokens", torch.zeros(nl, nh))[self.dl :].sum()  # exact clustered tokens asked for
+        return {
+            "kv_bytes": kvb.mean().item(),
+            "kv_bytes_spread": spread(kvb),
+            "exact": spread(ex),
+            "pseudo": spread(ps),
+            "scan": sc.mean().item(),
+            "need_mean": need.item() / max(1, self.steps * (nl - self.dl) * nh),  # per head and step
+            "fallbacks": int(self.s["fallback"].sum()) if "fallback" in self.s else 0,
+            "exact_layer_head": ex.tolist(),
+        }
 
 
 def _members(cstart, sel, L):
@@ -86,18 +92,18 @@ class Observer:
         self.n = torch.zeros(nl, **z)
         self.mass_min = torch.ones(nl, hq, **z)
         self.needles = needles
-        self.needle_dense = torch.zeros(nl, hq, **z)     # dense attention mass on the needle tokens ...
-        self.needle_kept = torch.zeros(nl, hq, **z)      # ... of which the method reads exactly or as pseudo
+        self.needle_dense = torch.zeros(nl, hq, **z)  # dense attention mass on the needle tokens ...
+        self.needle_kept = torch.zeros(nl, hq, **z)  # ... of which the method reads exactly or as pseudo
 
     def __call__(self, li, q, layer, lens, tail_start, o, active):
         B, Hq, d = q.shape
         _, Hkv, L, _ = layer.k.shape
         scale, t = 1.0 / math.sqrt(d), torch.arange(L, device=q.device)
-        live = t[None] < lens.long()[:, None]                                            # [B, L]
+        live = t[None] < lens.long()[:, None]  # [B, L]
         x = torch.einsum("bhgd,bhld->bhgl", q.float().view(B, Hkv, Hq // Hkv, d), layer.k.float()) * scale
-        p = torch.softmax(x.masked_fill(~live[:, None, None], -math.inf), -1)     # dense attention probabilities
+        p = torch.softmax(x.masked_fill(~live[:, None, None], -math.inf), -1)  # dense attention probabilities
         od = torch.einsum("bhgl,bhld->bhgd", p, torch.where(live[:, None, :, None], layer.v.float(), 0.0))
-        od = od.reshape(B, Hq, d)                                                 # = decode_ref's output
+        od = od.reshape(B, Hq, d)  # = decode_ref's output
         err = (o.float() - od).norm(dim=-1) / od.norm(dim=-1).clamp_min(1e-30)
         sp = self.eng.sparse
         if sp.attention == "dense" or li < sp.dense_layers:
@@ -128,11 +134,17 @@ class Observer:
         n = self.n.clamp_min(1)[:, None].cpu()
         e, m, mx = self.err.cpu() / n, self.mass.cpu() / n, self.mass_x.cpu() / n
         nd = self.needle_dense.sum().item()
-        return {"err": spread(e), "mass": spread(m), "mass_x": spread(mx), "mass_min": self.mass_min.min().item(),
-                "under_p": (self.under.cpu() / n).mean().item(),
-                "needle_mass": self.needle_kept.sum().item() / nd if nd > 0 else None,
-                "err_layers": e.mean(1).tolist(), "mass_layers": m.mean(1).tolist(),
-                "mass_x_layers": mx.mean(1).tolist()}
+        return {
+            "err": spread(e),
+            "mass": spread(m),
+            "mass_x": spread(mx),
+            "mass_min": self.mass_min.min().item(),
+            "under_p": (self.under.cpu() / n).mean().item(),
+            "needle_mass": self.needle_kept.sum().item() / nd if nd > 0 else None,
+            "err_layers": e.mean(1).tolist(),
+            "mass_layers": m.mean(1).tolist(),
+            "mass_x_layers": mx.mean(1).tolist(),
+        }
 
 
 @torch.inference_mode()
@@ -157,5 +169,5 @@ def teacher_force(eng, prompts, n, feed=None):
 
 
 def use(eng, cfg):
-    if eng.sparse != cfg:       # set_sparse drops the captured CUDA graphs: only when the method changes
+    if eng.sparse != cfg:  # set_sparse drops the captured CUDA graphs: only when the method changes
         eng.set_sparse(cfg)

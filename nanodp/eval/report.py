@@ -20,6 +20,7 @@ results.json (rewritten after every batch, so an interrupted run keeps what it d
                         mass_min, err_layers, mass_layers, mass_x_layers}}}}
   summary  per method what the table prints (kinds, ruler, avg, pk_lost/pk_n, per_length, ...); pick, pick_passed
 """
+
 import json
 import os
 import sys
@@ -27,8 +28,16 @@ from pathlib import Path
 
 from .tasks import DEPTH_KINDS, KINDS
 
-SHORT = {"kv_retrieval": "kv", "passkey": "pass", "single_needle": "niah", "multi_key": "mkey", "multi_value": "mval",
-         "multi_query": "mq", "variable_tracking": "vt", "common_words": "cwe"}
+SHORT = {
+    "kv_retrieval": "kv",
+    "passkey": "pass",
+    "single_needle": "niah",
+    "multi_key": "mkey",
+    "multi_value": "mval",
+    "multi_query": "mq",
+    "variable_tracking": "vt",
+    "common_words": "cwe",
+}
 
 
 def load(folder) -> dict:
@@ -64,8 +73,10 @@ def report(R, folder=None, dev=None):
     print_table(R, S, dev)
     if folder:
         files = make_plots(R, folder)
-        print(f"results: {Path(folder) / 'results.json'}" + (f"; plots: {', '.join(files)}" if files else ""),
-              file=sys.stderr)
+        print(
+            f"results: {Path(folder) / 'results.json'}" + (f"; plots: {', '.join(files)}" if files else ""),
+            file=sys.stderr,
+        )
     print(json.dumps(summary_line(R, S, dev)))
 
 
@@ -84,23 +95,39 @@ def summarize(R):
         pk = [t for t in done if t["kind"] == "passkey"]
         lost = sum(dense.get(t["id"], {}).get("score", 0) == 1 and out[t["id"]]["score"] < 1 for t in pk)
         lens = sorted({t["length"] for t in done})
-        per_len = {str(L): {"acc": mean([t for t in done if t["length"] == L]),
-                            "kv_bytes": rec["kv"].get(str(L), {}).get("kv_bytes"),
-                            "exact": rec["kv"].get(str(L), {}).get("exact", {}).get("mean")} for L in lens}
+        per_len = {
+            str(L): {
+                "acc": mean([t for t in done if t["length"] == L]),
+                "kv_bytes": rec["kv"].get(str(L), {}).get("kv_bytes"),
+                "exact": rec["kv"].get(str(L), {}).get("exact", {}).get("mean"),
+            }
+            for L in lens
+        }
         fid = list(rec["fidelity"].values())
         fmean = lambda f: sum(f(x) for x in fid) / len(fid) if fid else None  # noqa: E731
         top = rec["kv"].get(str(lens[-1]), {})
-        S[name] = {"complete": len(done) == len(tasks) and all(str(n) in rec["kv"] for n in lens), "kinds": kinds,
-                   "ruler": sum(ruler) / len(ruler) if ruler else None, "passkey": kinds.get("passkey"),
-                   "pk_lost": lost, "pk_n": len(pk), "avg": sum(kinds.values()) / len(kinds), "per_length": per_len,
-                   "kv_bytes_max_len": top.get("kv_bytes"), "exact_max_len": top.get("exact", {}).get("mean"),
-                   "pseudo_max_len": top.get("pseudo", {}).get("mean"), "max_len": lens[-1],
-                   "agree_gen": sum(out[t["id"]]["agree"] for t in done) / len(done),
-                   "kl": fmean(lambda x: x["kl"]), "agree": fmean(lambda x: x["agree"]),
-                   "err": fmean(lambda x: x["err"]["mean"]), "mass": fmean(lambda x: x["mass"]["mean"]),
-                   "mass_x": fmean(lambda x: x["mass_x"]["mean"]),
-                   "under_p": fmean(lambda x: x.get("under_p", 0.0)),
-                   "needle": fmean(lambda x: x.get("needle_mass") if x.get("needle_mass") is not None else 1.0)}
+        S[name] = {
+            "complete": len(done) == len(tasks) and all(str(n) in rec["kv"] for n in lens),
+            "kinds": kinds,
+            "ruler": sum(ruler) / len(ruler) if ruler else None,
+            "passkey": kinds.get("passkey"),
+            "pk_lost": lost,
+            "pk_n": len(pk),
+            "avg": sum(kinds.values()) / len(kinds),
+            "per_length": per_len,
+            "kv_bytes_max_len": top.get("kv_bytes"),
+            "exact_max_len": top.get("exact", {}).get("mean"),
+            "pseudo_max_len": top.get("pseudo", {}).get("mean"),
+            "max_len": lens[-1],
+            "agree_gen": sum(out[t["id"]]["agree"] for t in done) / len(done),
+            "kl": fmean(lambda x: x["kl"]),
+            "agree": fmean(lambda x: x["agree"]),
+            "err": fmean(lambda x: x["err"]["mean"]),
+            "mass": fmean(lambda x: x["mass"]["mean"]),
+            "mass_x": fmean(lambda x: x["mass_x"]["mean"]),
+            "under_p": fmean(lambda x: x.get("under_p", 0.0)),
+            "needle": fmean(lambda x: x.get("needle_mass") if x.get("needle_mass") is not None else 1.0),
+        }
     return S
 
 
@@ -129,25 +156,59 @@ def print_table(R, S, dev_pick=None):
     """The final compact tables (what a GPU run's output tail shows)."""
     from rich.console import Console
     from rich.table import Table
+
     con = Console(width=200)
     kinds = [k for k in KINDS if any(k in s["kinds"] for s in S.values())]
     L = max((s["max_len"] for s in S.values()), default=0)
     tt = R["meta"]["args"]["teacher_tokens"]
-    con.print(f"nanodp.eval seed {R['meta']['args']['seed']}: accuracy % (RULER string match), KV bytes read at {L} "
-              f"tokens, fidelity vs dense ({R['meta'].get('device')}, {R['meta'].get('dtype')})")
+    con.print(
+        f"nanodp.eval seed {R['meta']['args']['seed']}: accuracy % (RULER string match), KV bytes read at {L} "
+        f"tokens, fidelity vs dense ({R['meta'].get('device')}, {R['meta'].get('dtype')})"
+    )
     tab = Table(box=None, pad_edge=False)
-    for c in ["method"] + [SHORT[k] for k in kinds] + ["ruler", "avg", "pk lost", f"KV@{L}", "exact", "pseudo",
-                                                       "KL", f"agree/{tt}", "err", "mass", "mass_x", "under",
-                                                       "needle"]:
+    for c in (
+        ["method"]
+        + [SHORT[k] for k in kinds]
+        + [
+            "ruler",
+            "avg",
+            "pk lost",
+            f"KV@{L}",
+            "exact",
+            "pseudo",
+            "KL",
+            f"agree/{tt}",
+            "err",
+            "mass",
+            "mass_x",
+            "under",
+            "needle",
+        ]
+    ):
         tab.add_column(c, justify="left" if c == "method" else "right")
     for name, s in S.items():
-        tag = (" *" if name == R.get("pick") else "") + (" (dev)" if name == dev_pick else "") + \
-            ("" if s["complete"] else " (partial)")
-        tab.add_row(name + tag, *[_f(s["kinds"].get(k), ".0f", 100) for k in kinds],
-                    _f(s["ruler"], ".1f", 100), _f(s["avg"], ".1f", 100), f"{s['pk_lost']}/{s['pk_n']}",
-                    _f(s["kv_bytes_max_len"], ".1%"), _f(s["exact_max_len"], ".1%"), _f(s["pseudo_max_len"], ".1%"), _f(s["kl"], ".4f"), _f(s["agree"], ".1f"),
-                    _f(s["err"], ".3f"), _f(s["mass"], ".3f"), _f(s["mass_x"], ".3f"), _f(s.get("under_p"), ".1%"),
-                    _f(s.get("needle"), ".3f"))
+        tag = (
+            (" *" if name == R.get("pick") else "")
+            + (" (dev)" if name == dev_pick else "")
+            + ("" if s["complete"] else " (partial)")
+        )
+        tab.add_row(
+            name + tag,
+            *[_f(s["kinds"].get(k), ".0f", 100) for k in kinds],
+            _f(s["ruler"], ".1f", 100),
+            _f(s["avg"], ".1f", 100),
+            f"{s['pk_lost']}/{s['pk_n']}",
+            _f(s["kv_bytes_max_len"], ".1%"),
+            _f(s["exact_max_len"], ".1%"),
+            _f(s["pseudo_max_len"], ".1%"),
+            _f(s["kl"], ".4f"),
+            _f(s["agree"], ".1f"),
+            _f(s["err"], ".3f"),
+            _f(s["mass"], ".3f"),
+            _f(s["mass_x"], ".3f"),
+            _f(s.get("under_p"), ".1%"),
+            _f(s.get("needle"), ".3f"),
+        )
     con.print(tab)
     lens = sorted({int(x) for s in S.values() for x in s["per_length"]})
     con.print("accuracy % / KV bytes read %, per length")
@@ -159,34 +220,67 @@ def print_table(R, S, dev_pick=None):
         pl = [s["per_length"].get(str(n), {}) for n in lens]
         tab.add_row(name, *[f"{_f(p.get('acc'), '.0f', 100)} / {_f(p.get('kv_bytes'), '.1f', 100)}" for p in pl])
     con.print(tab)
-    con.print(f"pick (fewest KV bytes at {L} with passkey losses <= 1/40 and RULER >= dense - 0.5): {R.get('pick')}"
-              + ("" if R.get("pick_passed") or not R.get("pick") else " (none passes: the most accurate doublep)"))
+    con.print(
+        f"pick (fewest KV bytes at {L} with passkey losses <= 1/40 and RULER >= dense - 0.5): {R.get('pick')}"
+        + ("" if R.get("pick_passed") or not R.get("pick") else " (none passes: the most accurate doublep)")
+    )
     s, d = S.get(dev_pick or ""), S.get("dense")
     if dev_pick:
-        con.print(f"development-seed pick {dev_pick} on this seed: " + (
-            f"passkey lost {s['pk_lost']}/{s['pk_n']}, RULER {_f(s['ruler'], '.1f', 100)} vs dense "
-            f"{_f(d['ruler'], '.1f', 100)}, KV@{L} {_f(s['kv_bytes_max_len'], '.1f', 100)}% -> "
-            f"{'meets' if passes(s, d) else 'MISSES'} the targets" if s and d else "not run"))
+        con.print(
+            f"development-seed pick {dev_pick} on this seed: "
+            + (
+                f"passkey lost {s['pk_lost']}/{s['pk_n']}, RULER {_f(s['ruler'], '.1f', 100)} vs dense "
+                f"{_f(d['ruler'], '.1f', 100)}, KV@{L} {_f(s['kv_bytes_max_len'], '.1f', 100)}% -> "
+                f"{'meets' if passes(s, d) else 'MISSES'} the targets"
+                if s and d
+                else "not run"
+            )
+        )
 
 
 def summary_line(R, S, dev_pick=None):
     r = lambda x: None if x is None else round(x, 4)  # noqa: E731
-    keys = ("avg", "ruler", "passkey", "pk_lost", "pk_n", "kv_bytes_max_len", "exact_max_len", "kl", "agree", "err",
-            "mass", "mass_x", "under_p", "needle")
-    return {"eval": {"seed": R["meta"]["args"]["seed"], "prompts_sha": R["meta"]["prompts_sha"][:12],
-                     "pick": R.get("pick"), "pick_passed": R.get("pick_passed"), "dev_pick": dev_pick,
-                     "wall_s": r(R["meta"].get("wall_s")),
-                     "methods": {n: {k: r(s.get(k)) for k in keys} for n, s in S.items()}}}
+    keys = (
+        "avg",
+        "ruler",
+        "passkey",
+        "pk_lost",
+        "pk_n",
+        "kv_bytes_max_len",
+        "exact_max_len",
+        "kl",
+        "agree",
+        "err",
+        "mass",
+        "mass_x",
+        "under_p",
+        "needle",
+    )
+    return {
+        "eval": {
+            "seed": R["meta"]["args"]["seed"],
+            "prompts_sha": R["meta"]["prompts_sha"][:12],
+            "pick": R.get("pick"),
+            "pick_passed": R.get("pick_passed"),
+            "dev_pick": dev_pick,
+            "wall_s": r(R["meta"].get("wall_s")),
+            "methods": {n: {k: r(s.get(k)) for k in keys} for n, s in S.items()},
+        }
+    }
 
 
 def make_plots(R, out) -> list:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib, then python -m nanodp.eval "
-              "--plot-only DIR)", file=sys.stderr)
+        print(
+            "plots skipped: matplotlib is not installed (pip install matplotlib, then python -m nanodp.eval "
+            "--plot-only DIR)",
+            file=sys.stderr,
+        )
         return []
     out, S, files = Path(out), R.get("summary") or summarize(R), []
     lens = sorted({int(x) for s in S.values() for x in s["per_length"]})
@@ -209,32 +303,62 @@ def make_plots(R, out) -> list:
     if tasks:
         names, cols = list(S), min(4, len(S))
         rows = -(-len(names) // cols)
-        fig, axs = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False,
-                                constrained_layout=True)
-        for ax in axs.flat[len(names):]:
+        fig, axs = plt.subplots(
+            rows, cols, figsize=(3.2 * cols + 1, 3.0 * rows), squeeze=False, constrained_layout=True
+        )
+        for ax in axs.flat[len(names) :]:
             ax.axis("off")
         for ax, name in zip(axs.flat, names):
             out_m = R["methods"][name]["outputs"]
-            grid = [[_mean([out_m[t["id"]]["score"] for t in tasks if t["length"] == n and t["depth"] == d
-                            and t["id"] in out_m]) for n in lens] for d in depths]
-            im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
-                           cmap="RdYlGn", aspect="auto")
-            ax.set(xticks=range(len(lens)), xticklabels=lens, yticks=range(len(depths)), yticklabels=depths,
-                   xlabel="length", ylabel="depth")
+            grid = [
+                [
+                    _mean(
+                        [
+                            out_m[t["id"]]["score"]
+                            for t in tasks
+                            if t["length"] == n and t["depth"] == d and t["id"] in out_m
+                        ]
+                    )
+                    for n in lens
+                ]
+                for d in depths
+            ]
+            im = ax.imshow(
+                [[float("nan") if v is None else v for v in row] for row in grid],
+                vmin=0,
+                vmax=1,
+                cmap="RdYlGn",
+                aspect="auto",
+            )
+            ax.set(
+                xticks=range(len(lens)),
+                xticklabels=lens,
+                yticks=range(len(depths)),
+                yticklabels=depths,
+                xlabel="length",
+                ylabel="depth",
+            )
             ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=axs.ravel().tolist(), label="accuracy (passkey, niah, mkey)")
         files.append(_save(fig, out / "depth.png", plt))
-    sparse = {n: rec["kv"][str(lens[-1])]["exact_layer_head"] for n, rec in R["methods"].items()
-              if rec["kv"].get(str(lens[-1]), {}).get("exact_layer_head")}
+    sparse = {
+        n: rec["kv"][str(lens[-1])]["exact_layer_head"]
+        for n, rec in R["methods"].items()
+        if rec["kv"].get(str(lens[-1]), {}).get("exact_layer_head")
+    }
     if not sparse:
         return files
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, lh in sparse.items():
         xs = range(len(lh))
-        line, = ax.plot(xs, [100 * sum(r) / len(r) for r in lh], marker=mark(name), ms=3, label=name)
+        (line,) = ax.plot(xs, [100 * sum(r) / len(r) for r in lh], marker=mark(name), ms=3, label=name)
         ax.fill_between(xs, [100 * min(r) for r in lh], [100 * max(r) for r in lh], alpha=0.15, color=line.get_color())
-    ax.set(xlabel="layer", ylabel="exact tokens read (% of context)", yscale="log",
-           title=f"exact tokens per layer at {lens[-1]} tokens (band: min-max over KV heads)")
+    ax.set(
+        xlabel="layer",
+        ylabel="exact tokens read (% of context)",
+        yscale="log",
+        title=f"exact tokens per layer at {lens[-1]} tokens (band: min-max over KV heads)",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     files.append(_save(fig, out / "exact_heads.png", plt))

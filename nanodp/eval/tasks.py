@@ -22,6 +22,7 @@ Sizing: `length` is the prompt length in tokens of the model's tokenizer (templa
 included); the haystack is filled to the largest size that fits (within ~1% or one sentence). Every prompt has its
 own random.Random seeded by a string, which is stable across runs, machines and Python versions.
 """
+
 import hashlib
 import json
 import random
@@ -29,27 +30,62 @@ import re
 import string
 from pathlib import Path
 
-KINDS = ("passkey", "single_needle", "multi_key", "multi_value", "multi_query", "variable_tracking",
-         "common_words", "kv_retrieval")
+KINDS = (
+    "passkey",
+    "single_needle",
+    "multi_key",
+    "multi_value",
+    "multi_query",
+    "variable_tracking",
+    "common_words",
+    "kv_retrieval",
+)
 DEPTH_KINDS = ("passkey", "single_needle", "multi_key", "kv_retrieval")
-MAX_NEW = {"passkey": 8, "single_needle": 12, "multi_key": 12, "multi_value": 40, "multi_query": 40,
-           "variable_tracking": 30, "common_words": 64, "kv_retrieval": 24}          # tokens to generate per kind
+MAX_NEW = {
+    "passkey": 8,
+    "single_needle": 12,
+    "multi_key": 12,
+    "multi_value": 40,
+    "multi_query": 40,
+    "variable_tracking": 30,
+    "common_words": 64,
+    "kv_retrieval": 24,
+}  # tokens to generate per kind
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
-ADJ = ("quiet bright ancient narrow golden silver hidden wooden frozen gentle rapid hollow crimson distant "
-       "patient humble rusty clever lonely muddy sturdy velvet bitter polite sleepy windy curious brave "
-       "fragile noisy dusty tidy").split()
-NOUN = ("farmer river lantern harbor teacher garden window sailor meadow bridge painter kettle village "
-        "forest baker candle mountain ribbon doctor orchard pebble castle tailor island engine violin "
-        "market feather captain cottage mirror valley blanket compass library tractor beacon ladder "
-        "pilot basket canyon drummer jacket orchid saddle tunnel miller parrot").split()
-VERB = ("carried painted repaired followed admired noticed borrowed cleaned watched visited measured "
-        "described opened counted remembered ignored polished gathered crossed discovered").split()
-PLACE = ("near the old mill", "before the first snow", "behind the station", "at the edge of town",
-         "after the long rain", "under a pale moon", "beside the harbor wall", "in the early morning",
-         "across the wide field", "during the summer fair", "on the hill road", "inside the quiet hall")
+ADJ = (
+    "quiet bright ancient narrow golden silver hidden wooden frozen gentle rapid hollow crimson distant "
+    "patient humble rusty clever lonely muddy sturdy velvet bitter polite sleepy windy curious brave "
+    "fragile noisy dusty tidy"
+).split()
+NOUN = (
+    "farmer river lantern harbor teacher garden window sailor meadow bridge painter kettle village "
+    "forest baker candle mountain ribbon doctor orchard pebble castle tailor island engine violin "
+    "market feather captain cottage mirror valley blanket compass library tractor beacon ladder "
+    "pilot basket canyon drummer jacket orchid saddle tunnel miller parrot"
+).split()
+VERB = (
+    "carried painted repaired followed admired noticed borrowed cleaned watched visited measured "
+    "described opened counted remembered ignored polished gathered crossed discovered"
+).split()
+PLACE = (
+    "near the old mill",
+    "before the first snow",
+    "behind the station",
+    "at the edge of town",
+    "after the long rain",
+    "under a pale moon",
+    "beside the harbor wall",
+    "in the early morning",
+    "across the wide field",
+    "during the summer fair",
+    "on the hill road",
+    "inside the quiet hall",
+)
 DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-INTRO_NIAH = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-              "I will quiz you about the numbers afterwards.")
+INTRO_NIAH = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards."
+)
 
 
 def varied_sentence(rng: random.Random) -> str:
@@ -84,8 +120,13 @@ class Haystack:
     def take(self, k):
         while len(self.items) < k:
             i = len(self.items)
-            self.items.append(NOISE[i % len(NOISE)] if self.name == "noise" else varied_sentence(self.rng)
-                              if self.name == "varied" else self.prose[(self.off + i) % len(self.prose)])
+            self.items.append(
+                NOISE[i % len(NOISE)]
+                if self.name == "noise"
+                else varied_sentence(self.rng)
+                if self.name == "varied"
+                else self.prose[(self.off + i) % len(self.prose)]
+            )
         return self.items[:k]
 
 
@@ -100,7 +141,7 @@ def _key(rng, taken):
 def _numbers(rng, count, digits):
     out = []
     while len(out) < count:
-        x = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        x = str(rng.randrange(10 ** (digits - 1), 10**digits))
         if x not in out:
             out.append(x)
     return out
@@ -111,27 +152,35 @@ def _needle_spec(kind, rng, depth):
     magic = "One of the special magic numbers for {} is: {}."
     if kind == "passkey":
         k = _numbers(rng, 1, 5)[0]
-        return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the important information there.",
-                [(depth, f"The pass key is {k}. Remember it. {k} is the pass key.")],
-                "What is the pass key?", "The pass key is", [k])
+        return (
+            "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the important information there.",
+            [(depth, f"The pass key is {k}. Remember it. {k} is the pass key.")],
+            "What is the pass key?",
+            "The pass key is",
+            [k],
+        )
     if kind == "variable_tracking":
         names, value = [], _numbers(rng, 1, 5)[0]
         while len(names) < 5:
             nm = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
             names += [nm] if nm not in names else []
         lines = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]
-        return ("Memorize and track the chain(s) of variable assignment hidden in the following text.",
-                list(zip(sorted(rng.random() for _ in lines), lines)),
-                f"Question: Find all variables that are assigned the value {value} in the text above.",
-                "Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
-                f"assigned the value {value}, they are:", names)
+        return (
+            "Memorize and track the chain(s) of variable assignment hidden in the following text.",
+            list(zip(sorted(rng.random() for _ in lines), lines)),
+            f"Question: Find all variables that are assigned the value {value} in the text above.",
+            "Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
+            f"assigned the value {value}, they are:",
+            names,
+        )
     taken = set()
     if kind in ("single_needle", "multi_key"):
         keys = [_key(rng, taken) for _ in range(4 if kind == "multi_key" else 1)]
         vals = _numbers(rng, len(keys), 7)
         needles = [(depth, magic.format(keys[0], vals[0]))] + [
-            (rng.random(), magic.format(k, v)) for k, v in zip(keys[1:], vals[1:])]   # distractors
+            (rng.random(), magic.format(k, v)) for k, v in zip(keys[1:], vals[1:])
+        ]  # distractors
         q = f"the special magic number for {keys[0]} mentioned in the provided text"
         return INTRO_NIAH, needles, f"What is {q}?", f"The {q[4:]} is", vals[:1]
     if kind == "multi_value":
@@ -139,8 +188,10 @@ def _needle_spec(kind, rng, depth):
         needles, keys = [(rng.random(), magic.format(key, v)) for v in vals], key
     elif kind == "multi_query":
         ks, vals = [_key(rng, taken) for _ in range(4)], _numbers(rng, 4, 7)
-        needles, keys = [(rng.random(), magic.format(k, v)) for k, v in zip(ks, vals)], ", ".join(ks[:-1]) + \
-            f", and {ks[-1]}"
+        needles, keys = (
+            [(rng.random(), magic.format(k, v)) for k, v in zip(ks, vals)],
+            ", ".join(ks[:-1]) + f", and {ks[-1]}",
+        )
     else:
         raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
     q = f"the special magic numbers for {keys} mentioned in the provided text"
@@ -150,11 +201,11 @@ def _needle_spec(kind, rng, depth):
 def _cwe_items(base, k):
     """k numbered-list entries: 10 common words repeated f times, the others f // 10 times (at least 1)."""
     words = [f"{a}-{n}" for a in ADJ for n in NOUN]
-    random.Random(base).shuffle(words)                  # the same words for every k
+    random.Random(base).shuffle(words)  # the same words for every k
     rng = random.Random(f"{base}|{k}")
     fc = min(30, max(2, k // 40))
     fu = max(1, fc // 10)
-    common, rare = words[:10], words[10:10 + max(0, (k - 10 * fc) // fu)]
+    common, rare = words[:10], words[10 : 10 + max(0, (k - 10 * fc) // fu)]
     items = common * fc + rare * fu
     rng.shuffle(items)
     return items, common
@@ -174,7 +225,7 @@ def _fit(build, target):
         raise ValueError(f"a prompt length of {target} tokens is too short for this task ({fixed} without filler)")
     lo, hi, best = 0, None, None
     k = max(1, (target - fixed) // 8)
-    for _ in range(40):   # a few steps in practice; the bound only stops filler that cannot grow (cwe's words)
+    for _ in range(40):  # a few steps in practice; the bound only stops filler that cannot grow (cwe's words)
         ids = build(k)
         if len(ids) <= target:
             lo, best = k, ids
@@ -197,27 +248,37 @@ def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False
     rng = random.Random(base)
     target = min(length, max_prompt or length)
     if kind == "kv_retrieval":
+
         def uid():
             return "-".join("".join(rng.choice("0123456789abcdef") for _ in range(n)) for n in (8, 4, 4))
-        pairs = [(uid(), uid()) for _ in range(4096)]     # drawn once, so every build(k) shares its first k
+
+        pairs = [(uid(), uid()) for _ in range(4096)]  # drawn once, so every build(k) shares its first k
 
         def build(k):
-            items = pairs[1:k + 1]
+            items = pairs[1 : k + 1]
             items.insert(round(depth * k), pairs[0])
-            body = ("Extract the value corresponding to the specified key in the JSON object below.\n\n"
-                    + json.dumps(dict(items), indent=0) + f'\n\nKey: "{pairs[0][0]}"\n'
-                    "The value associated with the specified key is: ")
+            body = (
+                "Extract the value corresponding to the specified key in the JSON object below.\n\n"
+                + json.dumps(dict(items), indent=0)
+                + f'\n\nKey: "{pairs[0][0]}"\n'
+                "The value associated with the specified key is: "
+            )
             return _render(tok, body, "Answer:", chat)
+
         ids = _fit(build, target)
         answers = [pairs[0][1]]
     elif kind == "common_words":
+
         def build(k):
             items, _ = _cwe_items(base, k)
-            body = ("Below is a numbered list of words. In these words, some appear more often than others. "
-                    "Memorize the ones that appear most often.\n" + "\n".join(f"{i + 1}. {w}" for i, w in
-                                                                            enumerate(items)) +
-                    "\nQuestion: What are the 10 most common words in the above list?")
+            body = (
+                "Below is a numbered list of words. In these words, some appear more often than others. "
+                "Memorize the ones that appear most often.\n"
+                + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+                + "\nQuestion: What are the 10 most common words in the above list?"
+            )
             return _render(tok, body, "Answer: The top 10 words that appear most often in the list are:", chat)
+
         ids = _fit(build, target)
         answers = _cwe_items(base, 0)[1]
     else:
@@ -230,11 +291,19 @@ def make_task(tok, kind, length, depth, index, seed, haystack="auto", chat=False
             for pos, i in at:  # the deepest first, so earlier insertions do not shift later positions
                 parts.insert(pos, needles[i][1])
             return _render(tok, f"{intro}\n\n{' '.join(parts)}\n\n{question}", prefix, chat)
+
         ids = _fit(build, target)
     dtag = "" if depth is None else f"-d{depth:g}"
-    return {"id": f"{kind}-{hname}-{length}{dtag}-{index}", "kind": kind, "haystack": hname, "length": length,
-            "depth": depth, "prompt_ids": ids, "answers": answers,
-            "max_new": MAX_NEW[kind]}
+    return {
+        "id": f"{kind}-{hname}-{length}{dtag}-{index}",
+        "kind": kind,
+        "haystack": hname,
+        "length": length,
+        "depth": depth,
+        "prompt_ids": ids,
+        "answers": answers,
+        "max_new": MAX_NEW[kind],
+    }
 
 
 def make_tasks(tok, kinds, lengths, depths, n, seed, haystack=None, chat=False, max_prompt=None) -> list:
@@ -249,10 +318,14 @@ def make_tasks(tok, kinds, lengths, depths, n, seed, haystack=None, chat=False, 
             raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
         for hay in hays if kind != "common_words" else hays[:1]:
             for length in lengths:
-                grid = [(d, i) for d in depths for i in range(n)] if kind in DEPTH_KINDS else \
-                    [(None, i) for i in range(n * len(depths))]
-                out += [make_task(tok, kind, length, d, i, seed, hay, chat, prose.get(hay), max_prompt)
-                        for d, i in grid]
+                grid = (
+                    [(d, i) for d in depths for i in range(n)]
+                    if kind in DEPTH_KINDS
+                    else [(None, i) for i in range(n * len(depths))]
+                )
+                out += [
+                    make_task(tok, kind, length, d, i, seed, hay, chat, prose.get(hay), max_prompt) for d, i in grid
+                ]
     return out
 
 
@@ -289,9 +362,9 @@ def needle_positions(tok, task):
     ids = task["prompt_ids"]
     for text in (task["answers"][0], " " + task["answers"][0], '"' + task["answers"][0]):
         sub = tok.encode(text, add_special_tokens=False)
-        sub = sub[1:] if text[0] in ' "' and len(sub) > 1 else sub      # the leading space / quote may merge
+        sub = sub[1:] if text[0] in ' "' and len(sub) > 1 else sub  # the leading space / quote may merge
         for i in range(len(ids) - len(sub) + 1):
-            if ids[i:i + len(sub)] == sub:
+            if ids[i : i + len(sub)] == sub:
                 return list(range(i, i + len(sub)))
     return None
 
@@ -308,13 +381,40 @@ def prose(tok, n_tokens, seed):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    subj = ["The old sailor", "A young doctor", "The city council", "My neighbour", "The river", "Our teacher",
-            "The small cat", "A tired engineer", "The garden", "The museum guide"]
+    subj = [
+        "The old sailor",
+        "A young doctor",
+        "The city council",
+        "My neighbour",
+        "The river",
+        "Our teacher",
+        "The small cat",
+        "A tired engineer",
+        "The garden",
+        "The museum guide",
+    ]
     verb = ["remembered", "described", "repaired", "painted", "visited", "explained", "counted", "followed"]
-    obj = ["the broken bridge", "a quiet morning", "the northern hills", "an unusual letter", "the market",
-           "twelve wooden boats", "the history of the town", "a song about rain", "the last train"]
-    tail = ["before dinner.", "without a word.", "with great care.", "in the spring.", "for the children.",
-            "after the storm.", "near the harbour.", "once again."]
+    obj = [
+        "the broken bridge",
+        "a quiet morning",
+        "the northern hills",
+        "an unusual letter",
+        "the market",
+        "twelve wooden boats",
+        "the history of the town",
+        "a song about rain",
+        "the last train",
+    ]
+    tail = [
+        "before dinner.",
+        "without a word.",
+        "with great care.",
+        "in the spring.",
+        "for the children.",
+        "after the storm.",
+        "near the harbour.",
+        "once again.",
+    ]
     words, ids = [], []
     while len(ids) < n_tokens:
         for _ in range(64):
