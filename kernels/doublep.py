@@ -1,4 +1,5 @@
-"""Double-P decode attention: the torch twin (THE definition; DESIGN.md section 6). Config: nanodp.config.SparseConfig.
+"""Double-P decode attention: the torch twin (THE definition; docs/DESIGN.md "Double-P decode").
+Config: nanodp.config.SparseConfig.
 
 One decode step, per (sequence b, KV head); its g query heads h share one work list. Steady tokens
 E = [0, S) u [tail_start, len), S = min(sinks, tail_start), are always attended exactly.

@@ -1,7 +1,7 @@
 """Attention dispatch: rotate q and k and store new K/V in the cache (one fused op), then run the prefill or
 decode backend. The context also carries the model's fused elementwise ops (`ctx.ops`).
 
-Backends (DESIGN.md section 4): prefill is always dense causal flash attention; decode is `dense`,
+Backends (docs/DESIGN.md "Kernels"): prefill is always dense causal flash attention; decode is `dense`,
 `doublep` or `topk`. Each has a torch twin (CPU, the oracle) and a Triton kernel (GPU); `kernels`
 picks which implementation runs.
 """

@@ -1,4 +1,4 @@
-"""The contiguous clustered KV cache (DESIGN.md section 5, docs/INTERNALS.md "KV cache").
+"""The contiguous clustered KV cache (docs/DESIGN.md "The clustered KV cache", docs/INTERNALS.md "KV cache").
 
 Per layer, sequence and KV head the token axis is
     [ sinks: 0 .. S | clustered: S .. tail_start (cluster 0, cluster 1, ...) | tail: tail_start .. len ]

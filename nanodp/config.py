@@ -116,7 +116,7 @@ class ModelConfig:
             raise ConfigError(f"{e} ({path})" if str(path) not in str(e) else str(e)) from None
 
     def with_yarn(self, factor: float) -> "ModelConfig":
-        """Extend the context `factor` times with YaRN (run-time option, DESIGN.md section 3)."""
+        """Extend the context `factor` times with YaRN (run-time option, docs/DESIGN.md "Models")."""
         if not factor > 1:
             raise ConfigError(f"--yarn factor must be > 1, got {factor}")
         if self.rope_scaling is not None:

@@ -24,7 +24,8 @@ def _one_thread():
 
 
 def spherical_ref(x, k, iters):
-    """The algorithm as written in DESIGN.md section 5, one problem at a time: [n, d] -> [n] cluster ids."""
+    """The algorithm as written in docs/DESIGN.md ("The clustered KV cache"), one problem at a time:
+    [n, d] -> [n] cluster ids."""
     n = x.shape[0]
     y = F.normalize(x - x.mean(0), dim=1)  # centre on the segment mean, unit length
     c = y[torch.arange(k) * n // k]  # evenly spaced initialisation
