@@ -22,7 +22,7 @@ DTYPES = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ValueError):
     """A problem with a model folder that a user can act on; the message says how."""
 
 

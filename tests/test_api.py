@@ -1,0 +1,80 @@
+"""The Python API: nanodp.LLM gives what the command-line tools give, and refuses what they refuse."""
+
+import json
+
+import pytest
+
+from nanodp import LLM, SamplingParams
+from nanodp import generate as gen_cli
+
+PROMPTS = ["The capital of France is", "One, two, three,"]
+
+
+@pytest.fixture(scope="module")
+def llm(default_model):
+    return LLM(device="cpu", max_batch=2)
+
+
+def test_generate_equals_the_cli(llm, tmp_path):
+    outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    out = tmp_path / "out.jsonl"
+    argv = ["--output", str(out), "--max-new-tokens", "10", "--device", "cpu"]
+    assert gen_cli.main(sum((["--prompt", p] for p in PROMPTS), []) + argv) == 0
+    recs = sorted(map(json.loads, out.read_text().splitlines()), key=lambda r: r["index"])
+    assert [o.text for o in outs] == [r["completion"] for r in recs]
+    assert [o.completion_tokens for o in outs] == [r["completion_tokens"] for r in recs]
+    assert [o.finish_reason for o in outs] == [r["finish_reason"] for r in recs]
+    assert all(o.prompt_tokens > 0 and o.time_s > 0 and o.index == i for i, o in enumerate(outs))
+    ids = llm.tokenizer.encode(PROMPTS[0])  # token ids give the same as the text
+    assert llm.generate(ids, SamplingParams(max_new_tokens=10))[0].token_ids == outs[0].token_ids
+
+
+def test_stream_concatenates_to_the_text(llm):
+    sp = SamplingParams(max_new_tokens=12)
+    assert "".join(llm.stream(PROMPTS[1], sp)) == llm.generate(PROMPTS[1], sp)[0].text
+
+
+def test_chat_equals_the_template_path(llm, tmp_path):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    sp = SamplingParams(max_new_tokens=10)
+    r = llm.chat(msgs, sp)
+    assert "Paris" in r.text
+    assert r.text == llm.generate([msgs], sp)[0].text == llm.generate(msgs[0]["content"], sp, chat=True)[0].text
+    out = tmp_path / "out.jsonl"
+    gen_cli.main(["--prompt", msgs[0]["content"], "--chat", "--max-new-tokens", "10", "--output", str(out)])
+    assert json.loads(out.read_text())["completion"] == r.text
+    follow = msgs + [{"role": "assistant", "content": r.text}, {"role": "user", "content": "And of Italy?"}]
+    assert llm.chat(follow, sp).text == llm.generate([follow], sp)[0].text  # the cached prefix changes nothing
+
+
+@pytest.mark.parametrize(
+    "make, flag",
+    [
+        (lambda: SamplingParams(temperature=-1), "--temperature"),
+        (lambda: SamplingParams(top_p=0), "--top-p"),
+        (lambda: SamplingParams(seed=2**70), "--seed"),
+        (lambda: LLM(attention="sparse", device="cpu"), "--attention"),
+        (lambda: LLM(p1=0.5, p2=0.9, device="cpu"), "p2 <= p1"),
+        (lambda: LLM(dense_layers=100, device="cpu"), "--dense-layers"),
+        (lambda: LLM("meta-llama/Llama-3.2-1B", device="cpu"), "hub id"),
+        (lambda: LLM(max_batch=0, device="cpu"), "--batch-size"),
+        (lambda: LLM(colour="red", device="cpu"), "unknown option"),
+    ],
+)
+def test_bad_arguments_raise_value_error(make, flag, default_model):
+    with pytest.raises(ValueError, match=flag.replace("+", r"\+")):
+        make()
+
+
+def test_bad_prompts_raise_the_cli_messages(llm, capsys):
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate("")
+    with pytest.raises(ValueError, match="no prompts"):
+        llm.generate([])
+    with pytest.raises(ValueError, match="context holds"):
+        LLM(device="cpu", max_len=64).generate("word " * 100)
+    with pytest.raises(ValueError, match="top_p \\(--top-p\\)"):
+        llm.generate("hi", SamplingParams(top_p=2))
+    with pytest.raises(SystemExit):
+        gen_cli.main(["--prompt", "hi", "--top-p", "2"])
+    assert "top_p (--top-p) must be in (0, 1]" in capsys.readouterr().err
