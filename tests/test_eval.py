@@ -128,6 +128,26 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"] == {}
 
 
+def test_plot_only_keeps_the_methods_asked_for(tmp_path, capsys):
+    tasks = [{"id": "passkey-noise-300-d0.5-0", "kind": "passkey", "length": 300, "depth": 0.5}]
+    out = {tasks[0]["id"]: {"score": 1.0, "agree": 3}}
+    kv = {"kv_bytes": 0.3, "exact": {"mean": 0.2}, "pseudo": {"mean": 0.01}, "exact_layer_head": [[0.2]]}
+    R = {
+        "meta": {"args": {"seed": 0, "teacher_tokens": 3}, "prompts_sha": "0" * 12},
+        "tasks": tasks,
+        "methods": {
+            m: {"outputs": out, "kv": {"300": kv}, "fidelity": {}} for m in ("dense", "doublep:1:1", "topk:5%")
+        },
+    }
+    (tmp_path / "results.json").write_text(json.dumps(R))
+    assert ev.main(["--plot-only", str(tmp_path), "--methods", "dense,topk:5%", "--out", str(tmp_path / "few")]) == 0
+    assert sorted(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"]) == [
+        "dense",
+        "topk:5%",
+    ]
+    assert len(json.loads((tmp_path / "results.json").read_text())["methods"]) == 3  # the source is untouched
+
+
 def test_plot_only(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     tasks = [

@@ -4,6 +4,7 @@
     python -m nanodp.eval --seed 2 --pick-from runs/dev --out runs/report   # report seed, + the dev pick
     python -m nanodp.eval --plot-only runs/report          # tables again + plots from results.json
     python -m nanodp.eval --plot-only runs/report --pick-from runs/dev   # ... with the dev pick marked
+    python -m nanodp.eval --plot-only runs/dev --methods dense,topk:10% --out runs/few   # only these methods
 Results are saved after every batch; --time-limit stops starting new work and still prints the tables, and
 --resume continues a run in the same --out folder.
 
@@ -263,11 +264,14 @@ def main(argv=None):
     from . import report as plots
 
     if args.plot_only:
-        plots.report(
-            plots.load(args.plot_only),
-            args.plot_only,
-            plots.load(args.pick_from).get("pick") if args.pick_from else None,
-        )
+        R = plots.load(args.plot_only)
+        if any(a == "--methods" or a.startswith("--methods=") for a in (sys.argv[1:] if argv is None else argv)):
+            keep = [m.strip() for m in args.methods.split(",")]  # given explicitly: report these methods only
+            R["methods"] = {n: m for n, m in R["methods"].items() if n in keep}
+            out = args.out or args.plot_only
+        else:
+            out = args.plot_only
+        plots.report(R, out, plots.load(args.pick_from).get("pick") if args.pick_from else None)
         return 0
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
