@@ -13,7 +13,7 @@ import torch
 
 from . import flags
 from .cluster import format_size_report, size_report
-from .eval.tasks import prose
+from .eval.haystack import prose
 from .sampler import SamplingParams
 
 

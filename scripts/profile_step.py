@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nanodp.config import SparseConfig
 from nanodp.engine import Engine
-from nanodp.eval.tasks import prose
+from nanodp.eval.haystack import prose
 
 p = argparse.ArgumentParser()
 p.add_argument("--ctx", type=int, default=8192)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from nanodp.config import ClusterConfig
+from nanodp.eval import cli
 from nanodp.eval import harness as ev
 from nanodp.eval import metrics as eval_metrics
 from nanodp.eval.tasks import KINDS, make_tasks
@@ -97,7 +98,7 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
         "--out",
         str(out),
     ]
-    assert ev.main(argv) == 0
+    assert cli.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     R = json.loads((out / "results.json").read_text())
     assert set(R["methods"]) == {"dense", "doublep:0.95:0.7", "topk=doublep:0.95:0.7"}
@@ -114,17 +115,17 @@ def test_tiny_eval_run_on_cpu(default_model, tmp_path, capsys):
     assert R["pick"] == "doublep:0.95:0.7"  # the only candidate: picked, passing the targets or not
     # the same command and seed give the same prompts and scores; --pick-from adds the development run's pick
     short = argv[:-2] + ["--methods", "dense", "--no-topk-match", "--fidelity-n", "0", "--out"]
-    assert ev.main(short[:-1] + ["--pick-from", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert cli.main(short[:-1] + ["--pick-from", str(out), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["meta"]["prompts_sha"] == R["meta"]["prompts_sha"]
     for m in ("dense", "doublep:0.95:0.7"):
         assert again["methods"][m]["outputs"] == R["methods"][m]["outputs"]
     # --resume keeps what a run already did (also the methods it is not asked for this time)
-    assert ev.main(short + [str(out), "--resume"]) == 0
+    assert cli.main(short + [str(out), "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["methods"] == R["methods"]
     # out of time before the first batch: no results, but still a table and the JSON line
     capsys.readouterr()
-    assert ev.main(short + [str(tmp_path / "none"), "--time-limit", "0"]) == 0
+    assert cli.main(short + [str(tmp_path / "none"), "--time-limit", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"] == {}
 
 
@@ -140,7 +141,7 @@ def test_plot_only_keeps_the_methods_asked_for(tmp_path, capsys):
         },
     }
     (tmp_path / "results.json").write_text(json.dumps(R))
-    assert ev.main(["--plot-only", str(tmp_path), "--methods", "dense,topk:5%", "--out", str(tmp_path / "few")]) == 0
+    assert cli.main(["--plot-only", str(tmp_path), "--methods", "dense,topk:5%", "--out", str(tmp_path / "few")]) == 0
     assert sorted(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["methods"]) == [
         "dense",
         "topk:5%",
@@ -170,7 +171,7 @@ def test_plot_only(tmp_path, capsys):
         },
     }
     (tmp_path / "results.json").write_text(json.dumps(R))
-    assert ev.main(["--plot-only", str(tmp_path)]) == 0
+    assert cli.main(["--plot-only", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["pick"] == "doublep:1:1"
     assert all((tmp_path / f).is_file() for f in ("pareto.png", "depth.png", "exact_heads.png"))
 

@@ -23,7 +23,7 @@ import torch
 from .. import flags, parallel
 from ..config import ModelConfig
 from ..engine import Counters, Engine
-from ..eval.tasks import prose
+from ..eval.haystack import prose
 from .timing import cell, common_parser, copy_bandwidth, print_table, require_cuda, sizes
 
 LLAMA8B = dict(

@@ -1,1 +1,1 @@
-"""Accuracy and fidelity of sparse decode: `python -m nanodp.eval` (nanodp/eval/harness.py)."""
+"""Accuracy and fidelity of sparse decode: `python -m nanodp.eval` (nanodp/eval/cli.py)."""

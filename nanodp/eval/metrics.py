@@ -1,5 +1,5 @@
 """Evaluation metrics: KV bytes read, per-layer output error and true mass kept (an observer on the engine's
-decode attention), and teacher forcing. Definitions are in nanodp/eval/harness.py's docstring."""
+decode attention), and teacher forcing. Definitions are in nanodp/eval/cli.py's docstring."""
 
 import math
 
