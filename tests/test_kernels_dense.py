@@ -62,7 +62,7 @@ def check_prefill(q, k, v, qs, ql, dtype):
 def naive_f64(q, k, v, lo, n):
     """softmax(q k^T / sqrt d) v in float64 with an explicit causal mask; q [Hq, n, d], k/v [Hkv, L, d]."""
     g = q.shape[0] // k.shape[0]
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for h in range(q.shape[0]):
         qh, kh, vh = q[h].double(), k[h // g].double(), v[h // g].double()
         for i in range(n):
