@@ -41,7 +41,7 @@ capacity  the most exact clustered tokens one work list holds; a head whose X ne
           attention over [0, len) (stats["fallback"]): never a silently truncated selection.
 output    o = (sum_{j in E u X} e^{x_j} v_j + sum_{i in A} e^{zc_i} vmean_i) / (same without v).
 
-Bytes stage 1 reads per (sequence, KV head), for nanodp/eval_metrics.KVTally (es = bytes per element):
+Bytes stage 1 reads per (sequence, KV head), for nanodp/eval/metrics.py KVTally (es = bytes per element):
   per scored cluster (stats "scored_clusters" = ncl): centroid d*es + ln s 4 + cstart 4 (+ kvar d*es, gauss);
   whole: the keys of the steady tokens, d*es each (stats "steady_scored"); they are read again as exact tokens.
   attention: exact token 2 d es (K and V, stats "exact_tokens", steady included); pseudo-token vmean d es.
