@@ -89,7 +89,7 @@ class Engine:
         if kernels not in ("triton", "torch"):
             raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
         self.kernels, self.cluster, self.quiet = kernels, cluster or ClusterConfig(), quiet
-        self.cache, self.auto_table = None, None
+        self.cache, self.auto_table, self.max_batch, self.max_len = None, None, 0, 0
         self.cluster_enabled = self._needs_clusters()
         self.counters = Counters()
         # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
@@ -98,26 +98,34 @@ class Engine:
 
     def _allocate(self, max_batch, max_len):
         """(Re)build the KV cache for max_batch sequences of max_len tokens (None: the model's context, capped
-        by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history."""
-        self.cache = self.ctx = None  # free the old cache before allocating the new one
+        by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history. If the
+        new cache cannot be allocated, the old sizes are rebuilt and the error raised: the engine stays usable."""
+        old = (self.max_batch, self.max_len) if self.cache is not None else None
+        self.cache = self.ctx = None  # free the old cache (and graphs) before allocating the new one
+        self.graphs, self.graph_pool = {}, None
         dt = self.model.model.embed_tokens.weight.dtype
         hkv = self.model.model.layers[0].self_attn.hkv  # this rank's KV heads (all of them without TP)
         kv_b, meta_b = KVCache.estimate_bytes_per_token(
             self.cfg.num_hidden_layers, hkv, self.cfg.head_dim, dt, self.cluster
         )
-        self.max_batch = max_batch
-        self.max_len = int(max_len or self._fit_len(kv_b + meta_b))
-        self.cache = KVCache(
-            self.cfg.num_hidden_layers,
-            max_batch,
-            hkv,
-            self.max_len,
-            self.cfg.head_dim,
-            dt,
-            self.device,
-            self.cluster,
-            backend=self.kernels,
-        )
+        try:
+            n = int(max_len or self._fit_len(kv_b + meta_b, max_batch))
+            cache = KVCache(
+                self.cfg.num_hidden_layers,
+                max_batch,
+                hkv,
+                n,
+                self.cfg.head_dim,
+                dt,
+                self.device,
+                self.cluster,
+                backend=self.kernels,
+            )
+        except (RuntimeError, MemoryError):  # out of memory (torch's OutOfMemoryError is a RuntimeError)
+            if old is not None and old != (max_batch, max_len):
+                self._allocate(*old)
+            raise
+        self.cache, self.max_batch, self.max_len = cache, max_batch, n
         if not self.quiet:
             print(
                 f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
@@ -125,7 +133,6 @@ class Engine:
                 file=sys.stderr,
             )
         self.ctx = AttentionContext(self.cache, self.sparse, self.kernels)
-        self.graphs, self.graph_pool = {}, None
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
 
     def reserve(self, max_batch, max_len):
@@ -143,17 +150,17 @@ class Engine:
         self.graphs.clear()
         self.graph_pool = None  # the old pool dies with its graphs: capture the next ones into a new one
 
-    def _fit_len(self, bytes_per_token) -> int:
+    def _fit_len(self, bytes_per_token, max_batch) -> int:
         """The model's context, capped (on GPU) so max_batch sequences fit in 85% of the free memory, leaving
         the rest for activations and CUDA graphs."""
         n = self.cfg.max_position_embeddings
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
-            n = parallel.agree_min(min(n, int(0.85 * free / (self.max_batch * bytes_per_token)) // 256 * 256))
+            n = parallel.agree_min(min(n, int(0.85 * free / (max_batch * bytes_per_token)) // 256 * 256))
             if n < 256:
                 raise MemoryError(
                     f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
-                    f"{self.max_batch} sequences; lower --batch-size or pass --max-len"
+                    f"{max_batch} sequences; lower --batch-size or pass --max-len"
                 )
         return n
 
@@ -292,8 +299,11 @@ class Engine:
         logits = self.prefill(group, starts)
         sampler = Sampler(params, self.device, prompts=group if reset else [self.history + group[0]])
         streams = [StreamDecoder(self.tok) for _ in range(B)]
+        sent = [0] * B  # characters of res[b].text already yielded (the start of a stop string is held back)
         active = torch.ones(B, dtype=torch.bool, device=self.device)
         done = [False] * B
+        if reset:
+            self.history = []  # slot 0 no longer holds the chat's tokens
         t0 = time.perf_counter()
         while True:
             tok = parallel.broadcast(sampler(logits))  # TP: rank 0's tokens, so all ranks decode the same steps
@@ -310,11 +320,12 @@ class Engine:
                     reason = "stop"
                 else:
                     res[b].token_ids.append(t)
-                    piece = streams[b].push(t)
-                    res[b].text += piece
+                    res[b].text += streams[b].push(t)
                     reason = self._stop_string(res[b], params)
-                    if reason is None and piece:
-                        yield "text", base + b, piece
+                    safe = len(res[b].text) - _held_back(res[b].text, params.stop)
+                    if reason is None and safe > sent[b]:
+                        yield "text", base + b, res[b].text[sent[b] : safe]
+                        sent[b] = safe
                     if reason is None and len(res[b].token_ids) >= params.max_new_tokens:
                         reason = "length"
                     elif reason is None and self.cache.lens_host[b] + 1 >= self.max_len:
@@ -322,10 +333,9 @@ class Engine:
                 if reason:
                     done[b] = True
                     if reason != "stop" or t in self.tok.eos_ids:
-                        tail = streams[b].flush()
-                        res[b].text += tail
-                        if tail:
-                            yield "text", base + b, tail
+                        res[b].text += streams[b].flush()
+                    if len(res[b].text) > sent[b]:
+                        yield "text", base + b, res[b].text[sent[b] :]
                     res[b].finish_reason, res[b].time_s = reason, time.perf_counter() - t_start
                     active[b] = False
                     yield "done", base + b, res[b]
@@ -337,7 +347,8 @@ class Engine:
             if self.cluster_enabled:
                 self.cache.cluster_pending(range(B))
 
-    def _stop_string(self, r: Result, params):
+    @staticmethod
+    def _stop_string(r: Result, params):
         for s in params.stop:
             i = r.text.find(s)
             if i >= 0:
@@ -377,3 +388,8 @@ class Engine:
     def reset_chat(self):
         self.history = []
         self.cache.reset(0)
+
+
+def _held_back(text, stops) -> int:
+    """How many trailing characters of text could be the start of a stop string (not streamed yet)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)

@@ -134,7 +134,12 @@ def main(argv=None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         if runnable:
-            llm.reserve([ids for _, ids in runnable], params)
+            try:
+                llm.reserve([ids for _, ids in runnable], params)
+            except (RuntimeError, MemoryError) as e:  # no memory for the cache these prompts need
+                for i, _ in runnable:
+                    emit(i, {"index": i, "prompt": prompt_of(i), "error": f"KV cache: {e}"})
+                runnable = []
         with Progress(
             TextColumn("[bold]generate"),
             BarColumn(),

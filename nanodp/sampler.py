@@ -1,6 +1,7 @@
 """Sampling: greedy at temperature 0, else temperature, top-k and an exact top-p (nucleus) cut, seeded."""
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -101,7 +102,8 @@ class Sampler:
         self.gen, self.seen = None, None
         if params.temperature > 0:
             self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            # no seed: one of the generator's own (torch.seed() would reseed the caller's global RNG)
+            self.gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         self.prompts, self.device = prompts, device
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:

@@ -78,3 +78,39 @@ def test_bad_prompts_raise_the_cli_messages(llm, capsys):
     with pytest.raises(SystemExit):
         gen_cli.main(["--prompt", "hi", "--top-p", "2"])
     assert "top_p (--top-p) must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_chat_after_generate_does_not_reuse_other_tokens(llm):
+    """generate and stream reuse slot 0: the next chat turn must not take their tokens for its prefix."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    sp = SamplingParams(max_new_tokens=8)
+    first = llm.chat(msgs, sp).text
+    llm.generate(["Once upon a time there was a dragon who loved apples"], sp)
+    assert llm.chat(msgs, sp).text == first
+    next(iter(llm.stream("A story about a dragon", sp)))  # an abandoned stream, too
+    assert llm.chat(msgs, sp).text == first
+
+
+def test_stream_never_shows_part_of_a_stop_string(llm):
+    sp = SamplingParams(max_new_tokens=16, stop=["The answer"])
+    text = llm.generate(PROMPTS[0], sp)[0].text
+    assert "".join(llm.stream(PROMPTS[0], sp)) == text
+    assert "".join(llm.stream(PROMPTS[0], SamplingParams(max_new_tokens=16, stop=["Paris"]))) == " "
+
+
+def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default_model):
+    from nanodp import engine
+
+    small = LLM(device="cpu", max_batch=1)
+    real = engine.KVCache
+
+    class Capped(real):
+        def __init__(self, *a, **k):
+            if a[3] > 1000:  # max_len
+                raise RuntimeError("out of memory (simulated)")
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(engine, "KVCache", Capped)
+    with pytest.raises(RuntimeError, match="simulated"):
+        small.generate("hi", SamplingParams(max_new_tokens=2000))
+    assert small.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].completion_tokens == 4
