@@ -92,7 +92,7 @@ def test_whole_cut_with_a_head_on_its_sinks_takes_no_clusters():
     q, layer, lens, ts, sinks = make_case(g=2, d=64, B=2, lens=(200, 150), tail=(190, 140), style="flat", needles=0)
     # head 0 of KV head 0, sequence 0 looks at its sinks: keys along q there
     qh = q[0, 0].float()
-    layer.k[0, 0, :sinks] = (8 * qh / qh.norm()).to(layer.k.dtype)
+    layer.k[0, 0, :sinks] = (16 * qh / qh.norm()).to(layer.k.dtype)  # logits ~2|q|: far above the rest
     for rule in ("mean", "union"):
         cfg = sp(0.9, 0.7, group_rule=rule, whole=True)
         lu, R, S, lP, e = unit_scores(q, layer, lens, ts, sinks, cfg)
