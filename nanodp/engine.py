@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import parallel
+from . import auto, parallel
 from .attention import AttentionContext
 from .cache import KVCache
 from .config import ClusterConfig, SparseConfig
@@ -227,8 +227,6 @@ class Engine:
         """Clustering runs for sparse decode; for auto only if this GPU's table ever picks Double-P."""
         if self.sparse.attention != "auto":
             return self.sparse.attention != "dense"
-        from . import auto
-
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.auto_table = auto.load(name, self.model_dir.name if self.model_dir else "model")
         return "doublep" in self.auto_table.values()
@@ -237,9 +235,7 @@ class Engine:
         """The decode attention of a step of B sequences in this context bucket (--attention auto: nanodp/auto.py)."""
         if self.sparse.attention != "auto":
             return self.sparse.attention
-        from .auto import choose
-
-        return choose(self.auto_table, B, bucket)
+        return auto.choose(self.auto_table, B, bucket)
 
     def _step(self, tokens, active, bucket):
         slots = torch.arange(tokens.shape[0], device=self.device)
