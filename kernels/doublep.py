@@ -37,8 +37,6 @@ floor     doublep, floor / floor_frac: X also takes the mean unit's bins (for un
 topk      (RetroInfer-style; ranks by the mean unit, or max; whole is ignored) X = bins until their tokens reach
           `budget` (n_f with f = budget), then A = the next bins until the cluster count reaches |X| +
           est_clusters (cluster-count bins, same rule), minus X.
-capacity  the most exact clustered tokens one work list holds; a head whose X needs more falls back to dense
-          attention over [0, len) (stats["fallback"]): never a silently truncated selection.
 output    o = (sum_{j in E u X} e^{x_j} v_j + sum_{i in A} e^{zc_i} vmean_i) / (same without v).
 
 Bytes stage 1 reads per (sequence, KV head), for nanodp/eval/metrics.py KVTally (es = bytes per element):
@@ -59,7 +57,6 @@ STAT_KEYS = (
     "exact_clusters",
     "need_tokens",
     "est_mass",
-    "fallback",
     "scored_clusters",
     "steady_scored",
 )
@@ -68,11 +65,10 @@ NBINS = 1024  # fine bins; the last one holds everything below R - 16 nats
 
 
 class Selection(NamedTuple):
-    exact: torch.Tensor  # [B, Hkv, C] bool: clusters read exactly (all of them for a fallback head)
+    exact: torch.Tensor  # [B, Hkv, C] bool: clusters read exactly
     pseudo: torch.Tensor  # [B, Hkv, C] bool: clusters read as one pseudo-token
     tokens: torch.Tensor  # [B, Hkv, L] bool: tokens read exactly (steady + members of exact clusters)
     head_exact: torch.Tensor  # [B, Hkv, g, C] bool: each query head's own exact cut (union; else = exact)
-    fallback: torch.Tensor  # [B, Hkv] bool
     need: torch.Tensor  # [B, Hkv] exact clustered tokens asked for
     est_mass: torch.Tensor  # [B, Hkv] mean over the g heads of the estimated attention share kept
     zc: torch.Tensor  # [B, Hkv, g, C] centroid logits (the pseudo-token logits)
@@ -195,20 +191,16 @@ def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
         head_exact = ex[:, :, None].expand(-1, -1, g, -1)
     ex, kept = ex & valid, (kept | ex) & valid
     need = (sizes * ex).sum(-1)
-    fallback = need > (L if sp.capacity is None else int(sp.capacity))
-    ex = torch.where(fallback[..., None], valid, ex)
     ps = kept & ~ex
-    head_exact = torch.where(fallback[..., None, None], valid[:, :, None], head_exact)
     # token mask over storage: steady tokens, plus the ranges [cstart_i, cstart_i+1) of exact clusters
     steady = steady_mask(lens, tail_start, sinks, L)
     diff = torch.zeros(B, Hkv, L + 1, device=q.device)  # difference array, cumsum = coverage
     diff.scatter_add_(-1, cst[..., :-1].clamp(0, L), ex.float())
     diff.scatter_add_(-1, cst[..., 1:].clamp(0, L), -ex.float())
     tok = steady | (diff.cumsum(-1)[..., :L] > 0.5)
-    tok = torch.where(fallback[..., None], torch.arange(L, device=q.device) < lens.long()[:, None, None], tok)
     # estimated share kept, per head: its P mass over the kept clusters (+ its steady share), averaged
     mass = (lP.exp() * (ex | ps)[:, :, None]).sum(-1) + e
-    return Selection(ex, ps, tok, head_exact, fallback, need, mass.mean(-1), zc, steady)
+    return Selection(ex, ps, tok, head_exact, need, mass.mean(-1), zc, steady)
 
 
 def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None):
@@ -236,7 +228,6 @@ def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None):
         "exact_clusters": s.exact.sum(-1).int(),
         "need_tokens": s.need.int(),  # exact clustered tokens asked for
         "est_mass": s.est_mass,  # estimated attention share kept
-        "fallback": s.fallback,  # this head attended densely
         "scored_clusters": layer.ncl.int().clone(),  # clusters stage 1 scored
         "steady_scored": (s.steady.sum(-1).expand(B, Hkv) * whole).int(),  # steady keys stage 1 read
     }

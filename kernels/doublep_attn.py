@@ -1,15 +1,14 @@
-"""Double-P decode, the fused attention pass and `sparse_triton` (same signature as `sparse_ref`).
+"""Double-P decode, the attention pass and `sparse_triton` (same signature as `sparse_ref`).
 
-Work list (written by _select_kernel, kernels/doublep_select.py), per (sequence, KV head) bh:
-  meta[bh] = (S0, T0, T1, nX, nP): the exact stream is the steady ranges [0, S0) and [T0, T1) followed
-             by nX listed tokens idx[bh, 0:nX) (storage indices, fixed capacity CAP); then nP
-             pseudo-tokens, cluster ids pid[bh, 0:nP) (capacity C, cannot overflow).
-  Dense fallback: when the selection needs more than CAP exact clustered tokens, the select kernel
-             writes S0 = T0 = T1 = len, nX = nP = 0: the head's whole cache [0, len) becomes one range,
-             which needs no list at all, so any length fits and nothing is synchronised with the host.
-Launches: score (B*Hkv x chunks [+ the steady pass]), select (B*Hkv), attention (B*Hkv x NS splits) whose last
-split per head combines the splits (a counter per head, reset by that program). Grids depend on shapes and
-Python ints only, so a decode step can be captured in a CUDA graph.
+Launches, all grids from shapes and Python ints (a decode step is captured in a CUDA graph), no host sync:
+  1. _score_kernel (B*Hkv x chunks [+ the steady pass]): z of every cluster, per-chunk softmax partials.
+  2. _hist_kernel (B*Hkv x NH): bin histograms merged by integer atomics; the last program of a head cuts and
+     writes its plan row (PLAN_W in kernels/doublep_select.py) and the stats that need no classification.
+  3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and a contiguous share of
+     the clusters, classifies them by the plan (the same bins as the hist kernel: the same LSE2, R2h, Rg, read
+     from the plan), attends to its exact clusters' members and its pseudo-tokens, and adds its stats; the last
+     split of a head combines the splits (a counter per head, reset by that program).
+Clusters are stored contiguously in cluster order, so a split's share of the clusters is one region of the cache.
 """
 
 import math
@@ -21,7 +20,7 @@ import triton.language as tl
 from .common import LOG2E, LOG2E_C, interpreting, num_sms
 from .common import NEG_C as NEG
 from .doublep import BINS_PER_NAT, NBINS, STAT_KEYS
-from .doublep_select import _score_kernel, _select_kernel
+from .doublep_select import PLAN_W, _hist_kernel, _score_kernel, _scores
 
 
 @triton.jit
@@ -41,10 +40,15 @@ def _attn_kernel(
     k_ptr,
     v_ptr,
     z_ptr,
+    zc_ptr,
     vm_ptr,
-    idx_ptr,
-    pid_ptr,
-    meta_ptr,
+    cst_ptr,
+    ncl_ptr,
+    lens_ptr,
+    ts_ptr,
+    plan_ptr,
+    st_ptr,
+    cls_ptr,
     po_ptr,
     pml_ptr,
     o_ptr,
@@ -60,31 +64,41 @@ def _attn_kernel(
     sm_b,
     sm_h,
     sm_c,
+    scs_b,
+    scs_h,
+    sn_b,
+    sn_h,
     so_b,
     so_h,
     qk_scale,
     HKV,
     C,
-    CAP,
     NS,
+    NBH,
+    sinks,
+    BPB,
     G: tl.constexpr,
     GP: tl.constexpr,
+    GP2: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CB: tl.constexpr,
     NSP: tl.constexpr,
+    NB: tl.constexpr,
     PREC: tl.constexpr,
+    MAXRULE: tl.constexpr,
+    UNION: tl.constexpr,
+    FLOOR: tl.constexpr,
+    PLAN: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    S0 = tl.load(meta_ptr + bh * 8 + 0)
-    T0 = tl.load(meta_ptr + bh * 8 + 1)
-    T1 = tl.load(meta_ptr + bh * 8 + 2)
-    nX = tl.load(meta_ptr + bh * 8 + 3)
-    nP = tl.load(meta_ptr + bh * 8 + 4)
-    nT = T1 - T0
-    nE = S0 + nT + nX
+    ln = tl.load(lens_ptr + b)
+    ts = tl.load(ts_ptr + b)
+    S = tl.minimum(ts, sinks)
+    ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
     r = tl.arange(0, GP)
     dd = tl.arange(0, D)
     q = tl.load(
@@ -96,40 +110,98 @@ def _attn_kernel(
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
 
-    # Split-K over one list of tiles: TE exact tiles, then TP pseudo tiles; split sp takes a contiguous
-    # share, so at small batch most programs run just one short dependent chain of loads.
-    TE = tl.cdiv(nE, BLOCK_N)
-    TT = TE + tl.cdiv(nP, BLOCK_N)
-    per = tl.cdiv(TT, NS)
-    lo = sp * per
-    hi = tl.minimum(lo + per, TT)
-    for tile in range(lo, tl.minimum(hi, TE)):
+    # steady tokens [0, S) u [ts, len): tiles of BLOCK_N dealt round-robin over the NS splits
+    nE = S + ln - ts
+    for tile in range(sp, tl.cdiv(nE, BLOCK_N), NS):
         p = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = p < nE
-        j = p - S0 - nT  # position in the listed tokens
-        sel = tl.load(idx_ptr + bh * CAP + j, mask=ok & (j >= 0), other=0)
-        t = tl.where(p < S0, p, tl.where(j < 0, p - S0 + T0, sel))  # storage index
+        t = tl.where(p < S, p, p - S + ts)  # storage index
         kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
         vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # log2 units
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m, l, acc = _online(m, l, acc, s, vt, PREC)
+        m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
 
-    # pseudo-tokens: logit = the centroid z = q.C*scale + ln s (read back from the score kernel's scratch, no
-    # centroid reload): the + ln s weighs the mean value vmean_i like s_i tokens with key C_i
-    for tile in range(tl.maximum(lo, TE), hi):
-        p = (tile - TE) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = p < nP
-        cid = tl.load(pid_ptr + bh * C + p, mask=ok, other=0)
-        s = (
-            tl.load(z_ptr + (bh * G + r[:, None]) * C + cid[None, :], mask=(r < G)[:, None] & ok[None, :], other=0.0)
-            * LOG2E_C
-        )
-        s = tl.where(ok[None, :], s, float("-inf"))
-        vt = tl.load(
-            vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + cid[:, None] * sm_c + dd[None, :], mask=ok[:, None], other=0.0
-        )
-        m, l, acc = _online(m, l, acc, s, vt, PREC)
+    # clusters: split sp classifies a contiguous share of the head's clusters, CB at a time, by the cuts of
+    # the plan (kernels/doublep_select.py _hist_kernel) and reads what it keeps
+    pb = plan_ptr + bh * PLAN_W
+    r2 = tl.arange(0, GP2)
+    LSE2 = tl.load(pb + 8 + r2)
+    R2h = tl.load(pb + 16 + r2)
+    Rg = tl.load(pb + 3)
+    n1 = tl.load(pb + 0).to(tl.int32)
+    n2 = tl.load(pb + 1).to(tl.int32)
+    nf = tl.load(pb + 2).to(tl.int32)
+    n1h = tl.load(pb + 24 + r2).to(tl.int32)
+    n2h = tl.load(pb + 32 + r2).to(tl.int32)
+    cst = cst_ptr + b * scs_b + h * scs_h
+    zoff = bh * G * C
+    per = tl.cdiv(tl.cdiv(ncl, NS), CB) * CB
+    lo = sp * per
+    hi = tl.minimum(lo + per, ncl)
+    kept = tl.zeros([GP2], tl.float32)
+    need = ncl * 0
+    nex = ncl * 0
+    nP = ncl * 0
+    for c0 in range(lo, hi, CB):
+        i = c0 + tl.arange(0, CB)
+        okc = i < hi
+        lp, fg, fh = _scores(z_ptr, zoff, i, okc, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
+        if UNION:
+            okr = (r2 < G)[:, None] & okc[None, :]
+            ex = tl.max((okr & (fh <= n2h[:, None])).to(tl.int32), 0) > 0
+            kp = tl.max((okr & (fh <= n1h[:, None])).to(tl.int32), 0) > 0
+        else:
+            ex = fg <= n2
+            kp = fg <= n1
+        if FLOOR:
+            ex = ex | (fg <= nf)
+        ex = ex & okc
+        kp = (kp | ex) & okc
+        ps = kp & ~ex
+        if PLAN:
+            tl.store(cls_ptr + bh * C + i, ex.to(tl.int8) * 2 + ps.to(tl.int8), mask=okc)
+        st = tl.load(cst + i, mask=okc, other=0)
+        sz = tl.where(okc, tl.load(cst + i + 1, mask=okc, other=0) - st, 0)
+        kept += tl.sum(tl.where(kp[None, :], tl.exp2(lp), 0.0), 1)
+        nex += tl.sum(ex.to(tl.int32), 0)
+        nP += tl.sum(ps.to(tl.int32), 0)
+
+        # exact clusters' tokens, packed: cluster c's members fill slots [o_c, e_c) of this block's list
+        # (e = inclusive prefix sum of the kept sizes); slot j is storage index st_c + j - o_c of the c with
+        # o_c <= j < e_c, found by one [BLOCK_N, CB] comparison (at most one c matches)
+        n_c = tl.where(ex, sz, 0)
+        e_c = tl.cumsum(n_c, 0)
+        o_c = e_c - n_c
+        T = tl.sum(n_c, 0)
+        need += T
+        for j0 in range(0, T, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            hit = (j[:, None] >= o_c[None, :]) & (j[:, None] < e_c[None, :])
+            t = j + tl.sum(tl.where(hit, (st - o_c)[None, :], 0), 1)
+            ok = j < T
+            kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+            m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
+
+        # pseudo-tokens: logit = the centroid z = q.C*scale + ln s (the score kernel's scratch, no centroid
+        # reload): the + ln s weighs the mean value vmean_c like s_c tokens with key C_c
+        if tl.sum(ps.to(tl.int32), 0) > 0:
+            s = (
+                tl.load(zc_ptr + zoff + r[:, None] * C + i[None, :], mask=(r < G)[:, None] & ps[None, :], other=0.0)
+                * LOG2E_C
+            )
+            vt = tl.load(
+                vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + i[:, None] * sm_c + dd[None, :], mask=ps[:, None], other=0.0
+            )
+            m, l, acc = _online(m, l, acc, tl.where(ps[None, :], s, float("-inf")), vt, PREC)
+
+    # what this split kept, into the stats rows the hist kernel initialised (kernels/doublep.py STAT_KEYS)
+    tl.atomic_add(st_ptr + bh, need.to(tl.float32), sem="relaxed")  # exact_tokens
+    tl.atomic_add(st_ptr + NBH + bh, nP.to(tl.float32), sem="relaxed")  # pseudo_tokens
+    tl.atomic_add(st_ptr + 2 * NBH + bh, nex.to(tl.float32), sem="relaxed")  # exact_clusters
+    tl.atomic_add(st_ptr + 3 * NBH + bh, need.to(tl.float32), sem="relaxed")  # need_tokens
+    tl.atomic_add(st_ptr + 4 * NBH + bh, tl.sum(kept, 0) / G, sem="relaxed")  # est_mass
 
     part = bh * NS + sp
     tl.store(pml_ptr + part * 2 * GP + r, m)
@@ -163,15 +235,15 @@ def _combine(
     tl.store(o_ptr + b.to(tl.int64) * so_b + hq * so_h + dd, o.to(o_ptr.dtype.element_ty))
 
 
-_COUNTERS = {}
+_ZEROS = {}
 
 
-def _counters(dev, n):
-    """Per-(sequence, KV head) split counters, zero between launches (the combining program resets its own):
-    allocated once per device and grown, never freed, so CUDA graphs keep their address. One stream at a time."""
-    buf = _COUNTERS.get(str(dev))
+def _zeros(dev, name, n):
+    """Buffers that are zero between launches (counters, histograms: the program that uses them last resets
+    them): allocated once per device and grown, never freed, so CUDA graphs keep their address. One stream."""
+    buf = _ZEROS.get((str(dev), name))
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[str(dev)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
+        buf = _ZEROS[(str(dev), name)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
     return buf
 
 
@@ -181,20 +253,20 @@ def _c(x):
 
 def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_out=None):
     """Triton Double-P decode; same signature, semantics and stats as `sparse_ref` (sp: a SparseConfig).
-    plan_out (a dict, for tests and inspection) receives the work list: idx, pid, meta, cap."""
+    plan_out (a dict, for tests and inspection) receives cls [B*Hkv, C] int8 (2 exact, 1 pseudo, 0 dropped,
+    for clusters < ncl) and the plan rows (cuts in fine bins)."""
     q, k, v = _c(q), _c(layer.k), _c(layer.v)
     cent, vmean, logsize, cstart = _c(layer.centroids), _c(layer.vmean), _c(layer.logsize), _c(layer.cstart)
     B, Hq, d = q.shape
     _, Hkv, L, _ = k.shape
     C = cent.shape[2]
-    assert d in (16, 32, 64, 128, 256) and Hq % Hkv == 0 and C >= 1
+    assert d in (16, 32, 64, 128, 256) and Hq % Hkv == 0 and C >= 1 and Hq // Hkv <= 8
     g = Hq // Hkv
     GP = max(16, triton.next_power_of_2(g))
     GP2 = max(2, triton.next_power_of_2(g))
     BH = B * Hkv
     dev = q.device
     scale = 1.0 / math.sqrt(d)
-    cap = max(1, L if sp.capacity is None else min(int(sp.capacity), L))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     interp = interpreting()
     nsm = 2 if interp else num_sms(dev)
@@ -204,176 +276,67 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     whole = sp.whole and not topk
     union = sp.group_rule == "union" and not topk
     floor = not topk and (sp.floor > 0 or sp.floor_frac > 0)
-
-    # stage 1 chunks: enough programs to fill the GPU at batch 1
+    maxrule = sp.group_rule == "max"
+    gauss = sp.estimate == "gauss"
+    # programs per head: the score and hist kernels about two per SM at batch 1, attention about four
+    spread = lambda n: max(1, min(64, triton.cdiv(n * nsm, BH)))  # noqa: E731
     BLOCK_C = 64 if d <= 64 else 32 if interp else 64
-    per_head = triton.cdiv(C, BLOCK_C)
-    chunk = BLOCK_C * max(1, triton.cdiv(per_head, max(1, triton.cdiv(2 * nsm, BH))))
+    chunk = BLOCK_C * triton.cdiv(triton.cdiv(C, BLOCK_C), spread(2))
     NCS = triton.cdiv(C, chunk)
-    # attention splits: about two programs per SM, at most 64 per head
-    NS = 3 if interp else max(1, min(64, triton.cdiv(2 * nsm, BH)))
+    NH = 2 if interp else spread(2)
+    NS = 3 if interp else spread(4)
 
     f32 = dict(device=dev, dtype=torch.float32)
-    i32 = dict(device=dev, dtype=torch.int32)
     zbuf = torch.empty(BH * g * C, **f32)
-    gauss = sp.estimate == "gauss"
     zc = torch.empty(BH * g * C, **f32) if gauss else zbuf  # pseudo-tokens read the centroid z
     kvar = _c(layer.kvar) if gauss else cent
     ml = torch.empty(BH * (NCS + whole) * 2 * GP, **f32)
-    tok = torch.empty(BH * NBINS, **i32)
-    idx = torch.empty(BH * cap, **i32)
-    pid = torch.empty(BH * C, **i32)
-    xd = torch.empty(BH * C, **i32)
-    xo = torch.empty(BH * C, **i32)
-    meta = torch.empty(BH * 8, **i32)
+    plan = torch.empty(BH * 40, **f32)
+    cls = torch.zeros(BH * C, device=dev, dtype=torch.int8) if plan_out is not None else plan
     st = torch.empty(len(STAT_KEYS), B, Hkv, **f32) if stats_out is None else stats_out
     assert st.shape == (len(STAT_KEYS), B, Hkv) and st.dtype == torch.float32 and st.is_contiguous()
     po = torch.empty(BH * NS * GP * d, **f32)
     pml = torch.empty(BH * NS * 2 * GP, **f32)
     o = torch.empty(B, Hq, d, device=dev, dtype=q.dtype)
+    ncl, common = layer.ncl, dict(G=g, GP=GP, GP2=GP2, NB=NBINS, MAXRULE=maxrule, UNION=union)
 
+    # 1. stage-1 logits z of every cluster (and each chunk's softmax partials)
     _score_kernel[(BH, NCS + whole)](
-        q,
-        cent,
-        logsize,
-        layer.ncl,
-        zbuf,
-        ml,
-        kvar,
-        zc,
-        k,
-        lens,
-        tail_start,
-        q.stride(0),
-        q.stride(1),
-        cent.stride(0),
-        cent.stride(1),
-        cent.stride(2),
-        logsize.stride(0),
-        logsize.stride(1),
-        layer.ncl.stride(0),
-        layer.ncl.stride(1),
-        kvar.stride(0),
-        kvar.stride(1),
-        kvar.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        scale,
-        Hkv,
-        C,
-        NCS,
-        chunk,
-        int(sinks),
-        G=g,
-        GP=GP,
-        D=d,
-        BLOCK_C=BLOCK_C,
-        PREC=prec,
-        EST=gauss,
-        SPLIT=gauss,
-        WHOLE=whole,
-        num_warps=4,
-    )
+        q, cent, logsize, ncl, zbuf, ml, kvar, zc, k, lens, tail_start,
+        q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), cent.stride(2), logsize.stride(0),
+        logsize.stride(1), ncl.stride(0), ncl.stride(1), kvar.stride(0), kvar.stride(1), kvar.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), scale, Hkv, C, NCS, chunk, int(sinks),
+        G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss, SPLIT=gauss, WHOLE=whole, num_warps=4,
+    )  # fmt: skip
 
-    # select: one program per (sequence, KV head), BLK clusters per step of its two passes: a [GP2, BLK] z tile
-    # of ~8K fp32 (32 registers a thread at 8 warps), so 8K clusters take 4 dependent steps a pass on the GPU;
-    # the interpreter keeps 256 so that small tests cross block boundaries
-    BLK = 256 if interp else max(16, min(8192 // GP2, triton.next_power_of_2(C)))
-    _select_kernel[(BH,)](
-        zbuf,
-        ml,
-        cstart,
-        layer.ncl,
-        lens,
-        tail_start,
-        tok,
-        idx,
-        pid,
-        xd,
-        xo,
-        meta,
-        st,
-        cstart.stride(0),
-        cstart.stride(1),
-        layer.ncl.stride(0),
-        layer.ncl.stride(1),
-        Hkv,
-        C,
-        NCS,
-        cap,
-        BH,
-        int(sinks),
-        float(sp.p1),
-        float(sp.p2),
-        int(sp.budget),
-        int(sp.est_clusters),
-        float(sp.floor),
-        float(sp.floor_frac),
-        BINS_PER_NAT / LOG2E,
-        G=g,
-        GP=GP,
-        GP2=GP2,
-        NCSP=max(2, triton.next_power_of_2(NCS)),
-        NB=NBINS,
-        BLK=BLK,
-        MAXRULE=sp.group_rule == "max",
-        UNION=union,
-        WHOLE=whole,
-        TOPK=topk,
-        FLOOR=floor,
-        TILE_R=64,
-        TILE_J=32,
-        num_warps=8,
-    )
+    # 2. bin histograms over NH programs a head, merged; the last one cuts (the plan)
+    BLK = 64 if interp else max(16, min(4096 // GP2, triton.next_power_of_2(triton.cdiv(C, NH))))
+    _hist_kernel[(BH, NH)](
+        zbuf, ml, cstart, ncl, lens, tail_start, _zeros(dev, "hist", BH * (2 + GP2) * NBINS),
+        _zeros(dev, "hist_cnt", BH), plan, st, cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1),
+        Hkv, C, NCS, NH, BH, int(sinks), float(sp.p1), float(sp.p2), int(sp.budget), int(sp.est_clusters),
+        float(sp.floor), float(sp.floor_frac), BINS_PER_NAT / LOG2E,
+        NCSP=max(2, triton.next_power_of_2(NCS)), BLK=BLK, WHOLE=whole, TOPK=topk, FLOOR=floor, num_warps=8,
+        **common,
+    )  # fmt: skip
+
+    # 3. attention over the steady tokens, the exact clusters' members and the pseudo-tokens, NS splits a
+    #    head, each classifying its own share of the clusters; the last split of a head combines
+    _attn_kernel[(BH, NS)](
+        q, k, v, zbuf, zc, vmean, cstart, ncl, lens, tail_start, plan, st, cls, po, pml, o,
+        _zeros(dev, "attn_cnt", BH), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
+        cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
+        scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
+        D=d, BLOCK_N=16 if interp else 64, CB=16 if interp else 64, NSP=max(2, triton.next_power_of_2(NS)),
+        PREC=prec, FLOOR=floor or topk, PLAN=plan_out is not None, num_warps=8 if d >= 128 else 4,
+        num_stages=2, **common,
+    )  # fmt: skip
 
     if plan_out is not None:
-        plan_out.update(idx=idx.view(BH, cap), pid=pid.view(BH, C), meta=meta.view(BH, 8), cap=cap)
-
-    BLOCK_N = 16 if interp else 64
-    _attn_kernel[(BH, NS)](
-        q,
-        k,
-        v,
-        zc,
-        vmean,
-        idx,
-        pid,
-        meta,
-        po,
-        pml,
-        o,
-        _counters(dev, BH),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        vmean.stride(0),
-        vmean.stride(1),
-        vmean.stride(2),
-        o.stride(0),
-        o.stride(1),
-        scale * LOG2E,
-        Hkv,
-        C,
-        cap,
-        NS,
-        G=g,
-        GP=GP,
-        D=d,
-        BLOCK_N=BLOCK_N,
-        NSP=max(2, triton.next_power_of_2(NS)),
-        PREC=prec,
-        num_warps=8 if d >= 128 else 4,
-        num_stages=2,
-    )
-
+        plan_out.update(cls=cls.view(BH, C), plan=plan.view(BH, 40))
     if stats_out is not None:  # the engine's per-step slab: no conversion launches
         return o, dict(zip(STAT_KEYS, st))
     stats = {key: st[i].int() for i, key in enumerate(STAT_KEYS)}  # the twin's dtypes
-    stats.update(est_mass=st[4], fallback=st[5] != 0)
+    stats.update(est_mass=st[4])
     return o, stats

@@ -6,14 +6,12 @@ _score_kernel   grid (B*Hkv, NCS [+ 1 with WHOLE]): z = q.C*scale + ln s for the
                 partials (max, sum) per head. EST (gauss): z += 1/2 (q*q).var * scale^2, a second dot; SPLIT:
                 the centroid z also goes to a second scratch (the pseudo-token logits). WHOLE: program NCS runs
                 the same online softmax over the steady tokens' exact logits instead (their K, ~S + tail rows).
-_select_kernel  grid (B*Hkv,): two passes over the clusters of one (sequence, KV head), BLK at a time.
-                pass 1: every unit's bin per cluster (log2 domain), counted with tl.histogram (one call: the g
-                        heads of union side by side), tokens per bin by int32 atomics (floor, topk); counts
-                        and integers are exact and order-free, so pass 1 could be split over programs and merged.
-                cuts:   cumulative sum over the NB bins of count x midpoint weight (one tl.cumsum), n(p) = the
-                        number of bins below the target, as the twin.
-                pass 2: classify (exact / pseudo), the mass kept per head, and the compacted work list.
-                Then the exact-token list idx (the layout is in kernels/doublep_attn.py) and the stats.
+_hist_kernel    grid (B*Hkv, NH): program `part` bins its contiguous share of one head's clusters, BLK at a time:
+                every unit's bin per cluster (log2 domain), counted with tl.histogram (one call: the g heads of
+                union side by side), tokens per bin by int32 atomics (floor, topk); its counts go to the head's
+                histograms by integer atomics (exact, in any order). The last program to arrive cuts:
+                cumulative sum over the NB bins of count x midpoint weight (one tl.cumsum), n(p) = the number
+                of bins below the target, as the twin; the attention kernel classifies by those cuts.
 """
 
 import triton
@@ -21,6 +19,10 @@ import triton.language as tl
 
 from .common import LOG2E_C as LOG2E
 from .common import NEG_C as NEG
+
+# per (sequence, KV head) plan row, fp32: [0] n1, [1] n2, [2] nf, [3] Rg, [8:] LSE2, [16:] R2h, [24:] n1h,
+# [32:] n2h (one entry per query head of the group, g <= 8)
+PLAN_W = tl.constexpr(40)
 
 
 @triton.jit
@@ -186,19 +188,58 @@ def _count_cut(cum, tgt, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(
+def _head_refs(
+    ml_ptr,
+    bh,
+    NCS,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    GP2: tl.constexpr,
+    NCSP: tl.constexpr,
+    WHOLE: tl.constexpr,
+    MAXRULE: tl.constexpr,
+):
+    """The score kernel's chunk partials -> per head r: LSE2 = log2 of the softmax denominator (clusters, + the
+    steady tokens with WHOLE), lse2 (clusters only), steady share e, R2h = log2 max_i P_r[i]; the group unit's
+    reference Rg and steady share Sg."""
+    r = tl.arange(0, GP2)
+    rok = r < G
+    s = tl.arange(0, NCSP)
+    NCS1 = NCS + WHOLE
+    row = ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + r[:, None]
+    mp = tl.load(row, mask=rok[:, None] & (s < NCS)[None, :], other=NEG)
+    lp_ = tl.load(row + GP, mask=rok[:, None] & (s < NCS)[None, :], other=0.0)
+    M2 = tl.max(mp, 1)
+    lse2 = M2 + tl.log2(tl.sum(lp_ * tl.exp2(mp - M2[:, None]), 1))  # -inf without clusters
+    if WHOLE:
+        mE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + r, mask=rok, other=NEG)
+        lE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + GP + r, mask=rok, other=0.0)
+        lseE = mE + tl.log2(lE)
+        LSE2 = _lae2(lse2, lseE)
+        e = tl.where(rok, tl.exp2(lseE - LSE2), 0.0)
+    else:
+        LSE2 = lse2
+        e = tl.zeros([GP2], tl.float32)
+    R2h = tl.where(rok, M2 - LSE2, float("-inf"))
+    if MAXRULE:
+        Rg = tl.max(R2h, 0)
+    else:
+        rm = tl.max(R2h, 0)
+        Rg = rm + tl.log2(tl.sum(tl.exp2(R2h - rm), 0)) - tl.log2(G * 1.0)
+    return LSE2, lse2, e, R2h, Rg, tl.sum(e, 0) / G
+
+
+@triton.jit
+def _hist_kernel(
     z_ptr,
     ml_ptr,
     cst_ptr,
     ncl_ptr,
     lens_ptr,
     ts_ptr,
-    tok_ptr,
-    idx_ptr,
-    pid_ptr,
-    xd_ptr,
-    xo_ptr,
-    meta_ptr,
+    hist_ptr,
+    cnt_ptr,
+    plan_ptr,
     st_ptr,
     scs_b,
     scs_h,
@@ -207,7 +248,7 @@ def _select_kernel(
     HKV,
     C,
     NCS,
-    CAP,
+    NH,
     NBH,
     sinks,
     p1,
@@ -228,167 +269,95 @@ def _select_kernel(
     WHOLE: tl.constexpr,
     TOPK: tl.constexpr,
     FLOOR: tl.constexpr,
-    TILE_R: tl.constexpr,
-    TILE_J: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    part = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
     ncl = tl.load(ncl_ptr + b * sn_b + h * sn_h)
-    ln = tl.load(lens_ptr + b)
-    ts = tl.load(ts_ptr + b)
-    S = tl.minimum(ts, sinks)
     cst = cst_ptr + b * scs_b + h * scs_h
     zoff = bh * G * C
     k = tl.arange(0, NB)
-    TOK: tl.constexpr = FLOOR or TOPK
-    if TOK:
-        tl.store(tok_ptr + bh * NB + k, tl.zeros([NB], tl.int32))
-        tl.debug_barrier()
-
-    # the score kernel's partials -> per head r: LSE2 = log2 of the softmax denominator (clusters, + steady
-    # tokens with WHOLE), steady share e, R2h = log2 max_i P_r[i]; the group unit's reference Rg and share Sg
     r = tl.arange(0, GP2)
     rok = r < G
-    s = tl.arange(0, NCSP)
-    NCS1 = NCS + WHOLE
-    mp = tl.load(
-        ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :], other=NEG
-    )
-    lp_ = tl.load(
-        ml_ptr + (bh * NCS1 + s[None, :]) * 2 * GP + GP + r[:, None], mask=rok[:, None] & (s < NCS)[None, :], other=0.0
-    )
-    M2 = tl.max(mp, 1)
-    lse2 = M2 + tl.log2(tl.sum(lp_ * tl.exp2(mp - M2[:, None]), 1))  # -inf without clusters
-    if WHOLE:
-        mE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + r, mask=rok, other=NEG)
-        lE = tl.load(ml_ptr + (bh * NCS1 + NCS) * 2 * GP + GP + r, mask=rok, other=0.0)
-        lseE = mE + tl.log2(lE)
-        LSE2 = _lae2(lse2, lseE)
-        e = tl.where(rok, tl.exp2(lseE - LSE2), 0.0)
-    else:
-        LSE2 = lse2
-        e = tl.zeros([GP2], tl.float32)
-    R2h = tl.where(rok, M2 - LSE2, float("-inf"))
-    if MAXRULE:
-        Rg = tl.max(R2h, 0)
-    else:
-        rm = tl.max(R2h, 0)
-        Rg = rm + tl.log2(tl.sum(tl.exp2(R2h - rm), 0)) - tl.log2(G * 1.0)
-    Sg = tl.sum(e, 0) / G
+    TOK: tl.constexpr = FLOOR or TOPK
+    LSE2, lse2, e, R2h, Rg, Sg = _head_refs(ml_ptr, bh, NCS, G, GP, GP2, NCSP, WHOLE, MAXRULE)
 
-    # pass 1: histograms (cluster counts per bin of each unit; tokens per bin of the group unit)
+    # this program's share of the clusters: counts per bin of each unit, tokens per bin of the group unit
+    hb = hist_ptr + bh * (2 + GP2) * NB  # [group counts | group tokens | per-head counts (union)]
+    per = tl.cdiv(tl.cdiv(ncl, NH), BLK) * BLK
+    lo = part * per
+    hi = tl.minimum(lo + per, ncl)
     cntg = tl.zeros([NB], tl.int32)
     cnth = tl.zeros([GP2 * NB], tl.int32)
-    for i0 in range(0, ncl, BLK):
+    for i0 in range(lo, hi, BLK):
         i = i0 + tl.arange(0, BLK)
-        ok = i < ncl
+        ok = i < hi
         lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
             okr = rok[:, None] & ok[None, :]
             cnth += tl.histogram(
                 tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB, mask=tl.reshape(okr, [GP2 * BLK])
             )
-        else:
-            cntg += tl.histogram(fg, NB, mask=ok)
+        cntg += tl.histogram(fg, NB, mask=ok)
         if TOK:
             st = tl.load(cst + i, mask=ok, other=0)
             sz = tl.load(cst + i + 1, mask=ok, other=0) - st
-            tl.atomic_add(tok_ptr + bh * NB + fg, sz, mask=ok & (sz > 0), sem="relaxed")
+            tl.atomic_add(hb + NB + fg, sz, mask=ok & (sz > 0), sem="relaxed")
+    # merge into the head's histograms: integer adds, exact in any order
+    tl.atomic_add(hb + k, cntg, mask=cntg > 0, sem="relaxed")
+    if UNION:
+        kk = tl.arange(0, GP2 * NB)
+        tl.atomic_add(hb + 2 * NB + kk, cnth, mask=cnth > 0, sem="relaxed")
 
-    # the cuts: fine bins n1 (exact + pseudo) and n2 (exact), per head with UNION; nf: the floor's
-    if TOK:
-        tl.debug_barrier()
-        cumt = tl.cumsum(tl.load(tok_ptr + bh * NB + k, volatile=True), 0)
-    if TOPK:
-        n2 = _count_cut(cumt, budget * 1.0, NB)
-        n1 = _count_cut(tl.cumsum(cntg, 0), tl.sum(tl.where(k <= n2, cntg, 0), 0) + est * 1.0, NB)
-    elif UNION:
-        cnt2 = tl.reshape(cnth, [GP2, NB])
-        n1h = _mass_cut(cnt2, R2h, e, p1, BPB, NB)
-        n2h = _mass_cut(cnt2, R2h, e, p2, BPB, NB)
-    else:
-        one = tl.zeros([1], tl.float32)
-        n1 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p1, BPB, NB), 0)
-        n2 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p2, BPB, NB), 0)
-    if FLOOR:  # at least f exact clustered tokens, by the group unit's bins
-        nf = _count_cut(cumt, tl.maximum(floor, floor_frac * tl.max(cumt, 0).to(tl.float32)), NB)
-
-    # pass 2: classify, mass kept per head, compacted exact clusters (start, size) and pseudo cluster ids
-    kept = tl.zeros([GP2], tl.float32)
-    need = ncl * 0
-    msz = ncl * 0
-    nex = ncl * 0
-    nxc = ncl * 0
-    nP = ncl * 0
-    for i0 in range(0, ncl, BLK):
-        i = i0 + tl.arange(0, BLK)
-        ok = i < ncl
-        st = tl.load(cst + i, mask=ok, other=0)
-        sz = tl.where(ok, tl.load(cst + i + 1, mask=ok, other=0) - st, 0)
-        lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
-        if UNION:
-            okr = rok[:, None] & ok[None, :]
-            ex = tl.max((okr & (fh <= n2h[:, None])).to(tl.int32), 0) > 0
-            kp = tl.max((okr & (fh <= n1h[:, None])).to(tl.int32), 0) > 0
-        else:
-            ex = fg <= n2
-            kp = fg <= n1
-        if FLOOR:
-            ex = ex | (fg <= nf)
-        ex = ex & ok
-        kp = (kp | ex) & ok
-        kept += tl.sum(tl.where(kp[None, :], tl.exp2(lp), 0.0), 1)
-        need += tl.sum(tl.where(ex, sz, 0), 0)
-        msz = tl.maximum(msz, tl.max(tl.where(ex, sz, 0), 0))
-        nex += tl.sum(ex.to(tl.int32), 0)
-        ec = (ex & (sz > 0)).to(tl.int32)
-        pc = (kp & ~ex).to(tl.int32)
-        pk = tl.cumsum(ec + (pc << 16), 0)  # exact ranks in the low 16 bits, pseudo above (BLK < 65536)
-        rank = nxc + (pk & 0xFFFF) - ec
-        tl.store(xd_ptr + bh * C + rank, st, mask=ec > 0)
-        tl.store(xo_ptr + bh * C + rank, sz, mask=ec > 0)
-        tl.store(pid_ptr + bh * C + nP + (pk >> 16) - pc, i, mask=pc > 0)
-        nxc += tl.sum(ec, 0)
-        nP += tl.sum(pc, 0)
-    fb = need > CAP  # work list too small: this head attends densely
-    nX = tl.where(fb, 0, need)
-    nxc = tl.where(fb, 0, nxc)
-    nP = tl.where(fb, 0, nP)
-    ncx = tl.where(fb, ncl, nex)
-    tot = tl.where(rok & (ncl > 0), tl.exp2(lse2 - LSE2), 0.0)  # sum_i P_r[i]: what a fallback head keeps
-    mass = tl.sum(tl.where(fb, tot, kept) + e, 0) / G
-
-    # exact-token list: cluster e's j-th token goes to idx[o_e + j] = cstart_e + j, o_e = exclusive prefix
-    # sum of the compacted sizes (block by block over the short compacted list)
+    # the last program of this head to arrive (its acq_rel sees every add) cuts, writes the plan and the
+    # stats that need no classification, and zeroes the histograms and the counter for the next launch
     tl.debug_barrier()
-    run = nxc * 0
-    for e0 in range(0, nxc, TILE_R):
-        ee = e0 + tl.arange(0, TILE_R)
-        n_e = tl.load(xo_ptr + bh * C + ee, mask=ee < nxc, other=0)
-        s_e = tl.load(xd_ptr + bh * C + ee, mask=ee < nxc, other=0)
-        o = tl.cumsum(n_e, 0) - n_e + run
-        run += tl.sum(n_e, 0)
-        for j0 in range(0, msz, TILE_J):
-            j = j0 + tl.arange(0, TILE_J)
-            tl.store(
-                idx_ptr + bh * CAP + o[:, None] + j[None, :], s_e[:, None] + j[None, :], mask=j[None, :] < n_e[:, None]
-            )
-
-    # per-head plan for the attention kernel: steady ranges [0, S0) and [T0, T1), then nX listed tokens
-    S0 = tl.where(fb, ln, S)
-    T0 = tl.where(fb, ln, ts)
-    tl.store(meta_ptr + bh * 8 + 0, S0)
-    tl.store(meta_ptr + bh * 8 + 1, T0)
-    tl.store(meta_ptr + bh * 8 + 2, ln)
-    tl.store(meta_ptr + bh * 8 + 3, nX)
-    tl.store(meta_ptr + bh * 8 + 4, nP)
-    # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS
-    tl.store(st_ptr + bh, (S0 + (ln - T0) + nX).to(tl.float32))  # exact_tokens
-    tl.store(st_ptr + NBH + bh, nP.to(tl.float32))  # pseudo_tokens
-    tl.store(st_ptr + 2 * NBH + bh, ncx.to(tl.float32))  # exact_clusters
-    tl.store(st_ptr + 3 * NBH + bh, need.to(tl.float32))  # need_tokens
-    tl.store(st_ptr + 4 * NBH + bh, mass)  # est_mass
-    tl.store(st_ptr + 5 * NBH + bh, fb.to(tl.float32))  # fallback
-    tl.store(st_ptr + 6 * NBH + bh, ncl.to(tl.float32))  # scored_clusters
-    tl.store(st_ptr + 7 * NBH + bh, (WHOLE * (S + ln - ts)).to(tl.float32))  # steady_scored
+    if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NH - 1:
+        cntg = tl.load(hb + k, volatile=True)
+        if TOK:
+            cumt = tl.cumsum(tl.load(hb + NB + k, volatile=True), 0)
+        if UNION:
+            cnt2 = tl.reshape(tl.load(hb + 2 * NB + tl.arange(0, GP2 * NB), volatile=True), [GP2, NB])
+        # the cuts, in fine bins: n1 (exact + pseudo), n2 (exact) of the group unit, or per head with UNION
+        # (n1h, n2h); nf the floor's; -1 keeps nothing
+        pb = plan_ptr + bh * PLAN_W
+        if TOPK:
+            n2 = _count_cut(cumt, budget * 1.0, NB)
+            n1 = _count_cut(tl.cumsum(cntg, 0), tl.sum(tl.where(k <= n2, cntg, 0), 0) + est * 1.0, NB)
+        elif UNION:
+            tl.store(pb + 24 + r, _mass_cut(cnt2, R2h, e, p1, BPB, NB).to(tl.float32))
+            tl.store(pb + 32 + r, _mass_cut(cnt2, R2h, e, p2, BPB, NB).to(tl.float32))
+            n1 = -1
+            n2 = -1
+        else:
+            one = tl.zeros([1], tl.float32)
+            n1 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p1, BPB, NB), 0)
+            n2 = tl.max(_mass_cut(cntg[None, :], one + Rg, one + Sg, p2, BPB, NB), 0)
+        nf = -1
+        if FLOOR:  # at least f exact clustered tokens, by the group unit's bins
+            nf = _count_cut(cumt, tl.maximum(floor, floor_frac * tl.max(cumt, 0).to(tl.float32)), NB)
+        tl.store(pb + 0, n1 * 1.0)
+        tl.store(pb + 1, n2 * 1.0)
+        tl.store(pb + 2, nf * 1.0)
+        tl.store(pb + 3, Rg)
+        tl.store(pb + 8 + r, LSE2)
+        tl.store(pb + 16 + r, R2h)
+        ln = tl.load(lens_ptr + b)
+        ts = tl.load(ts_ptr + b)
+        S = tl.minimum(ts, sinks)
+        # stats, fp32 rows in the order of kernels/doublep.py STAT_KEYS; the attention kernel adds what its
+        # programs classify (exact and pseudo clusters, their tokens, the mass they keep)
+        tl.store(st_ptr + bh, (S + ln - ts).to(tl.float32))  # exact_tokens: the steady ones so far
+        tl.store(st_ptr + NBH + bh, 0.0)  # pseudo_tokens
+        tl.store(st_ptr + 2 * NBH + bh, 0.0)  # exact_clusters
+        tl.store(st_ptr + 3 * NBH + bh, 0.0)  # need_tokens
+        tl.store(st_ptr + 4 * NBH + bh, Sg)  # est_mass: the steady share so far
+        tl.store(st_ptr + 5 * NBH + bh, ncl.to(tl.float32))  # scored_clusters
+        tl.store(st_ptr + 6 * NBH + bh, (WHOLE * (S + ln - ts)).to(tl.float32))  # steady_scored
+        tl.debug_barrier()
+        tl.store(hb + k, tl.zeros([NB], tl.int32))
+        tl.store(hb + NB + k, tl.zeros([NB], tl.int32))
+        if UNION:
+            tl.store(hb + 2 * NB + tl.arange(0, GP2 * NB), tl.zeros([GP2 * NB], tl.int32))
+        tl.store(cnt_ptr + bh, 0)

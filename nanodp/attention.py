@@ -31,7 +31,7 @@ def _impl(kernels: str):
 
 
 class DecodeStats:
-    """Per layer and KV head, summed over decode steps: exact tokens, pseudo-tokens, mass kept, fallbacks.
+    """Per layer and KV head, summed over decode steps: exact tokens, pseudo-tokens, mass kept.
     Each layer of a step writes its [len(STAT_KEYS), B, Hkv] values into this step's slab (the sparse kernel
     stores them there directly); `end_step` adds the whole slab, weighted by `active`, to the sums: a few
     launches per step, not per layer. All buffers keep their addresses, so CUDA-graph replays keep counting."""
@@ -67,7 +67,6 @@ class DecodeStats:
         return {
             "kv_read_fraction": float(per_layer["exact_tokens"].sum()) / dense,
             "pseudo_fraction": float(per_layer["pseudo_tokens"].sum()) / dense,
-            "fallbacks": int(per_layer["fallback"].sum()),
             "per_layer_head": {k: v.tolist() for k, v in per_layer.items()},
         }
 

@@ -182,7 +182,6 @@ class SparseConfig:
     budget: int = 1024  # topk: exact clustered tokens per (sequence, KV head)
     est_clusters: int = 0  # topk: clusters after the budget kept as pseudo-tokens (RetroInfer's zone)
     dense_layers: int = 0  # the first N layers always decode densely
-    capacity: int | None = None  # max exact clustered tokens per head in a work list (None: all)
     estimate: str = "gauss"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     floor: int = 0  # doublep: at least this many exact clustered tokens per head, by rank ...
     floor_frac: float = 0.15  # ... and at least this fraction of the head's clustered tokens
@@ -202,8 +201,6 @@ class SparseConfig:
             raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
         if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
-        if self.capacity is not None and self.capacity < 0:
-            raise ConfigError(f"--capacity must be >= 0, got {self.capacity}")
 
     @property
     def mode(self) -> str:

@@ -15,7 +15,6 @@ KEYS = (
     "pseudo_tokens",
     "exact_clusters",
     "need_tokens",
-    "fallback",
     "scored_clusters",
     "steady_scored",
 )

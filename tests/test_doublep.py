@@ -156,26 +156,12 @@ def test_topk_budget_and_zone():
         assert ((s.pseudo.sum(-1) >= est) | (n + s.pseudo.sum(-1) == layer.ncl)).all()
 
 
-def test_capacity_fallback_is_dense():
-    q, layer, lens, ts, sinks = make_case(g=4, d=64, style="flat", **RAGGED)
-    o, st = sparse_ref(q, layer, lens, ts, sinks, sp(0.95, 0.9, capacity=40))
-    o_free, st_free = sparse_ref(q, layer, lens, ts, sinks, sp(0.95, 0.9))
-    fb = st["fallback"]
-    assert fb.any() and not fb.all()
-    assert torch.equal(fb, st_free["need_tokens"] > 40)
-    head_fb = fb.repeat_interleave(4, 1)
-    assert (o - dense(q, layer, lens))[head_fb].abs().max() < 1e-5
-    assert torch.equal(o[~head_fb], o_free[~head_fb])
-    assert torch.equal(st["exact_tokens"][fb], lens[:, None].expand_as(fb)[fb].int())
-
-
 def test_config_validation():
     for bad in (
         dict(group_rule="sum"),
         dict(whole=True, group_rule="max"),
         dict(p1=0.5, p2=0.7),
         dict(estimate="max"),
-        dict(capacity=-1),
         dict(attention="sparse"),
     ):
         with pytest.raises(ConfigError):

@@ -99,7 +99,6 @@ def run_cell(eng, B, ctx, steps, real_prompt, seed):
         tok_s=B / dt,
         kv_read=s.get("kv_read_fraction", 1.0),
         pseudo=s.get("pseudo_fraction", 0.0),
-        fallbacks=s.get("fallbacks", 0),
         prefill_s=eng.counters.prefill_s,
         cluster_s=eng.counters.cluster_s,
         ran="/".join(sorted(eng.counters.steps)),

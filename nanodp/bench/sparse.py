@@ -160,7 +160,6 @@ def bench_sparse(args=None):
                     topk_us=t_tk,
                     speedup=base / t_dp,
                     topk_speedup=base / t_tk,
-                    fallback_heads=int(st["fallback"].sum().item()),
                 )
                 if a("profile", False) and B == batches[0] and ctx == contexts[-1]:
                     row["kernels_us"] = kernel_breakdown(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp))

@@ -59,7 +59,6 @@ class KVTally:
             "pseudo": spread(ps),
             "scan": sc.mean().item(),
             "need_mean": need.item() / max(1, self.steps * (nl - self.dl) * nh),  # per head and step
-            "fallbacks": int(self.s["fallback"].sum()) if "fallback" in self.s else 0,
             "exact_layer_head": ex.tolist(),
         }
 

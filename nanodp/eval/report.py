@@ -14,7 +14,7 @@ results.json (rewritten after every batch, so an interrupted run keeps what it d
              outputs:  {task id: {score, text, ids (greedy tokens, -1 = EOS), agree (leading tokens equal to dense's)}},
              kv:       {length: {kv_bytes (fraction of dense's bytes), kv_bytes_spread, exact, pseudo (tokens per
                         step / context: mean, p10, p90, min, max over layers x KV heads), scan, need_mean (exact
-                        clustered tokens per head and step), fallbacks, exact_layer_head [layer][KV head],
+                        clustered tokens per head and step), exact_layer_head [layer][KV head],
                         sparse (the SparseConfig used), wall_s}},
              fidelity: {length: {kl, kl_p90, agree, n, err / mass / mass_x (spreads over layers x query heads),
                         mass_min, err_layers, mass_layers, mass_x_layers}}}}
