@@ -36,61 +36,13 @@ def _online(m, l, acc, s, vt, PREC: tl.constexpr):
 
 @triton.jit
 def _attn_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    z_ptr,
-    zc_ptr,
-    vm_ptr,
-    cst_ptr,
-    ncl_ptr,
-    lens_ptr,
-    ts_ptr,
-    plan_ptr,
-    st_ptr,
-    cls_ptr,
-    po_ptr,
-    pml_ptr,
-    o_ptr,
-    cnt_ptr,
-    sq_b,
-    sq_h,
-    sk_b,
-    sk_h,
-    sk_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    sm_b,
-    sm_h,
-    sm_c,
-    scs_b,
-    scs_h,
-    sn_b,
-    sn_h,
-    so_b,
-    so_h,
-    qk_scale,
-    HKV,
-    C,
-    NS,
-    NBH,
-    sinks,
-    BPB,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    GP2: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CB: tl.constexpr,
-    NSP: tl.constexpr,
-    NB: tl.constexpr,
-    PREC: tl.constexpr,
-    MAXRULE: tl.constexpr,
-    UNION: tl.constexpr,
-    FLOOR: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, z_ptr, zc_ptr, vm_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, plan_ptr, st_ptr, cls_ptr,
+    po_ptr, pml_ptr, o_ptr, cnt_ptr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c, scs_b, scs_h,
+    sn_b, sn_h, so_b, so_h, qk_scale, HKV, C, NS, NBH, sinks, BPB, G: tl.constexpr, GP: tl.constexpr,
+    GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr, NSP: tl.constexpr,
+    NB: tl.constexpr, PREC: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, FLOOR: tl.constexpr,
     PLAN: tl.constexpr,
-):
+):  # fmt: skip
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
@@ -235,6 +187,10 @@ def _combine(
     tl.store(o_ptr + b.to(tl.int64) * so_b + hq * so_h + dd, o.to(o_ptr.dtype.element_ty))
 
 
+# launch shapes (scripts/tune_sparse.py sweeps them on a GPU): tokens per attention tile, clusters a split
+# classifies at a time, attention and hist programs per SM at batch 1 (at most 64 per head), attention warps
+TILES = dict(block_n=64, cb=64, attn_per_sm=4, hist_per_sm=2, attn_warps=0)  # 0 warps: 8 if d >= 128 else 4
+
 _ZEROS = {}
 
 
@@ -278,13 +234,13 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     floor = not topk and (sp.floor > 0 or sp.floor_frac > 0)
     maxrule = sp.group_rule == "max"
     gauss = sp.estimate == "gauss"
-    # programs per head: the score and hist kernels about two per SM at batch 1, attention about four
+    # programs per head: n per SM at batch 1, fewer per head as the batch grows
     spread = lambda n: max(1, min(64, triton.cdiv(n * nsm, BH)))  # noqa: E731
     BLOCK_C = 64 if d <= 64 else 32 if interp else 64
     chunk = BLOCK_C * triton.cdiv(triton.cdiv(C, BLOCK_C), spread(2))
     NCS = triton.cdiv(C, chunk)
-    NH = 2 if interp else spread(2)
-    NS = 3 if interp else spread(4)
+    NH = 2 if interp else spread(TILES["hist_per_sm"])
+    NS = 3 if interp else spread(TILES["attn_per_sm"])
 
     f32 = dict(device=dev, dtype=torch.float32)
     zbuf = torch.empty(BH * g * C, **f32)
@@ -328,8 +284,9 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
-        D=d, BLOCK_N=16 if interp else 64, CB=16 if interp else 64, NSP=max(2, triton.next_power_of_2(NS)),
-        PREC=prec, FLOOR=floor or topk, PLAN=plan_out is not None, num_warps=8 if d >= 128 else 4,
+        D=d, BLOCK_N=16 if interp else TILES["block_n"], CB=16 if interp else TILES["cb"],
+        NSP=max(2, triton.next_power_of_2(NS)), PREC=prec, FLOOR=floor, PLAN=plan_out is not None,
+        num_warps=TILES["attn_warps"] or (8 if d >= 128 else 4),
         num_stages=2, **common,
     )  # fmt: skip
 

@@ -1,0 +1,80 @@
+"""Sweep the Double-P kernels' launch shapes (kernels/doublep_attn.py TILES) on a GPU, at the engine's sparse
+defaults, on nanodp.bench.sparse's synthetic inputs; prints us per layer step for every cell and setting, the
+per-kernel split of the best, and the setting with the lowest geometric mean over the cells.
+
+    python scripts/tune_sparse.py [--cells llama8b:131072:1,llama8b:131072:8,...] [--reps 20] [--out FILE]
+"""
+
+import argparse
+import itertools
+import json
+import math
+
+from nanodp.bench.sparse import SHAPES, SINKS, _dense_fns, kernel_breakdown, make_synthetic
+from nanodp.bench.timing import time_us
+from nanodp.config import SparseConfig
+from nanodp.kernels import doublep_attn
+
+CELLS = "llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:8,smollm:8192:32"
+GRID = dict(block_n=[32, 64], cb=[32, 64, 128], attn_per_sm=[2, 4, 8], attn_warps=[4, 8])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", default=CELLS, help="shape:context:batch, comma-separated")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--hist", default="1,2,4", help="hist_per_sm values tried at the best attention setting")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sp = SparseConfig("doublep")
+    base = dict(doublep_attn.TILES)
+    settings = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    times, dense, cells = {}, {}, []
+    for cell in args.cells.split(","):
+        shape, ctx, B = cell.split(":")
+        Hq, Hkv, d = SHAPES[shape]
+        q, layer, lens, ts = make_synthetic(int(B), Hq, Hkv, d, int(ctx))
+        dense[cell] = min(time_us(f, args.reps) for f in _dense_fns(q, layer, lens, int(ctx)).values())
+        for i, s in enumerate(settings):
+            doublep_attn.TILES.update(base | s)
+            times[cell, i] = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp), args.reps)
+        doublep_attn.TILES.update(base)
+        t0 = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp), args.reps)
+        best = min(range(len(settings)), key=lambda i: times[cell, i])
+        doublep_attn.TILES.update(base | settings[best])
+        split = kernel_breakdown(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp))
+        print(
+            f"{cell}: dense {dense[cell]:.1f} us, best {times[cell, best]:.1f} us ({settings[best]}), "
+            f"as committed {t0:.1f}; kernels {split}",
+            flush=True,
+        )
+        cells.append((cell, q, layer, lens, ts))
+    geo = lambda i: math.exp(sum(math.log(times[c, i]) for c, *_ in cells) / len(cells))  # noqa: E731
+    best = min(range(len(settings)), key=geo)
+    pick = base | settings[best]
+    hist = {}
+    for h in map(int, args.hist.split(",")):
+        doublep_attn.TILES.update(pick | {"hist_per_sm": h})
+        hist[h] = [
+            time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp), args.reps) for _, q, la, ln, t in cells
+        ]
+    pick["hist_per_sm"] = min(hist, key=lambda h: sum(map(math.log, hist[h])))
+    print("\nsetting (geo-mean over cells) and us per cell:")
+    for i in sorted(range(len(settings)), key=geo)[:8]:
+        print(f"  {geo(i):8.1f}  {settings[i]}  " + " ".join(f"{times[c, i]:.1f}" for c, *_ in cells))
+    print(f"hist_per_sm: { {h: [round(x, 1) for x in v] for h, v in hist.items()} }")
+    print(f"pick: {pick}")
+    print("cell, dense us, pick us, speedup:")
+    doublep_attn.TILES.update(pick)
+    for cell, q, la, ln, t in cells:
+        tp = time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp), args.reps)
+        print(f"  {cell:22} {dense[cell]:9.1f} {tp:9.1f} {dense[cell] / tp:6.2f}x")
+    if args.out:
+        json.dump(
+            dict(pick=pick, times={f"{c}|{i}": v for (c, i), v in times.items()}, settings=settings, dense=dense),
+            open(args.out, "w"),
+        )
+
+
+if __name__ == "__main__":
+    main()
