@@ -102,23 +102,12 @@ def _lae2(a, b):
 
 
 @triton.jit
-def _scores(
-    z_ptr,
-    zoff,
-    i,
-    ok,
-    C,
-    LSE2,
-    R2h,
-    Rg,
-    BPB,
-    G: tl.constexpr,
-    GP2: tl.constexpr,
-    NB: tl.constexpr,
-    MAXRULE: tl.constexpr,
-):
+def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: tl.constexpr,
+            MAXRULE: tl.constexpr):  # fmt: skip
     """Clusters i [BLK]: lp = log2 P_r[i] [GP2, BLK] (-inf where invalid), the group unit's fine bin fg [BLK]
-    and every head's fh [GP2, BLK] (bins of the twin: floor((R - ln u) * 64 per nat), clamped; NB where invalid)."""
+    and every head's fh [GP2, BLK] (bins of the twin: floor((R - ln u) * 64 per nat), clamped; NB where invalid).
+    Elementwise math and maxima only (the mean's sum runs over the heads in a fixed order): the hist and the
+    attention kernel, whatever their layouts, bin every cluster to the same bits."""
     r = tl.arange(0, GP2)
     okr = (r < G)[:, None] & ok[None, :]
     z = tl.load(z_ptr + zoff + r[:, None] * C + i[None, :], mask=okr, other=0.0)
@@ -127,7 +116,11 @@ def _scores(
         lg = tl.max(lp, 0)
     else:  # log2 mean_r 2^lp, stably (max first)
         mx = tl.where(ok, tl.max(lp, 0), 0.0)
-        lg = mx + tl.log2(tl.sum(tl.exp2(lp - mx[None, :]), 0)) - tl.log2(G * 1.0)
+        sm = tl.zeros_like(mx)
+        for rr in tl.static_range(G):
+            lr = tl.load(z_ptr + zoff + rr * C + i, mask=ok, other=0.0) * LOG2E - tl.sum(tl.where(r == rr, LSE2, 0.0))
+            sm += tl.where(ok, tl.exp2(lr - mx), 0.0)
+        lg = mx + tl.log2(sm) - tl.log2(G * 1.0)
     fg = tl.where(ok, tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0).to(tl.int32)
     fh = tl.where(okr, tl.minimum(tl.maximum(tl.floor((R2h[:, None] - lp) * BPB), 0.0), NB - 1.0), NB * 1.0)
     return lp, fg, fh.to(tl.int32)

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_runbook.sh bench    bench e2e (default model, engine defaults, --write-auto) and bench sparse
 #   bash scripts/gpu_runbook.sh dev      evaluation grid on the development seed 1 (picks the defaults)
 #   bash scripts/gpu_runbook.sh report   the development pick, unchanged, on the fresh report seeds 7-11
+#   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -62,6 +63,16 @@ report)   # five report seeds at once on the one GPU (the 135M model leaves it m
   wait
   for s in 7 8 9 10 11; do cp runs/gpu-report$s/results.json "$OUT/report$s.json"; done
   for s in 7 8 9 10 11; do grep -v '^{' "$OUT/eval-report$s.log" | grep -v "━" | head -8; done ;;
+tune)
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py tests/test_doublep.py \
+    tests/test_estimate.py tests/test_doublep_select.py tests/test_cluster.py tests/test_kernels_dense.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  timeout 220 python3 scripts/tune_sparse.py --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  timeout 130 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  tail -3 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -12
+  grep -v "^{" "$OUT/tune.log" | tail -16; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -12 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
