@@ -14,6 +14,10 @@ with u(z) = z * (1 / max(|z|, 1e-12)):
 mean_init   m = (1/n) sum_t x_t (fp32);  c_j = u(x_{floor(j n / k)} - m)                          1 launch
 step        y_t = u(x_t - m), rounded to the keys' dtype;  a_t = argmax_j y_t . c_j;  S_j = sum_{a_t = j} y_t;
             c_j <- u(S_j) where S_j != 0 (else c_j stays)                                  1 launch a round
+            S and the sizes are carried between rounds: a row moves its y from its old sum to its new one
+            only when its cluster changed (on real keys ~15% of rows in round 2, <1% by round 6), so a round
+            costs 2 d atomics per moved row instead of d per row; S equals the fresh sum to fp32 rounding,
+            and an emptied cluster's S is reset to exactly 0
 final       a_t as in step (no update); cnt_j = |{t : a_t = j}|; optionally the raw rows of
             K, V, pos copied to a scratch (the source of the in-place reorder)                     1 launch
 reorder     cache row s + t <- scratch row perm[t]  (K, V and pos together)                        1 launch
@@ -24,7 +28,7 @@ append      per cluster, from the reordered (contiguous) rows: centroid = mean o
 c is kept in the keys' dtype (what the assignment multiplies: y is rounded to it too; the products are
 accumulated in fp32). Work that needs all of a problem's sums (normalising the centroids, bumping ncl) is
 done by the problem's last program to finish, found with a per-problem arrival counter (acq_rel atomic), so
-a round is one launch with no separate update pass; that program also zeroes S for the next round.
+a round is one launch with no separate update pass.
 
 Tie semantics of the argmax: among equal scores the lowest centroid index wins (torch.argmax returns the
 first maximum; the kernels keep the first maximum per lane across chunks with a strict comparison, then

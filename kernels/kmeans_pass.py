@@ -114,6 +114,8 @@ def _step_kernel(
     MU,
     C,
     S,
+    CNT,
+    PREV,
     CTR,
     k,
     d,
@@ -130,23 +132,38 @@ def _step_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     x, y, rm, m2 = _centred_tile(kb, sk3, sk4, MU, p, n, d, offs_t, offs_d, C.dtype.element_ty)
     j = _argmax_dot(y, C + p * k * d, k, d, 1, offs_d, d, BLOCK_T, BLOCK_K, IEEE)
-    tl.atomic_add(S + (p * k + j[:, None]) * d + offs_d[None, :], y.to(tl.float32), mask=m2, sem="relaxed")
+    # S and CNT carry the previous round's sums and sizes: only a row that changed cluster moves its y
+    # (recomputed bit-identically each round) from the old sum to the new one, so S_j is the members' sum
+    # to fp32 rounding. PREV holds id + 1 (0: no cluster yet, the first round adds every row).
+    jo = tl.load(PREV + p * n + offs_t, mask=rm, other=0) - 1
+    mv = rm & (j != jo)
+    mv2 = mv[:, None] & (offs_d[None, :] < d)
+    yf = y.to(tl.float32)
+    tl.atomic_add(S + (p * k + j[:, None]) * d + offs_d[None, :], yf, mask=mv2, sem="relaxed")
+    tl.atomic_add(S + (p * k + jo[:, None]) * d + offs_d[None, :], -yf, mask=mv2 & (jo >= 0)[:, None], sem="relaxed")
+    tl.atomic_add(CNT + p * k + j, tl.full([BLOCK_T], 1, tl.int32), mask=mv, sem="relaxed")
+    tl.atomic_add(CNT + p * k + jo, tl.full([BLOCK_T], -1, tl.int32), mask=mv & (jo >= 0), sem="relaxed")
+    tl.store(PREV + p * n + offs_t, j + 1, mask=mv)
     tl.debug_barrier()
-    if tl.atomic_add(CTR + p, 1, sem="acq_rel") == T - 1:  # last program: update c, zero S
+    if tl.atomic_add(CTR + p, 1, sem="acq_rel") == T - 1:  # last program: update c
         for c0 in range(0, k, BLOCK_K):
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mc = (offs_c[:, None] < k) & (offs_d[None, :] < d)
             o = (p * k + offs_c[:, None]) * d + offs_d[None, :]
             sv = tl.load(S + o, mask=mc, other=0.0, cache_modifier=".cg")
+            live = tl.load(CNT + p * k + offs_c, mask=offs_c < k, other=0, cache_modifier=".cg") > 0
+            sv = tl.where(live[:, None], sv, 0.0)  # an empty cluster's sum is 0, not what rounding left
             norm = tl.sqrt_rn(tl.sum(sv * sv, 1))
             new = tl.div_rn(sv, tl.maximum(norm, 1e-30)[:, None])
             tl.store(C + o, new.to(C.dtype.element_ty), mask=mc & (norm > 0)[:, None])  # 0: keeps c_j
-            tl.store(S + o, tl.zeros_like(sv), mask=mc)
+            tl.store(S + o, sv, mask=mc & (~live)[:, None])
 
 
-def step_triton(r, mu, c, s, ctr, block_t=None, block_k=64, num_warps=None):
-    """step_ref in place: c [N, k, d] updated; s [N, k, d] fp32 must be zero (and is left zero); ctr [N]
-    int32 zeroed arrival counters (one set per launch)."""
+def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=64, num_warps=None):
+    """step_ref in place: c [N, k, d] updated. State carried from round to round, zero before the first:
+    s [N, k, d] fp32 and cnt [N, k] int32, the sums and sizes of the clusters of the last assignment, and
+    prev [N, n] int32, that assignment + 1. ctr [N]: int32 zeroed arrival counters (one set per launch).
+    A round costs sum atomics only for the rows that changed cluster (all of them in the first)."""
     gpu = r.k.is_cuda
     bt = block_t or (128 if gpu else 64)
     T = triton.cdiv(r.n, bt)
@@ -157,6 +174,8 @@ def step_triton(r, mu, c, s, ctr, block_t=None, block_k=64, num_warps=None):
         mu,
         c,
         s,
+        cnt,
+        prev,
         ctr,
         k,
         d,

@@ -39,16 +39,18 @@ def _check(n, k, iters):
 
 class _Workspace:
     """Zero-initialised accumulators of one pass, one allocation (one memset): m [N, d], S [N, k, d] fp32,
-    counts [N, k] int32 and one set of [N] arrival counters per launch that needs them."""
+    the rounds' cluster sizes scnt [N, k] and last assignment prev [N, n] (step_triton's carried state),
+    the final counts cnt [N, k] int32 and one set of [N] arrival counters per launch that needs them."""
 
-    def __init__(self, N, k, d, launches, device):
-        sizes = dict(mu=N * d, s=N * k * d, cnt=N * k, ctr=launches * N)
+    def __init__(self, N, k, d, launches, device, n=0):
+        sizes = dict(mu=N * d, s=N * k * d, scnt=N * k, prev=N * n, cnt=N * k, ctr=launches * N)
         buf = torch.zeros(sum(sizes.values()), dtype=torch.int32, device=device)
         views, o = {}, 0
         for name, size in sizes.items():
             views[name], o = buf[o : o + size], o + size
         self.mu = views["mu"].view(torch.float32).view(N, d)
         self.s = views["s"].view(torch.float32).view(N, k, d)
+        self.scnt, self.prev = views["scnt"].view(N, k), views["prev"].view(N, n)
         self.cnt = views["cnt"].view(N, k)
         self.ctr = views["ctr"].view(launches, N)
 
@@ -61,11 +63,11 @@ def _kmeans_triton(r, k, iters, scratch=None):
     """Rounds of the pass on rows r: returns (assignment [N, n], workspace). With scratch, the final round
     also copies the raw K, V, pos rows there."""
     N, n, d = r.N, r.n, r.k.shape[-1]
-    ws = _Workspace(N, k, d, iters + 1, r.k.device)
+    ws = _Workspace(N, k, d, iters + 1, r.k.device, n)
     c = torch.empty(N, k, d, dtype=r.k.dtype, device=r.k.device)
     mean_init_triton(r, k, ws.mu, c, ws.ctr[0])
     for i in range(iters - 1):
-        step_triton(r, ws.mu, c, ws.s, ws.ctr[1 + i])
+        step_triton(r, ws.mu, c, ws.s, ws.scnt, ws.prev, ws.ctr[1 + i])
     a = torch.empty(N, n, dtype=_ids_dtype(k), device=r.k.device)
     final_triton(r, ws.mu, c, a, ws.cnt, scratch)
     return a, ws

@@ -84,6 +84,11 @@ FLAGS = {
         help="cluster the oldest tail tokens once this many lie beyond the window (default: %(default)s)",
     ),
     "cluster-size": dict(type=int, default=_CC.cluster_size, help="tokens per cluster (default: %(default)s)"),
+    "kmeans-iters": dict(
+        type=int,
+        default=_CC.kmeans_iters,
+        help="k-means rounds when clustering the cache, >= 1 (default: %(default)s)",
+    ),
     # sampling (SamplingParams)
     "max-new-tokens": dict(type=int, default=_SA.max_new_tokens, help="tokens to generate (default: %(default)s)"),
     "temperature": dict(type=float, default=_SA.temperature, help="0 = greedy (default: %(default)s)"),
@@ -93,7 +98,7 @@ FLAGS = {
 }
 MODEL = ("model", "device", "dtype", "kernels", "max-len", "yarn", "eager", "tp")
 SPARSE = ("attention", "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers")
-CACHE = ("recluster-every", "cluster-size")
+CACHE = ("recluster-every", "cluster-size", "kmeans-iters")
 ENGINE = MODEL + SPARSE + CACHE
 SAMPLING = ("max-new-tokens", "temperature", "top-p", "top-k", "seed")
 
@@ -127,7 +132,9 @@ def sparse_from_args(args, **override) -> SparseConfig:
 
 
 def cluster_from_args(args) -> ClusterConfig:
-    return ClusterConfig(recluster_every=args.recluster_every, cluster_size=args.cluster_size)
+    """The ClusterConfig of the CACHE flags a command declares (the engine's default for any it does not)."""
+    names = [f.replace("-", "_") for f in CACHE]
+    return ClusterConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 
 def sampling_from_args(args, **kw) -> SamplingParams:
@@ -172,6 +179,7 @@ def llm_options(args) -> dict:
         **{k: getattr(sp, k) for k in sp.__dataclass_fields__ if k != "attention"},
         recluster_every=cc.recluster_every,
         cluster_size=cc.cluster_size,
+        kmeans_iters=cc.kmeans_iters,
     )
 
 

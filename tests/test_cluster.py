@@ -169,14 +169,20 @@ def test_step_kernel_matches_twin(dtype):
     mu, c = kp.mean_init_ref(x, k)
     c[:, 20] = c[:, 3]  # a duplicate in another chunk: stays empty, keeps c
     c[:, 7] = -c.float().sum(1).to(dtype)  # (and one far from everything)
-    ws = _Workspace(r.N, k, 24, 1, DEV)
+    ws = _Workspace(r.N, k, 24, 1, DEV, r.n)
     ws.mu.copy_(mu)
     got = c.clone()
-    kp.step_triton(r, ws.mu, got, ws.s, ws.ctr[0], block_t=32, block_k=16)
+    kp.step_triton(r, ws.mu, got, ws.s, ws.scnt, ws.prev, ws.ctr[0], block_t=32, block_k=16)
     want = kp.step_ref(x, mu, c)
     assert eq(got[:, 20], c[:, 20]) and eq(want[:, 20], c[:, 20])
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=TOL[dtype], atol=TOL[dtype])
-    assert ws.s.eq(0).all()  # left zeroed for the next round
+    # the carried state: the assignment + 1, the member counts and the sums of y (empty clusters: exactly 0)
+    y = kp.centred_unit_ref(x, mu).to(dtype)
+    a = ws.prev.long() - 1
+    assert eq(a.sort(1).values.ge(0), torch.ones(r.N, r.n, dtype=torch.bool))
+    assert eq(ws.scnt, torch.zeros_like(ws.scnt).scatter_add_(1, a, torch.ones_like(a, dtype=torch.int32)))
+    torch.testing.assert_close(ws.s.cpu(), km.cluster_sums_ref(y, a, k).cpu(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert ws.s[ws.scnt == 0].eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

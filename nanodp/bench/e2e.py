@@ -123,11 +123,15 @@ def bench_e2e(argv):
         action="store_true",
         help="write the --attention auto table of this GPU from the default model's cells, then time auto",
     )
-    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers", "tp")
+    flags.add(p, "p1", "p2", "group-rule", "whole", "estimate", "floor", "budget", "dense-layers", "kmeans-iters", "tp")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per cell (default: %(default)s)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     p.add_argument("--seed", type=int, default=0, help="prose seed (default: %(default)s)")
     args = p.parse_args(argv)
+    try:
+        flags.cluster_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     require_cuda("e2e")
     parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
@@ -153,10 +157,10 @@ def bench_e2e(argv):
                 continue  # random weights: flat attention, sparse numbers would mean nothing
             max_len = min(ctx, 8192) if real else ctx + args.steps + 64
             fill = ctx - args.steps - 8 if real else ctx
-            sp = flags.sparse_from_args(args, attention=att)
+            sp, cc = flags.sparse_from_args(args, attention=att), flags.cluster_from_args(args)
 
             def measure():
-                eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, quiet=True)
+                eng = Engine(model, device="cuda", max_batch=B, max_len=max_len, sparse=sp, cluster=cc, quiet=True)
                 try:
                     r = run_cell(eng, B, fill, args.steps, real, args.seed)
                     w = sum(t.numel() * t.element_size() for t in eng.model.parameters())

@@ -50,7 +50,6 @@ import sys
 import time
 
 from .. import flags
-from ..config import ClusterConfig
 from .harness import OutOfTime, parse_method, run_accuracy, run_fidelity
 from .tasks import KINDS, MAX_NEW, fidelity_subset, make_tasks, prompts_sha
 
@@ -60,7 +59,7 @@ def main(argv=None):
         prog="python -m nanodp.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     a = ap.add_argument
-    flags.add(ap, "model", "device", "dtype", "kernels", "yarn", "dense-layers", "cluster-size")
+    flags.add(ap, "model", "device", "dtype", "kernels", "yarn", "dense-layers", "cluster-size", "kmeans-iters")
     a("--lengths", default="1024,2048,4096,8192", help="prompt lengths in tokens (default: %(default)s)")
     a("--depths", default="0.1,0.5,0.9", help="needle depths, 0 = start, 1 = end (default: %(default)s)")
     a("--tasks", default="all", help=f"comma list of {', '.join(KINDS)}; or all / ruler (default: %(default)s)")
@@ -171,7 +170,7 @@ def main(argv=None):
             max_len=max_len,
             kernels=args.kernels,
             yarn=args.yarn,
-            cluster=ClusterConfig(cluster_size=args.cluster_size),
+            cluster=flags.cluster_from_args(args),
             quiet=True,
         )
         tasks = make_tasks(

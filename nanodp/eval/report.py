@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import ClusterConfig
 from .plots import make_plots
 from .tasks import KINDS
 
@@ -54,15 +55,22 @@ def save(R, folder):
         os.replace(out / "results.json.tmp", out / "results.json")
 
 
+CLUSTERING = ("cluster_size", "kmeans_iters")  # run arguments that change the clusters every method sees
+
+
 def resume(R, folder):
     """Take over every method's results of an earlier run into the same folder when it saw the same prompts
     (methods not asked for this time are kept too: a resumed run never drops results)."""
     if folder and (Path(folder) / "results.json").is_file():
         old = load(folder)
-        if old["meta"]["prompts_sha"] == R["meta"]["prompts_sha"]:
-            R["methods"] |= old["methods"]
-        else:
+        was = lambda a, k: a.get(k, getattr(ClusterConfig(), k))  # noqa: E731 (runs before the flag: the default)
+        other = [k for k in CLUSTERING if was(old["meta"]["args"], k) != was(R["meta"]["args"], k)]
+        if old["meta"]["prompts_sha"] != R["meta"]["prompts_sha"]:
             print(f"nanodp.eval: {folder} holds other prompts; not resuming (it will be overwritten)", file=sys.stderr)
+        elif other:
+            print(f"nanodp.eval: {folder} was clustered with other {', '.join(other)}; not resuming", file=sys.stderr)
+        else:
+            R["methods"] |= old["methods"]
 
 
 def report(R, folder=None, dev=None):
