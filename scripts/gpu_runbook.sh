@@ -66,7 +66,8 @@ report)   # five report seeds at once on the one GPU (the 135M model leaves it m
 tune)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py tests/test_doublep.py \
-    tests/test_estimate.py tests/test_doublep_select.py tests/test_cluster.py tests/test_kernels_dense.py \
+    tests/test_estimate.py tests/test_doublep_select.py tests/test_cluster.py tests/test_kmeans_rounds.py \
+    tests/test_kernels_dense.py tests/test_sparse_engine.py \
     > "$OUT/gpu_tests.log" 2>&1
   timeout 220 python3 scripts/tune_sparse.py --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   timeout 130 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 \
