@@ -26,8 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+from .kinds import KINDS
 from .plots import make_plots
-from .tasks import KINDS
 
 SHORT = {
     "kv_retrieval": "kv",
