@@ -99,10 +99,10 @@ def test_stream_never_shows_part_of_a_stop_string(llm):
 
 
 def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default_model):
-    from nanodp import engine
+    from nanodp import runner
 
     small = LLM(device="cpu", max_batch=1)
-    real = engine.KVCache
+    real = runner.KVCache
 
     class Capped(real):
         def __init__(self, *a, **k):
@@ -110,7 +110,7 @@ def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default
                 raise RuntimeError("out of memory (simulated)")
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(engine, "KVCache", Capped)
+    monkeypatch.setattr(runner, "KVCache", Capped)
     with pytest.raises(RuntimeError, match="simulated"):
         small.generate("hi", SamplingParams(max_new_tokens=2000))
     assert small.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].completion_tokens == 4
