@@ -12,7 +12,7 @@ from . import auto, parallel
 from .attention import AttentionContext
 from .cache import KVCache
 from .config import ClusterConfig, SparseConfig
-from .loader import load_model, resolve_model_dir
+from .loader import check_max_len, load_model, model_config, resolve_model_dir
 from .tokenizer import Tokenizer
 
 
@@ -63,6 +63,7 @@ class ModelRunner:
             self.model_dir, self.model, self.tok = None, model, None
         else:
             self.model_dir = resolve_model_dir(model, quiet=quiet)
+            check_max_len(max_len, model_config(self.model_dir, yarn), yarn)  # before the weights load
             self.model = load_model(self.model_dir, dtype=dtype, device=self.device, yarn=yarn)
             self.tok = Tokenizer(self.model_dir)
         self.cfg = self.model.cfg

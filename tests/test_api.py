@@ -114,3 +114,39 @@ def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default
     with pytest.raises(RuntimeError, match="simulated"):
         small.generate("hi", SamplingParams(max_new_tokens=2000))
     assert small.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            dict(max_len=9000),
+            "--max-len 9000 exceeds the model's context of 8192 tokens: drop it or extend the context with --yarn F",
+        ),
+        (
+            dict(max_len=20000, yarn=2),
+            "--max-len 20000 exceeds the model's context of 16384 tokens with --yarn 2: drop it or raise --yarn to 3",
+        ),
+    ],
+)
+def test_a_max_len_beyond_the_context_is_refused_before_the_weights_load(kw, message, monkeypatch, default_model):
+    from nanodp import runner
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before --max-len was checked")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    with pytest.raises(ValueError, match="^" + message):
+        LLM(device="cpu", **kw)
+
+
+def test_max_len_within_the_yarn_context_is_taken_and_the_cli_refuses_beyond(default_model, capsys):
+    assert LLM(device="cpu", max_len=9000, yarn=2).engine.max_len == 9000
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main(["--prompt", "hi", "--max-len", "9000", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "error: --max-len 9000 exceeds the model's context of 8192 tokens: drop it or extend the context with "
+        "--yarn F (F >= 2)"
+    ]
+
