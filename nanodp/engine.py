@@ -2,6 +2,7 @@
 strings, length, a full cache), streaming text as it arrives, and chat turns that reuse the cached prefix.
 Under tensor parallelism every rank runs this same loop."""
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -34,21 +35,34 @@ class Engine(ModelRunner):
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
         `on_done(i, result)` fires as each prompt finishes. A prompt that does not fit raises before any work."""
         results = {}
-        for kind, i, x in self.events(prompts, params):
-            if kind == "text" and on_text:
-                on_text(i, x)
-            elif kind == "done":
-                results[i] = x
-                if on_done:
-                    on_done(i, x)
+        with contextlib.closing(self.events(prompts, params)) as events:  # closed (the engine freed) on errors too
+            for kind, i, x in events:
+                if kind == "text" and on_text:
+                    on_text(i, x)
+                elif kind == "done":
+                    results[i] = x
+                    if on_done:
+                        on_done(i, x)
         return [results[i] for i in range(len(prompts))]
 
     def events(self, prompts, params: SamplingParams):
-        """The generator behind `generate`: yields ("text", i, piece) as text arrives and ("done", i, Result)."""
-        for p in prompts:
-            self.check_fits(len(p))
-        for g in range(0, len(prompts), self.max_batch):
-            yield from self._run_group(prompts[g : g + self.max_batch], params, g)
+        """The generator behind `generate`: yields ("text", i, piece) as text arrives and ("done", i, Result).
+        It holds the engine from its first step until it finishes or is closed (or garbage-collected)."""
+        with self._exclusive():
+            for p in prompts:
+                self.check_fits(len(p))
+            for g in range(0, len(prompts), self.max_batch):
+                yield from self._run_group(prompts[g : g + self.max_batch], params, g)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the KV cache for one generation; a second one started meanwhile raises (check_idle)."""
+        self.check_idle()
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     def _run_group(self, group, params, base, starts=None, reset=True):
         B = len(group)
@@ -120,33 +134,36 @@ class Engine(ModelRunner):
     # -- chat: one conversation in slot 0, the cache kept across turns --------------------------------------
     def stream(self, ids, params: SamplingParams, on_text=None) -> Result:
         """`stream_events` with a callback `on_text(0, piece)`; returns the Result."""
-        for kind, i, x in self.stream_events(ids, params):
-            if kind == "text" and on_text:
-                on_text(i, x)
+        with contextlib.closing(self.stream_events(ids, params)) as events:
+            for kind, i, x in events:
+                if kind == "text" and on_text:
+                    on_text(i, x)
         return x
 
     def stream_events(self, ids, params: SamplingParams):
         """Generate for `ids` in slot 0, reusing the cached prefix: only the tokens after the longest common
         prefix with what slot 0 already holds are prefilled (the next chat turn). Yields as `events`."""
-        self.check_fits(len(ids))
-        n = 0
-        for a, b in zip(self.history, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
-        if n < self.cache.tail_host[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
-            self.cache.reset(0)
+        with self._exclusive():
+            self.check_fits(len(ids))
             n = 0
-        else:
-            self.cache.set_len(0, n)
-        self.history = ids[:n]
-        try:
-            yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
-        finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
-            self.history = (ids + self.partial[0].token_ids)[: self.cache.lens_host[0]]
+            for a, b in zip(self.history, ids):
+                if a != b:
+                    break
+                n += 1
+            n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
+            if n < self.cache.tail_host[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
+                self.cache.reset(0)
+                n = 0
+            else:
+                self.cache.set_len(0, n)
+            self.history = ids[:n]
+            try:
+                yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
+            finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
+                self.history = (ids + self.partial[0].token_ids)[: self.cache.lens_host[0]]
 
     def reset_chat(self):
+        self.check_idle()
         self.history = []
         self.cache.reset(0)
 

@@ -80,6 +80,7 @@ class ModelRunner:
         self.cache, self.auto_table, self.max_batch, self.max_len = None, None, 0, 0
         self.cluster_enabled = self._needs_clusters()
         self.counters = Counters()
+        self.busy = False  # a generation (nanodp/engine.py) is using the cache: one at a time
         # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
         self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
         self._allocate(max_batch, max_len)
@@ -123,9 +124,19 @@ class ModelRunner:
         self.ctx = AttentionContext(self.cache, self.sparse, self.kernels)
         self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
 
+    def check_idle(self):
+        """The cache has one user at a time: a generation that is still open (a stream not yet finished or
+        closed) would be corrupted by another one, or by resizing or switching the cache under it."""
+        if self.busy:
+            raise RuntimeError(
+                "another generation (an unfinished stream) is still using this engine's KV cache: "
+                "finish it or call .close() on it before starting a new one"
+            )
+
     def reserve(self, max_batch, max_len):
         """Grow the KV cache (never shrink it) to at least max_batch sequences of max_len tokens, capped at
         the model's context; what the cache held is dropped when it grows."""
+        self.check_idle()
         max_len = min(max_len, self.cfg.max_position_embeddings)
         if max_batch > self.max_batch or max_len > self.max_len:
             self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
@@ -133,6 +144,7 @@ class ModelRunner:
     def set_sparse(self, sparse: SparseConfig):
         """Switch the decode attention (e.g. between methods of an evaluation); takes effect from the next
         prompt, which is prefilled and clustered afresh."""
+        self.check_idle()
         self.sparse = self.ctx.sparse = sparse
         self.cluster_enabled = self._needs_clusters()
         self.graphs.clear()

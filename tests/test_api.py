@@ -150,3 +150,42 @@ def test_max_len_within_the_yarn_context_is_taken_and_the_cli_refuses_beyond(def
         "--yarn F (F >= 2)"
     ]
 
+
+def test_a_second_generation_while_a_stream_is_open_raises(llm):
+    sp = SamplingParams(max_new_tokens=8)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    alone = "".join(llm.stream(PROMPTS[1], sp))
+    first = llm.stream(PROMPTS[1], sp)
+    pieces = [next(first)]
+    starts = [
+        lambda: llm.generate(PROMPTS[0], sp),
+        lambda: next(llm.stream(PROMPTS[0], sp)),
+        lambda: llm.chat(msgs, sp),
+        lambda: llm.engine.reset_chat(),
+    ]
+    for start in starts:
+        with pytest.raises(RuntimeError, match="still using this engine's KV cache: finish it or call .close()"):
+            start()
+    assert "".join(pieces + list(first)) == alone  # the open stream went on untouched
+
+
+def test_a_closed_dropped_or_failed_generation_releases_the_engine(llm):
+    sp = SamplingParams(max_new_tokens=8)
+    expected = llm.generate(PROMPTS[0], sp)[0].text
+    s = llm.stream(PROMPTS[1], sp)
+    next(s)
+    s.close()
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+    s = llm.stream(PROMPTS[1], sp)
+    next(s)
+    del s  # garbage-collected while open
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+
+    def boom(out):
+        raise KeyError("from on_done")
+
+    with pytest.raises(KeyError) as failed:
+        llm.generate(PROMPTS, sp, on_done=boom)
+    assert failed.tb is not None  # the kept traceback holds generate's frame: the engine must be free anyway
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+    assert "".join(llm.stream(PROMPTS[0], sp)) == expected
