@@ -11,6 +11,7 @@
 The command-line tools (`nanodp-generate`, `nanodp-chat`) run through this class.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 from .config import ClusterConfig, SparseConfig
@@ -121,25 +122,29 @@ class LLM:
         ids_list = self._batch(prompts, chat)
         self.reserve(ids_list, params)
         outs = {}
-        for kind, i, r in self.engine.events(ids_list, params):
-            if kind == "done":
-                outs[i] = Output(
-                    i, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.time_s
-                )
-                if on_done:
-                    on_done(outs[i])
+        with contextlib.closing(self.engine.events(ids_list, params)) as events:  # frees the engine on errors too
+            for kind, i, r in events:
+                if kind == "done":
+                    outs[i] = Output(
+                        i, r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.time_s
+                    )
+                    if on_done:
+                        on_done(outs[i])
         return [outs[i] for i in range(len(ids_list))]
 
     def stream(self, prompt, sampling: SamplingParams | None = None, chat: bool = False):
-        """Yield the text of one prompt piece by piece as it is generated."""
+        """Yield the text of one prompt piece by piece as it is generated. The stream holds the engine until it
+        ends or is closed (`.close()`, or dropped and garbage-collected): another generate / stream / chat
+        started while it is open raises RuntimeError."""
         params = sampling or SamplingParams()
         ids = self._batch(prompt, chat)
         if len(ids) != 1:
             raise ValueError("stream takes one prompt")
         self.reserve(ids, params)
-        for kind, _, piece in self.engine.events(ids, params):
-            if kind == "text":
-                yield piece
+        with contextlib.closing(self.engine.events(ids, params)) as events:
+            for kind, _, piece in events:
+                if kind == "text":
+                    yield piece
 
     def chat(self, messages, sampling: SamplingParams | None = None, on_text=None) -> Output:
         """One chat turn: the model's chat template over `messages`, the reply as an Output. Consecutive turns

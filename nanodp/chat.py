@@ -14,7 +14,7 @@ import sys
 from rich.console import Console
 
 from . import flags, parallel
-from .engine import Counters
+from .runner import Counters
 from .sampler import SamplingParams
 
 HELP = (

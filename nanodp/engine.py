@@ -1,23 +1,17 @@
-"""The engine: batched prefill, clustering, the decode loop with stopping, streaming and counters.
-Under tensor parallelism (nanodp/parallel.py) every rank runs this same loop on its own KV heads."""
+"""The engine: the generation loop over the model runner (nanodp/runner.py): sampling, stopping (EOS, stop
+strings, length, a full cache), streaming text as it arrives, and chat turns that reuse the cached prefix.
+Under tensor parallelism every rank runs this same loop."""
 
-import sys
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import auto, parallel
-from .attention import AttentionContext
-from .cache import KVCache
-from .config import ClusterConfig, SparseConfig
-from .loader import load_model, resolve_model_dir
+from . import parallel
+from .runner import ModelRunner
 from .sampler import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
-
-
-class PromptTooLong(ValueError):
-    pass
+from .tokenizer import StreamDecoder
 
 
 @dataclass
@@ -33,257 +27,42 @@ class Result:
         return len(self.token_ids)
 
 
-@dataclass
-class Counters:
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    cluster_s: float = 0.0
-    steps: dict = field(default_factory=dict)  # decode steps per attention that ran ("dense", "doublep", ...)
+class Engine(ModelRunner):
+    """Generation over token-id prompts: batched (`generate`, `events`) or one chat conversation in slot 0
+    (`stream`, `stream_events`). One generation uses the KV cache at a time."""
 
-    def line(self, kv=None, auto=False) -> str:
-        s = (
-            f"prefill {self.prefill_tokens} tok in {self.prefill_s * 1e3:.0f} ms | decode {self.decode_tokens} tok "
-            f"at {self.decode_tokens / max(self.decode_s, 1e-9):.1f} tok/s"
-        )
-        return s + (f" | KV read {100 * kv:.1f}%" if kv is not None else "") + (self.ran() if auto else "")
-
-    def ran(self) -> str:
-        """Which decode attention the steps ran (what --attention auto chose)."""
-        n = max(1, sum(self.steps.values()))
-        return " | auto ran " + ", ".join(f"{a} {100 * k / n:.0f}%" for a, k in sorted(self.steps.items()))
-
-
-class Engine:
-    def __init__(
-        self,
-        model=None,
-        device=None,
-        dtype=None,
-        max_batch=8,
-        max_len=None,
-        kernels="auto",
-        sparse: SparseConfig | None = None,
-        cluster: ClusterConfig | None = None,
-        yarn=None,
-        quiet=False,
-        eager=False,
-    ):
-        """`model`: a Llama folder, None for the default model, or an already built LlamaForCausalLM (bench)."""
-        self.device = parallel.place(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        if isinstance(model, torch.nn.Module):
-            self.model_dir, self.model, self.tok = None, model, None
-        else:
-            self.model_dir = resolve_model_dir(model, quiet=quiet)
-            self.model = load_model(self.model_dir, dtype=dtype, device=self.device, yarn=yarn)
-            self.tok = Tokenizer(self.model_dir)
-        self.cfg = self.model.cfg
-        self.sparse = sparse or SparseConfig()
-        if self.sparse.dense_layers > self.cfg.num_hidden_layers:
-            raise ValueError(
-                f"--dense-layers {self.sparse.dense_layers} exceeds the model's {self.cfg.num_hidden_layers} layers"
-            )
-        if kernels == "auto":
-            kernels = "triton" if self.device.type == "cuda" else "torch"
-        if kernels not in ("triton", "torch"):
-            raise ValueError(f"--kernels must be auto, triton or torch, got {kernels!r}")
-        self.kernels, self.cluster, self.quiet = kernels, cluster or ClusterConfig(), quiet
-        self.cache, self.auto_table, self.max_batch, self.max_len = None, None, 0, 0
-        self.cluster_enabled = self._needs_clusters()
-        self.counters = Counters()
-        # decode steps replay CUDA graphs, one per (batch size, context bucket); --eager turns them off
-        self.use_graphs = self.device.type == "cuda" and not eager and kernels == "triton"
-        self._allocate(max_batch, max_len)
-
-    def _allocate(self, max_batch, max_len):
-        """(Re)build the KV cache for max_batch sequences of max_len tokens (None: the model's context, capped
-        by free memory on GPU), and what hangs on it: the attention context, graphs, the chat history. If the
-        new cache cannot be allocated, the old sizes are rebuilt and the error raised: the engine stays usable."""
-        old = (self.max_batch, self.max_len) if self.cache is not None else None
-        self.cache = self.ctx = None  # free the old cache (and graphs) before allocating the new one
-        self.graphs, self.graph_pool = {}, None
-        dt = self.model.model.embed_tokens.weight.dtype
-        hkv = self.model.model.layers[0].self_attn.hkv  # this rank's KV heads (all of them without TP)
-        kv_b, meta_b = KVCache.estimate_bytes_per_token(
-            self.cfg.num_hidden_layers, hkv, self.cfg.head_dim, dt, self.cluster
-        )
-        try:
-            n = int(max_len or self._fit_len(kv_b + meta_b, max_batch))
-            cache = KVCache(
-                self.cfg.num_hidden_layers,
-                max_batch,
-                hkv,
-                n,
-                self.cfg.head_dim,
-                dt,
-                self.device,
-                self.cluster,
-                backend=self.kernels,
-            )
-        except (RuntimeError, MemoryError):  # out of memory (torch's OutOfMemoryError is a RuntimeError)
-            if old is not None and old != (max_batch, max_len):
-                self._allocate(*old)
-            raise
-        self.cache, self.max_batch, self.max_len = cache, max_batch, n
-        if not self.quiet:
-            print(
-                f"nanodp: KV cache {max_batch} x {self.max_len} tokens, {kv_b / 1024:.1f} KiB/token K/V + "
-                f"{meta_b / 1024:.2f} KiB/token cluster metadata ({100 * meta_b / kv_b:.1f}%)",
-                file=sys.stderr,
-            )
-        self.ctx = AttentionContext(self.cache, self.sparse, self.kernels)
-        self.history = []  # tokens fed into slot 0 by `stream` (chat), so a new turn prefills only its suffix
-
-    def reserve(self, max_batch, max_len):
-        """Grow the KV cache (never shrink it) to at least max_batch sequences of max_len tokens, capped at
-        the model's context; what the cache held is dropped when it grows."""
-        max_len = min(max_len, self.cfg.max_position_embeddings)
-        if max_batch > self.max_batch or max_len > self.max_len:
-            self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
-
-    def set_sparse(self, sparse: SparseConfig):
-        """Switch the decode attention (e.g. between methods of an evaluation); takes effect from the next
-        prompt, which is prefilled and clustered afresh."""
-        self.sparse = self.ctx.sparse = sparse
-        self.cluster_enabled = self._needs_clusters()
-        self.graphs.clear()
-        self.graph_pool = None  # the old pool dies with its graphs: capture the next ones into a new one
-
-    def _fit_len(self, bytes_per_token, max_batch) -> int:
-        """The model's context, capped (on GPU) so max_batch sequences fit in 85% of the free memory, leaving
-        the rest for activations and CUDA graphs."""
-        n = self.cfg.max_position_embeddings
-        if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-            n = parallel.agree_min(min(n, int(0.85 * free / (max_batch * bytes_per_token)) // 256 * 256))
-            if n < 256:
-                raise MemoryError(
-                    f"only {free / 2**30:.1f} GiB free on {self.device}: not enough for a KV cache of "
-                    f"{max_batch} sequences; lower --batch-size or pass --max-len"
-                )
-        return n
-
-    # -- low level ---------------------------------------------------------------------------------------
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def check_fits(self, n, limit=None):
-        """A prompt of n tokens leaves room for one new token in `limit` (default: the cache's max_len)."""
-        limit = limit or self.max_len
-        if n + 1 > limit:
-            raise PromptTooLong(
-                f"prompt has {n} tokens but the context holds {limit} "
-                f"(the model's limit is {self.cfg.max_position_embeddings}; see --max-len, --yarn)"
-            )
-
-    @torch.inference_mode()
-    def prefill(self, chunks, starts) -> torch.Tensor:
-        """Feed token lists `chunks[b]` to slots b at storage `starts[b]`; returns last-position logits [B, V]."""
-        self._sync()
-        t0 = time.perf_counter()
-        B, T = len(chunks), max(len(c) for c in chunks)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, c in enumerate(chunks):
-            ids[b, : len(c)] = torch.tensor(c)
-        lens = [len(c) for c in chunks]
-        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
-        self.ctx.begin_prefill(range(B), starts, lens)
-        logits = self.model(
-            ids.to(self.device), pos.to(self.device), self.ctx, last_index=torch.tensor(lens, device=self.device) - 1
-        )
-        for b in range(B):
-            self.cache.set_len(b, starts[b] + lens[b])
-        self._sync()
-        t1 = time.perf_counter()
-        if self.cluster_enabled:
-            self.cache.cluster_pending(range(B), force=True)
-            self._sync()
-        self.counters.prefill_tokens += sum(lens)
-        self.counters.prefill_s += t1 - t0
-        self.counters.cluster_s += time.perf_counter() - t1
-        return logits
-
-    @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """One token per slot 0..B-1 (finished slots recompute in place and are ignored); logits [B, V]."""
-        B = tokens.shape[0]
-        # the dense kernel sizes its split grid from an upper bound of the lengths: a power-of-two bucket
-        bucket = min(self.max_len, max(1024, 1 << max(self.cache.lens_host[:B]).bit_length()))
-        att = self.step_attention(B, bucket)
-        self.counters.steps[att] = self.counters.steps.get(att, 0) + 1
-        if not self.use_graphs:
-            return self._step(tokens, active, bucket)
-        g = self.graphs.get((B, bucket))
-        if g is None:
-            g = self.graphs[(B, bucket)] = self._capture(tokens, active, bucket)
-        g["tokens"].copy_(tokens)
-        g["active"].copy_(active)
-        g["graph"].replay()
-        return g["logits"]
-
-    def _needs_clusters(self) -> bool:
-        """Clustering runs for sparse decode; for auto only if this GPU's table ever picks Double-P."""
-        if self.sparse.attention != "auto":
-            return self.sparse.attention != "dense"
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.auto_table = auto.load(name, self.model_dir.name if self.model_dir else "model")
-        return "doublep" in self.auto_table.values()
-
-    def step_attention(self, B, bucket) -> str:
-        """The decode attention of a step of B sequences in this context bucket (--attention auto: nanodp/auto.py)."""
-        if self.sparse.attention != "auto":
-            return self.sparse.attention
-        return auto.choose(self.auto_table, B, bucket)
-
-    def _step(self, tokens, active, bucket):
-        slots = torch.arange(tokens.shape[0], device=self.device)
-        self.ctx.begin_decode(slots, active.float(), bucket, attention=self.step_attention(tokens.shape[0], bucket))
-        logits = self.model(tokens[:, None], self.cache.lens[: tokens.shape[0], None].long(), self.ctx)
-        self.ctx.end_decode()
-        return logits
-
-    def _capture(self, tokens, active, bucket):
-        """Record one decode step in a CUDA graph. Everything it reads lives at fixed addresses: the static
-        token/active buffers, the cache (lens, K/V, cluster tables: updated in place by clustering between
-        steps) and the stats buffers. The warm-up steps recompute the same token, so nothing changes."""
-        st = {"tokens": tokens.clone(), "active": active.clone()}
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # compile Triton kernels and allocate lazily created buffers outside capture
-                self._step(st["tokens"], st["active"], bucket)
-        torch.cuda.current_stream().wait_stream(s)
-        saved = self.ctx.stats.table.clone(), self.ctx.stats.dense_tokens.clone()
-        st["graph"] = torch.cuda.CUDAGraph()
-        self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(st["graph"], pool=self.graph_pool):
-            st["logits"] = self._step(st["tokens"], st["active"], bucket)
-        self.ctx.stats.table.copy_(saved[0])  # warm-up and capture must not count as decoded tokens
-        self.ctx.stats.dense_tokens.copy_(saved[1])
-        return st
-
-    # -- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams, on_text=None, on_done=None) -> list:
         """Batched generation over token-id prompts, in groups of max_batch. `on_text(i, piece)` streams text,
         `on_done(i, result)` fires as each prompt finishes. A prompt that does not fit raises before any work."""
         results = {}
-        for kind, i, x in self.events(prompts, params):
-            if kind == "text" and on_text:
-                on_text(i, x)
-            elif kind == "done":
-                results[i] = x
-                if on_done:
-                    on_done(i, x)
+        with contextlib.closing(self.events(prompts, params)) as events:  # closed (the engine freed) on errors too
+            for kind, i, x in events:
+                if kind == "text" and on_text:
+                    on_text(i, x)
+                elif kind == "done":
+                    results[i] = x
+                    if on_done:
+                        on_done(i, x)
         return [results[i] for i in range(len(prompts))]
 
     def events(self, prompts, params: SamplingParams):
-        """The generator behind `generate`: yields ("text", i, piece) as text arrives and ("done", i, Result)."""
-        for p in prompts:
-            self.check_fits(len(p))
-        for g in range(0, len(prompts), self.max_batch):
-            yield from self._run_group(prompts[g : g + self.max_batch], params, g)
+        """The generator behind `generate`: yields ("text", i, piece) as text arrives and ("done", i, Result).
+        It holds the engine from its first step until it finishes or is closed (or garbage-collected)."""
+        with self._exclusive():
+            for p in prompts:
+                self.check_fits(len(p))
+            for g in range(0, len(prompts), self.max_batch):
+                yield from self._run_group(prompts[g : g + self.max_batch], params, g)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the KV cache for one generation; a second one started meanwhile raises (check_idle)."""
+        self.check_idle()
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
 
     def _run_group(self, group, params, base, starts=None, reset=True):
         B = len(group)
@@ -355,33 +134,36 @@ class Engine:
     # -- chat: one conversation in slot 0, the cache kept across turns --------------------------------------
     def stream(self, ids, params: SamplingParams, on_text=None) -> Result:
         """`stream_events` with a callback `on_text(0, piece)`; returns the Result."""
-        for kind, i, x in self.stream_events(ids, params):
-            if kind == "text" and on_text:
-                on_text(i, x)
+        with contextlib.closing(self.stream_events(ids, params)) as events:
+            for kind, i, x in events:
+                if kind == "text" and on_text:
+                    on_text(i, x)
         return x
 
     def stream_events(self, ids, params: SamplingParams):
         """Generate for `ids` in slot 0, reusing the cached prefix: only the tokens after the longest common
         prefix with what slot 0 already holds are prefilled (the next chat turn). Yields as `events`."""
-        self.check_fits(len(ids))
-        n = 0
-        for a, b in zip(self.history, ids):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
-        if n < self.cache.tail_host[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
-            self.cache.reset(0)
+        with self._exclusive():
+            self.check_fits(len(ids))
             n = 0
-        else:
-            self.cache.set_len(0, n)
-        self.history = ids[:n]
-        try:
-            yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
-        finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
-            self.history = (ids + self.partial[0].token_ids)[: self.cache.lens_host[0]]
+            for a, b in zip(self.history, ids):
+                if a != b:
+                    break
+                n += 1
+            n = min(n, len(ids) - 1)  # always prefill at least one token to get logits
+            if n < self.cache.tail_host[0] or n == 0:  # clustered tokens are reordered: cannot truncate there
+                self.cache.reset(0)
+                n = 0
+            else:
+                self.cache.set_len(0, n)
+            self.history = ids[:n]
+            try:
+                yield from self._run_group([ids[n:]], params, 0, starts=[n], reset=False)
+            finally:  # also on Ctrl-C or an abandoned generator: remember exactly what the cache holds now
+                self.history = (ids + self.partial[0].token_ids)[: self.cache.lens_host[0]]
 
     def reset_chat(self):
+        self.check_idle()
         self.history = []
         self.cache.reset(0)
 

@@ -2,6 +2,7 @@
 Under tensor parallelism each rank keeps only its part of every tensor (parallel.shard), cut before fusing."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -92,11 +93,31 @@ def read_state_dict(model_dir: Path, dtype, device) -> dict:
     return sd
 
 
+def model_config(model_dir, yarn=None) -> ModelConfig:
+    """config.json, with the context extended by --yarn when given (nothing heavy is read)."""
+    cfg = ModelConfig.from_dir(resolve_model_dir(model_dir))
+    return cfg.with_yarn(yarn) if yarn else cfg
+
+
+def check_max_len(max_len, cfg: ModelConfig, yarn=None):
+    """An explicit --max-len must fit the model's context (max_position_embeddings, YaRN-extended with --yarn)."""
+    n = cfg.max_position_embeddings
+    if max_len is None or max_len <= n:
+        return
+    if yarn:
+        orig = cfg.rope_scaling["original_max_position_embeddings"]
+        fix = f"drop it or raise --yarn to {math.ceil(max_len / orig)}"
+    elif cfg.rope_scaling is None:
+        fix = f"drop it or extend the context with --yarn F (F >= {math.ceil(max_len / n)})"
+    else:  # already rope-scaled: --yarn does not apply
+        fix = "drop it"
+    with_yarn = f" with --yarn {yarn:g}" if yarn else ""
+    raise ValueError(f"--max-len {max_len} exceeds the model's context of {n} tokens{with_yarn}: {fix}")
+
+
 def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausalLM:
     model_dir = resolve_model_dir(model_dir)
-    cfg = ModelConfig.from_dir(model_dir)
-    if yarn:
-        cfg = cfg.with_yarn(yarn)
+    cfg = model_config(model_dir, yarn)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -127,4 +148,12 @@ def load_model(model_dir, dtype=None, device="cpu", yarn=None) -> LlamaForCausal
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["ConfigError", "WeightsError", "load_model", "resolve_model_dir", "DEFAULT_MODEL"]
+__all__ = [
+    "ConfigError",
+    "WeightsError",
+    "check_max_len",
+    "load_model",
+    "model_config",
+    "resolve_model_dir",
+    "DEFAULT_MODEL",
+]

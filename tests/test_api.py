@@ -99,10 +99,10 @@ def test_stream_never_shows_part_of_a_stop_string(llm):
 
 
 def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default_model):
-    from nanodp import engine
+    from nanodp import runner
 
     small = LLM(device="cpu", max_batch=1)
-    real = engine.KVCache
+    real = runner.KVCache
 
     class Capped(real):
         def __init__(self, *a, **k):
@@ -110,7 +110,82 @@ def test_a_cache_that_does_not_fit_leaves_the_engine_usable(monkeypatch, default
                 raise RuntimeError("out of memory (simulated)")
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(engine, "KVCache", Capped)
+    monkeypatch.setattr(runner, "KVCache", Capped)
     with pytest.raises(RuntimeError, match="simulated"):
         small.generate("hi", SamplingParams(max_new_tokens=2000))
     assert small.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            dict(max_len=9000),
+            "--max-len 9000 exceeds the model's context of 8192 tokens: drop it or extend the context with --yarn F",
+        ),
+        (
+            dict(max_len=20000, yarn=2),
+            "--max-len 20000 exceeds the model's context of 16384 tokens with --yarn 2: drop it or raise --yarn to 3",
+        ),
+    ],
+)
+def test_a_max_len_beyond_the_context_is_refused_before_the_weights_load(kw, message, monkeypatch, default_model):
+    from nanodp import runner
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before --max-len was checked")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    with pytest.raises(ValueError, match="^" + message):
+        LLM(device="cpu", **kw)
+
+
+def test_max_len_within_the_yarn_context_is_taken_and_the_cli_refuses_beyond(default_model, capsys):
+    assert LLM(device="cpu", max_len=9000, yarn=2).engine.max_len == 9000
+    with pytest.raises(SystemExit) as e:
+        gen_cli.main(["--prompt", "hi", "--max-len", "9000", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "error: --max-len 9000 exceeds the model's context of 8192 tokens: drop it or extend the context with "
+        "--yarn F (F >= 2)"
+    ]
+
+
+def test_a_second_generation_while_a_stream_is_open_raises(llm):
+    sp = SamplingParams(max_new_tokens=8)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    alone = "".join(llm.stream(PROMPTS[1], sp))
+    first = llm.stream(PROMPTS[1], sp)
+    pieces = [next(first)]
+    starts = [
+        lambda: llm.generate(PROMPTS[0], sp),
+        lambda: next(llm.stream(PROMPTS[0], sp)),
+        lambda: llm.chat(msgs, sp),
+        lambda: llm.engine.reset_chat(),
+    ]
+    for start in starts:
+        with pytest.raises(RuntimeError, match="still using this engine's KV cache: finish it or call .close()"):
+            start()
+    assert "".join(pieces + list(first)) == alone  # the open stream went on untouched
+
+
+def test_a_closed_dropped_or_failed_generation_releases_the_engine(llm):
+    sp = SamplingParams(max_new_tokens=8)
+    expected = llm.generate(PROMPTS[0], sp)[0].text
+    s = llm.stream(PROMPTS[1], sp)
+    next(s)
+    s.close()
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+    s = llm.stream(PROMPTS[1], sp)
+    next(s)
+    del s  # garbage-collected while open
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+
+    def boom(out):
+        raise KeyError("from on_done")
+
+    with pytest.raises(KeyError) as failed:
+        llm.generate(PROMPTS, sp, on_done=boom)
+    assert failed.tb is not None  # the kept traceback holds generate's frame: the engine must be free anyway
+    assert llm.generate(PROMPTS[0], sp)[0].text == expected
+    assert "".join(llm.stream(PROMPTS[0], sp)) == expected

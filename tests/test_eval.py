@@ -10,7 +10,8 @@ from nanodp.config import ClusterConfig
 from nanodp.eval import cli
 from nanodp.eval import harness as ev
 from nanodp.eval import metrics as eval_metrics
-from nanodp.eval.tasks import KINDS, make_tasks
+from nanodp.eval.kinds import KINDS
+from nanodp.eval.tasks import make_tasks
 from nanodp.tokenizer import Tokenizer
 
 PROSE = (

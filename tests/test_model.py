@@ -9,8 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from nanodp.config import ConfigError, ModelConfig, SparseConfig  # noqa: E402
-from nanodp.engine import Engine, PromptTooLong  # noqa: E402
+from nanodp.engine import Engine  # noqa: E402
 from nanodp.loader import WeightsError  # noqa: E402
+from nanodp.runner import PromptTooLong  # noqa: E402
 from nanodp.sampler import SamplingParams  # noqa: E402
 
 VOCAB = 97

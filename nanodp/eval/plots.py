@@ -4,7 +4,7 @@
 import sys
 from pathlib import Path
 
-from .tasks import DEPTH_KINDS
+from .kinds import DEPTH_KINDS
 
 
 def make_plots(R, out) -> list:

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from ..config import ClusterConfig
+from .kinds import KINDS
 from .plots import make_plots
-from .tasks import KINDS
 
 SHORT = {
     "kv_retrieval": "kv",
