@@ -262,7 +262,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), cent.stride(2), logsize.stride(0),
         logsize.stride(1), ncl.stride(0), ncl.stride(1), kvar.stride(0), kvar.stride(1), kvar.stride(2),
         k.stride(0), k.stride(1), k.stride(2), scale, Hkv, C, NCS, chunk, int(sinks),
-        G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss, SPLIT=gauss, WHOLE=whole, num_warps=4,
+        G=g, GP=GP, D=d, BLOCK_C=BLOCK_C, PREC=prec, EST=gauss, SPLIT=gauss, WHOLE=whole,
+        VPREC="ieee" if interp else "tf32x3", num_warps=4,
     )  # fmt: skip
 
     # 2. bin histograms over NH programs a head, merged; the last one cuts (the plan)

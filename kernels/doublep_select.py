@@ -30,7 +30,7 @@ def _score_kernel(
     q_ptr, c_ptr, ls_ptr, ncl_ptr, z_ptr, ml_ptr, var_ptr, zc_ptr, k_ptr, lens_ptr, ts_ptr, sq_b, sq_h, sc_b, sc_h,
     sc_c, sl_b, sl_h, sn_b, sn_h, sv_b, sv_h, sv_c, sk_b, sk_h, sk_l, sm_scale, HKV, C, NCS, CHUNK, sinks,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
-    EST: tl.constexpr, SPLIT: tl.constexpr, WHOLE: tl.constexpr,
+    EST: tl.constexpr, SPLIT: tl.constexpr, WHOLE: tl.constexpr, VPREC: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     cs = tl.program_id(1)
@@ -79,9 +79,10 @@ def _score_kernel(
                 tl.store(zc_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
             if EST:
                 # gauss: ln E e^{q.k} ~ q.C + var(q.k)/2 with var(q.k) = sum_j q_j^2 var_j (dims independent);
-                # an fp32 "ieee" dot matches the twin's fp32 math to rounding (tf32 would round q^2 to 10 bits)
+                # VPREC: three tf32 products (tf32x3) match the twin's fp32 math to about fp32 rounding on tensor
+                # cores (plain tf32 would round q^2 to 10 bits; an "ieee" fp32 dot spilled: 308 us at 128K, B=1)
                 vr = tl.load(vbase + i[:, None] * sv_c + dd[None, :], mask=ok[:, None], other=0.0)
-                z += tl.dot(qq, tl.trans(vr.to(tl.float32)), input_precision="ieee") * (0.5 * sm_scale * sm_scale)
+                z += tl.dot(qq, tl.trans(vr.to(tl.float32)), input_precision=VPREC) * (0.5 * sm_scale * sm_scale)
             tl.store(z_ptr + (bh * G + r[:, None]) * C + i[None, :], z, mask=(r < G)[:, None] & ok[None, :])
             # online softmax partials over this chunk (base 2): m = max, l = sum 2^(z log2e - m)
             z2 = z * LOG2E

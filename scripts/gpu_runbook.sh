@@ -74,6 +74,18 @@ tune)
     --no-transformers > "$OUT/e2e.log" 2>&1
   tail -3 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -12
   grep -v "^{" "$OUT/tune.log" | tail -16; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -12 ;;
+tune2)   # the step's profile, the launch-shape sweep, the Double-P kernel tests, bench e2e with the auto table
+  for a in "doublep 1" "doublep 32" "dense 1"; do set -- $a
+    timeout 60 python3 scripts/profile_step.py --ctx 8192 --batch $2 --attention $1 --top 10 > "$OUT/prof-$1-$2.log" 2>&1
+  done
+  timeout 170 python3 scripts/tune_sparse.py --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_doublep_kernel.py tests/test_estimate.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  timeout 140 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  for f in "$OUT"/prof-*.log; do grep -E "step|_kernel|Name" "$f" | cut -c1-150 | head -14; done
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -18; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -14 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

@@ -10,19 +10,22 @@ import itertools
 import json
 import math
 
+import torch
+
 from nanodp.bench.sparse import SHAPES, SINKS, _dense_fns, kernel_breakdown, make_synthetic
 from nanodp.bench.timing import time_us
 from nanodp.config import SparseConfig
 from nanodp.kernels import doublep_attn
+from nanodp.kernels.doublep import STAT_KEYS
 
-CELLS = "llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:8,smollm:8192:32"
-GRID = dict(block_n=[32, 64], cb=[32, 64, 128], attn_per_sm=[2, 4, 8], attn_warps=[4, 8])
+CELLS = "llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:32"
+GRID = dict(block_n=[32, 64], cb=[32, 64], attn_per_sm=[2, 8], attn_warps=[4])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", default=CELLS, help="shape:context:batch, comma-separated")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--hist", default="1,2,4", help="hist_per_sm values tried at the best attention setting")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -34,21 +37,22 @@ def main():
         shape, ctx, B = cell.split(":")
         Hq, Hkv, d = SHAPES[shape]
         q, layer, lens, ts = make_synthetic(int(B), Hq, Hkv, d, int(ctx))
+        so = torch.empty(len(STAT_KEYS), int(B), Hkv, device=q.device)  # stats into a slab, as the engine
         dense[cell] = min(time_us(f, args.reps) for f in _dense_fns(q, layer, lens, int(ctx)).values())
         for i, s in enumerate(settings):
             doublep_attn.TILES.update(base | s)
-            times[cell, i] = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp), args.reps)
+            times[cell, i] = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so), args.reps)
         doublep_attn.TILES.update(base)
-        t0 = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp), args.reps)
+        t0 = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so), args.reps)
         best = min(range(len(settings)), key=lambda i: times[cell, i])
         doublep_attn.TILES.update(base | settings[best])
-        split = kernel_breakdown(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp))
+        split = kernel_breakdown(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so))
         print(
             f"{cell}: dense {dense[cell]:.1f} us, best {times[cell, best]:.1f} us ({settings[best]}), "
             f"as committed {t0:.1f}; kernels {split}",
             flush=True,
         )
-        cells.append((cell, q, layer, lens, ts))
+        cells.append((cell, q, layer, lens, ts, so))
     geo = lambda i: math.exp(sum(math.log(times[c, i]) for c, *_ in cells) / len(cells))  # noqa: E731
     best = min(range(len(settings)), key=geo)
     pick = base | settings[best]
@@ -56,7 +60,8 @@ def main():
     for h in map(int, args.hist.split(",")):
         doublep_attn.TILES.update(pick | {"hist_per_sm": h})
         hist[h] = [
-            time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp), args.reps) for _, q, la, ln, t in cells
+            time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp, so), args.reps)
+            for _, q, la, ln, t, so in cells
         ]
     pick["hist_per_sm"] = min(hist, key=lambda h: sum(map(math.log, hist[h])))
     print("\nsetting (geo-mean over cells) and us per cell:")
@@ -66,8 +71,8 @@ def main():
     print(f"pick: {pick}")
     print("cell, dense us, pick us, speedup:")
     doublep_attn.TILES.update(pick)
-    for cell, q, la, ln, t in cells:
-        tp = time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp), args.reps)
+    for cell, q, la, ln, t, so in cells:
+        tp = time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp, so), args.reps)
         print(f"  {cell:22} {dense[cell]:9.1f} {tp:9.1f} {dense[cell] / tp:6.2f}x")
     if args.out:
         json.dump(

@@ -112,6 +112,7 @@ def bench_sparse(args=None):
     if not torch.cuda.is_available():
         print("bench_sparse needs a CUDA GPU (the Triton kernels run on the GPU); skipped.", file=sys.stderr)
         return {"skipped": "needs CUDA"}
+    from nanodp.kernels.doublep import STAT_KEYS
     from nanodp.kernels.doublep_attn import sparse_triton
 
     batches, contexts, shapes = a("batches", [1, 8, 32]), a("contexts", [32768, 131072]), a("shapes", list(SHAPES))
@@ -141,10 +142,11 @@ def bench_sparse(args=None):
                 budget = int(st["need_tokens"].float().mean().item())
                 dense = {n: time_us(f, reps) for n, f in _dense_fns(q, layer, lens, ctx).items()}
                 base = dense.get("decode_triton", dense["sdpa"])
-                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp), reps)
-                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp), reps, graph=False)
+                so = torch.empty(len(STAT_KEYS), B, Hkv, device=q.device)  # as the engine: stats into a slab
+                t_dp = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp, so), reps)
+                t_eager = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp, so), reps, graph=False)
                 tk = SparseConfig("topk", budget=budget, estimate=sp.estimate)
-                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, tk), reps)
+                t_tk = time_us(lambda: sparse_triton(q, layer, lens, ts, SINKS, tk, so), reps)
                 row = dict(
                     shape=shape,
                     B=B,
@@ -162,7 +164,7 @@ def bench_sparse(args=None):
                     topk_speedup=base / t_tk,
                 )
                 if a("profile", False) and B == batches[0] and ctx == contexts[-1]:
-                    row["kernels_us"] = kernel_breakdown(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp))
+                    row["kernels_us"] = kernel_breakdown(lambda: sparse_triton(q, layer, lens, ts, SINKS, sp, so))
                 rows.append(row)
                 print(
                     f"{shape:8} {B:>3} {ctx:>7} {100 * exact:>6.2f}% {100 * pseudo:>6.2f}% {base:>9.1f} "
