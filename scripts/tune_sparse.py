@@ -27,11 +27,13 @@ def main():
     ap.add_argument("--cells", default=CELLS, help="shape:context:batch, comma-separated")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--hist", default="1,2,4", help="hist_per_sm values tried at the best attention setting")
+    ap.add_argument("--grid", default=None, help='JSON replacing the swept values, e.g. {"cb": [16, 32]}')
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sp = SparseConfig("doublep")
     base = dict(doublep_attn.TILES)
-    settings = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    grid = GRID | (json.loads(args.grid) if args.grid else {})
+    settings = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     times, dense, cells = {}, {}, []
     for cell in args.cells.split(","):
         shape, ctx, B = cell.split(":")
