@@ -94,6 +94,13 @@ final)   # the picked launch shapes on the sweep's cells, then bench e2e with th
     --no-transformers > "$OUT/e2e.log" 2>&1
   grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-330 | tail -12
   grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -14 ;;
+short)   # the least that re-measures the committed kernels: bench e2e at B = 1, 32 and three step cells
+  timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 24 \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  timeout 75 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1 \
+    --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8], "attn_warps": [4]}' --hist 1 > "$OUT/tune.log" 2>&1
+  grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -9
+  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-330 | tail -12 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
