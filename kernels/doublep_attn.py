@@ -5,10 +5,9 @@ Launches, all grids from shapes and Python ints (a decode step is captured in a 
   2. _hist_kernel (B*Hkv x NH): bin histograms merged by integer atomics; the last program of a head cuts and
      writes its plan row (PLAN_W in kernels/doublep_select.py) and the stats that need no classification.
   3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and every NS-th block of
-     the clusters, classifies them by the plan (the same bins as the hist kernel: the same LSE2, R2h, Rg, read
-     from the plan), attends to its exact clusters' members and its pseudo-tokens, and adds its stats; the last
-     split of a head combines the splits (a counter per head, reset by that program).
-Clusters are stored contiguously in cluster order: a block of clusters is one region of the cache.
+     the clusters, classifies them by the plan (the hist kernel's bins: its LSE2, R2h, Rg, read from the plan),
+     attends to its exact clusters' members (a block of clusters is one region of the cache) and its
+     pseudo-tokens, and adds its stats; the last split of a head combines the splits.
 """
 
 import math
@@ -191,14 +190,17 @@ def _combine(
 # classifies at a time, attention and hist programs per SM at batch 1 (at most 64 per head), attention warps
 TILES = dict(block_n=32, cb=32, attn_per_sm=8, hist_per_sm=1, attn_warps=4)
 
-_ZEROS = {}
+_ZEROS, _RETIRED = {}, []
 
 
 def _zeros(dev, name, n):
     """Buffers that are zero between launches (counters, histograms: the program that uses them last resets
-    them): allocated once per device and grown, never freed, so CUDA graphs keep their address. One stream."""
+    them), per device and name. A larger need allocates a new one, but the old one is kept (and stays zero),
+    never freed: a CUDA graph captured earlier still reads and resets it. One stream at a time."""
     buf = _ZEROS.get((str(dev), name))
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = _ZEROS[(str(dev), name)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
     return buf
 

@@ -122,9 +122,12 @@ def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.
             lr = tl.load(z_ptr + zoff + rr * C + i, mask=ok, other=0.0) * LOG2E - tl.sum(tl.where(r == rr, LSE2, 0.0))
             sm += tl.where(ok, tl.exp2(lr - mx), 0.0)
         lg = mx + tl.log2(sm) - tl.log2(G * 1.0)
-    fg = tl.where(ok, tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0).to(tl.int32)
-    fh = tl.where(okr, tl.minimum(tl.maximum(tl.floor((R2h[:, None] - lp) * BPB), 0.0), NB - 1.0), NB * 1.0)
-    return lp, fg, fh.to(tl.int32)
+    # a score of -inf (an empty cluster, a head without clusters; NaN from -inf - -inf) gets bin NB, never kept
+    fg = tl.where(ok & (lg > float("-inf")), tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0)
+    fh = tl.where(
+        okr & (lp > float("-inf")), tl.minimum(tl.maximum(tl.floor((R2h[:, None] - lp) * BPB), 0.0), NB - 1.0), NB * 1.0
+    )
+    return lp, fg.to(tl.int32), fh.to(tl.int32)
 
 
 @triton.jit
@@ -220,14 +223,15 @@ def _hist_kernel(
         lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
             okr = rok[:, None] & ok[None, :]
+            # bin NB (never kept) stays out: tl.histogram keeps only the low bits of a bin index on the GPU
             cnth += tl.histogram(
-                tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB, mask=tl.reshape(okr, [GP2 * BLK])
+                tl.reshape(fh + r[:, None] * NB, [GP2 * BLK]), GP2 * NB, mask=tl.reshape(okr & (fh < NB), [GP2 * BLK])
             )
-        cntg += tl.histogram(fg, NB, mask=ok)
+        cntg += tl.histogram(fg, NB, mask=ok & (fg < NB))
         if TOK:
             st = tl.load(cst + i, mask=ok, other=0)
             sz = tl.load(cst + i + 1, mask=ok, other=0) - st
-            tl.atomic_add(hb + NB + fg, sz, mask=ok & (sz > 0), sem="relaxed")
+            tl.atomic_add(hb + NB + fg, sz, mask=ok & (sz > 0) & (fg < NB), sem="relaxed")
     # merge into the head's histograms: integer adds, exact in any order
     tl.atomic_add(hb + k, cntg, mask=cntg > 0, sem="relaxed")
     if UNION:

@@ -155,3 +155,41 @@ def test_gpu_bf16(g, d):
         both(q, layer, lens, ts, sinks, cfg, 2e-2, f"seed {seed}")
     o, _ = tri(q, layer, lens, ts, sinks, sp(1.0, 1.0))
     assert (o.float() - dense(q, layer, lens)).abs().max() < 2e-2
+
+
+def test_kernel_empty_cluster_is_never_kept():
+    """A cluster of size 0 inside ncl (ln s = -inf): the twin gives it the never-kept bin, so must the kernel, in
+    every rule, at p = 1, with floors and topk (the engine's clustering moves empty clusters past ncl; direct
+    callers need not)."""
+    import math
+
+    q, layer, lens, ts, sinks = make_case(g=4, d=64, B=1, Hkv=1, lens=(200,), tail=(170,), needles=0)
+    cs = layer.cstart.clone()
+    cs[0, 0, 5] = cs[0, 0, 6]  # cluster 4 takes cluster 5's tokens; 5 is empty
+    layer.cstart = cs
+    a, b = int(cs[0, 0, 4]), int(cs[0, 0, 5])
+    layer.centroids[0, 0, 4], layer.vmean[0, 0, 4] = layer.k[0, 0, a:b].mean(0), layer.v[0, 0, a:b].mean(0)
+    layer.logsize[0, 0, 4], layer.logsize[0, 0, 5] = math.log(b - a), -math.inf
+    layer.centroids[0, 0, 5], layer.vmean[0, 0, 5] = 0.0, 0.0
+    cfgs = [sp(p1, p2, **rule) for rule in RULES for p1, p2 in [(1.0, 1.0), (1.0, 0.0), (0.9, 0.5)]]
+    cfgs += [sp(0.9, 0.5, floor_frac=0.5), SparseConfig("topk", estimate="centroid", budget=60, est_clusters=3)]
+    for cfg in cfgs:
+        both(q, layer, lens, ts, sinks, cfg, 1e-4, "empty cluster")
+        plan = {}
+        tri(q, layer, lens, ts, sinks, safe(q, layer, lens, ts, sinks, cfg), plan_out=plan)
+        assert int(plan["cls"][0, 5]) == 0, cfg
+
+
+def test_zero_buffers_outlive_growth():
+    """A larger need allocates a new zero buffer but keeps the old one (a CUDA graph captured before still uses
+    it): never freed, still zero."""
+    import weakref
+
+    from nanodp.kernels import doublep_attn
+
+    small = doublep_attn._zeros("cpu", "test-growth", 10)
+    ref = weakref.ref(small)
+    big = doublep_attn._zeros("cpu", "test-growth", 5000)
+    del small
+    assert big.numel() >= 5000 and ref() is not None and (ref() == 0).all()
+    assert doublep_attn._zeros("cpu", "test-growth", 100) is big
