@@ -216,7 +216,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     q, k, v = _c(q), _c(layer.k), _c(layer.v)
     cent, vmean, logsize, cstart = _c(layer.centroids), _c(layer.vmean), _c(layer.logsize), _c(layer.cstart)
     B, Hq, d = q.shape
-    _, Hkv, L, _ = k.shape
+    Hkv = k.shape[1]
     C = cent.shape[2]
     assert d in (16, 32, 64, 128, 256) and Hq % Hkv == 0 and C >= 1 and Hq // Hkv <= 8
     g = Hq // Hkv

@@ -177,9 +177,7 @@ def llm_options(args) -> dict:
         yarn=args.yarn,
         eager=args.eager,
         **{k: getattr(sp, k) for k in sp.__dataclass_fields__ if k != "attention"},
-        recluster_every=cc.recluster_every,
-        cluster_size=cc.cluster_size,
-        kmeans_iters=cc.kmeans_iters,
+        **{k: getattr(cc, k) for k in (f.replace("-", "_") for f in CACHE)},
     )
 
 
