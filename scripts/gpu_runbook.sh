@@ -86,14 +86,6 @@ tune2)   # the step's profile, the launch-shape sweep, the Double-P kernel tests
   for f in "$OUT"/prof-*.log; do grep -E "step|_kernel|Name" "$f" | cut -c1-150 | head -14; done
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -18; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -14 ;;
-final)   # the picked launch shapes on the sweep's cells, then bench e2e with the auto table
-  timeout 110 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1 \
-    --grid '{"block_n": [32], "cb": [16, 32], "attn_per_sm": [8], "attn_warps": [4]}' --hist 1 --out "$OUT/tune.json" \
-    > "$OUT/tune.log" 2>&1
-  timeout 130 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
-    --no-transformers > "$OUT/e2e.log" 2>&1
-  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-330 | tail -12
-  grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -14 ;;
 short)   # the least that re-measures the committed kernels: bench e2e at B = 1, 32 and three step cells
   timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 24 \
     --no-transformers > "$OUT/e2e.log" 2>&1

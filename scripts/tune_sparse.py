@@ -34,47 +34,44 @@ def main():
     base = dict(doublep_attn.TILES)
     grid = GRID | (json.loads(args.grid) if args.grid else {})
     settings = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-    times, dense, cells = {}, {}, []
+    step = lambda inp: doublep_attn.sparse_triton(*inp[:4], SINKS, sp, inp[4])  # noqa: E731
+
+    def timed(inp, tiles):
+        doublep_attn.TILES.update(tiles)
+        return time_us(lambda: step(inp), args.reps)
+
+    times, dense, cells = {}, {}, []  # cells: (name, (q, layer, lens, tail_start, stats slab))
     for cell in args.cells.split(","):
         shape, ctx, B = cell.split(":")
         Hq, Hkv, d = SHAPES[shape]
         q, layer, lens, ts = make_synthetic(int(B), Hq, Hkv, d, int(ctx))
-        so = torch.empty(len(STAT_KEYS), int(B), Hkv, device=q.device)  # stats into a slab, as the engine
+        inp = (q, layer, lens, ts, torch.empty(len(STAT_KEYS), int(B), Hkv, device=q.device))  # stats as the engine
         dense[cell] = min(time_us(f, args.reps) for f in _dense_fns(q, layer, lens, int(ctx)).values())
         for i, s in enumerate(settings):
-            doublep_attn.TILES.update(base | s)
-            times[cell, i] = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so), args.reps)
-        doublep_attn.TILES.update(base)
-        t0 = time_us(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so), args.reps)
+            times[cell, i] = timed(inp, base | s)
+        t0 = timed(inp, base)
         best = min(range(len(settings)), key=lambda i: times[cell, i])
         doublep_attn.TILES.update(base | settings[best])
-        split = kernel_breakdown(lambda: doublep_attn.sparse_triton(q, layer, lens, ts, SINKS, sp, so))
+        split = kernel_breakdown(lambda: step(inp))
         print(
             f"{cell}: dense {dense[cell]:.1f} us, best {times[cell, best]:.1f} us ({settings[best]}), "
             f"as committed {t0:.1f}; kernels {split}",
             flush=True,
         )
-        cells.append((cell, q, layer, lens, ts, so))
-    geo = lambda i: math.exp(sum(math.log(times[c, i]) for c, *_ in cells) / len(cells))  # noqa: E731
+        cells.append((cell, inp))
+    geo = lambda i: math.exp(sum(math.log(times[c, i]) for c, _ in cells) / len(cells))  # noqa: E731
     best = min(range(len(settings)), key=geo)
     pick = base | settings[best]
-    hist = {}
-    for h in map(int, args.hist.split(",")):
-        doublep_attn.TILES.update(pick | {"hist_per_sm": h})
-        hist[h] = [
-            time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp, so), args.reps)
-            for _, q, la, ln, t, so in cells
-        ]
+    hist = {h: [timed(inp, pick | {"hist_per_sm": h}) for _, inp in cells] for h in map(int, args.hist.split(","))}
     pick["hist_per_sm"] = min(hist, key=lambda h: sum(map(math.log, hist[h])))
     print("\nsetting (geo-mean over cells) and us per cell:")
     for i in sorted(range(len(settings)), key=geo)[:8]:
-        print(f"  {geo(i):8.1f}  {settings[i]}  " + " ".join(f"{times[c, i]:.1f}" for c, *_ in cells))
+        print(f"  {geo(i):8.1f}  {settings[i]}  " + " ".join(f"{times[c, i]:.1f}" for c, _ in cells))
     print(f"hist_per_sm: { {h: [round(x, 1) for x in v] for h, v in hist.items()} }")
     print(f"pick: {pick}")
     print("cell, dense us, pick us, speedup:")
-    doublep_attn.TILES.update(pick)
-    for cell, q, la, ln, t, so in cells:
-        tp = time_us(lambda: doublep_attn.sparse_triton(q, la, ln, t, SINKS, sp, so), args.reps)
+    for cell, inp in cells:
+        tp = timed(inp, pick)
         print(f"  {cell:22} {dense[cell]:9.1f} {tp:9.1f} {dense[cell] / tp:6.2f}x")
     if args.out:
         json.dump(
