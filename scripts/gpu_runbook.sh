@@ -4,6 +4,7 @@
 #   bash scripts/gpu_runbook.sh bench    bench e2e (default model, engine defaults, --write-auto) and bench sparse
 #   bash scripts/gpu_runbook.sh dev      evaluation grid on the development seed 1 (picks the defaults)
 #   bash scripts/gpu_runbook.sh report   the development pick, unchanged, on the fresh report seeds 7-11
+#   bash scripts/gpu_runbook.sh probe    one real step's kernels at B = 1, 8, 32; fewer k-means rounds (time, accuracy)
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -93,6 +94,24 @@ short)   # the least that re-measures the committed kernels: bench e2e at B = 1,
     --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8], "attn_warps": [4]}' --hist 1 > "$OUT/tune.log" 2>&1
   grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -9
   grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-330 | tail -12 ;;
+probe)   # per-kernel profile of one real step (B = 1, 8, 32), the k-means-rounds tests on the GPU, clustering
+         # share at fewer k-means rounds and their accuracy on the development seed (dense and the default)
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  for a in "doublep 1" "doublep 8" "doublep 32" "dense 8" "dense 32"; do set -- $a
+    timeout 60 python3 scripts/profile_step.py --ctx 8192 --batch $2 --attention $1 --top 10 > "$OUT/prof-$1-$2.log" 2>&1
+  done
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kmeans_rounds.py > "$OUT/gpu_tests.log" 2>&1
+  for it in 10 3; do
+    timeout 60 python3 -m nanodp.bench e2e --models default --batches 8 --contexts 8k --steps 16 --attentions doublep \
+      --kmeans-iters $it --no-transformers > "$OUT/e2e-k$it.log" 2>&1
+  done
+  timeout 230 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
+    --kmeans-iters 3 --time-limit 200 --out runs/gpu-dev-k3 > "$OUT/eval-dev-k3.log" 2>&1
+  cp runs/gpu-dev-k3/results.json "$OUT/dev-k3-results.json"
+  for f in "$OUT"/prof-*.log; do grep -E "step|_kernel|Name" "$f" | cut -c1-60,150-190 | head -14; done
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  for it in 10 3; do grep -v '^{' "$OUT/e2e-k$it.log" | grep -v -i warn | tail -4; done
+  grep -v '^{' "$OUT/eval-dev-k3.log" | grep -v "━" | tail -12 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
