@@ -4,9 +4,9 @@ Launches, all grids from shapes and Python ints (a decode step is captured in a 
   1. _score_kernel (B*Hkv x chunks [+ the steady pass]): z of every cluster, per-chunk softmax partials.
   2. _hist_kernel (B*Hkv x NH): bin histograms merged by integer atomics; the last program of a head cuts and
      writes its plan row (PLAN_W in kernels/doublep_select.py) and the stats that need no classification.
-  3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and every NS-th block of
-     the clusters, classifies them by the plan (the hist kernel's bins: its LSE2, R2h, Rg, read from the plan),
-     attends to its exact clusters' members (a block of clusters is one region of the cache) and its
+  3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and every NS-th cluster
+     (i = sp mod NS), classifies them by the plan (the hist kernel's bins: its LSE2, R2h, Rg, read from the
+     plan), attends to its exact clusters' members (each cluster is one region of the cache) and its
      pseudo-tokens, and adds its stats; the last split of a head combines the splits.
 """
 
@@ -72,10 +72,10 @@ def _attn_kernel(
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # log2 units
         m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
 
-    # clusters: split sp classifies every NS-th block of CB clusters by the cuts of the plan (kernels/
-    # doublep_select.py _hist_kernel) and reads what it keeps. Blocks are dealt round-robin: with a
-    # contiguous share per split the attention took 51 us a layer at B=1 on the default model's real cache
-    # against 13 on random keys, presumably because the exact clusters bunch in a few splits' shares
+    # clusters: split sp classifies the clusters i = sp, sp + NS, sp + 2 NS, ... (a comb), CB at a time, by
+    # the cuts of the plan (kernels/doublep_select.py _hist_kernel) and reads what it keeps. On a real cache
+    # the exact clusters bunch (the recent ones, a needle's): dealt as contiguous shares or as blocks of 32
+    # they fall to a few splits (51 and 28 us a layer at B=1 on the default model, against 13 on random keys)
     pb = plan_ptr + bh * PLAN_W
     r2 = tl.arange(0, GP2)
     LSE2 = tl.load(pb + 8 + r2)
@@ -93,8 +93,8 @@ def _attn_kernel(
     need = ncl * 0
     nex = ncl * 0
     nP = ncl * 0
-    for c0 in range(sp * CB, hi, NS * CB):
-        i = c0 + tl.arange(0, CB)
+    for c0 in range(0, tl.cdiv(hi, NS), CB):
+        i = sp + (c0 + tl.arange(0, CB)) * NS
         okc = i < hi
         lp, fg, fh = _scores(z_ptr, zoff, i, okc, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
