@@ -5,6 +5,7 @@
 #   bash scripts/gpu_runbook.sh dev      evaluation grid on the development seed 1 (picks the defaults)
 #   bash scripts/gpu_runbook.sh report   the development pick, unchanged, on the fresh report seeds 7-11
 #   bash scripts/gpu_runbook.sh probe    one real step's kernels at B = 1, 8, 32; fewer k-means rounds (time, accuracy)
+#   bash scripts/gpu_runbook.sh tune3    the kernel tests, splits/hist sweep, bench e2e at 8K, a B = 32 profile
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -91,7 +92,7 @@ short)   # the least that re-measures the committed kernels: bench e2e at B = 1,
   timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 24 \
     --no-transformers > "$OUT/e2e.log" 2>&1
   timeout 75 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1 \
-    --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8], "attn_warps": [4]}' --hist 1 > "$OUT/tune.log" 2>&1
+    --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8], "attn_warps": [4]}' --hist '{"hist_per_sm": [1]}' > "$OUT/tune.log" 2>&1
   grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -9
   grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-330 | tail -12 ;;
 probe)   # per-kernel profile of one real step (B = 1, 8, 32), the k-means-rounds tests on the GPU, clustering
@@ -112,6 +113,21 @@ probe)   # per-kernel profile of one real step (B = 1, 8, 32), the k-means-round
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   for it in 10 3; do grep -v '^{' "$OUT/e2e-k$it.log" | grep -v -i warn | tail -4; done
   grep -v '^{' "$OUT/eval-dev-k3.log" | grep -v "━" | tail -12 ;;
+tune3)   # after the comb: the kernel tests, a sweep of the splits per head and the hist programs, bench e2e at 8K
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_kmeans_rounds.py tests/test_doublep_kernel.py \
+    tests/test_doublep_select.py > "$OUT/gpu_tests.log" 2>&1
+  timeout 200 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
+    --grid '{"block_n": [32], "cb": [16, 32], "attn_per_sm": [8, 16], "max_splits": [64, 128]}' --out "$OUT/tune.json" \
+    > "$OUT/tune.log" 2>&1
+  timeout 40 python3 scripts/tune_sparse.py --cells llama8b:131072:1,smollm:8192:1,smollm:8192:32 --sparse \
+    '{"floor_frac": 0}' --grid '{"cb": [32], "attn_per_sm": [8]}' --hist '{"hist_per_sm": [1]}' > "$OUT/tune-nofloor.log" 2>&1
+  timeout 130 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  timeout 60 python3 scripts/profile_step.py --ctx 8192 --batch 32 --attention doublep --top 6 > "$OUT/prof.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep "kernels" "$OUT/tune-nofloor.log" | cut -c1-300
+  grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -12; grep -E "step|_kernel" "$OUT/prof.log" | cut -c1-60,150-190 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

@@ -1,6 +1,6 @@
 """Sweep the Double-P kernels' launch shapes (kernels/doublep_attn.py TILES) on a GPU, at the engine's sparse
-defaults, on nanodp.bench.sparse's synthetic inputs; prints us per layer step for every cell and setting, the
-per-kernel split of the best, and the setting with the lowest geometric mean over the cells.
+defaults (or --sparse), on nanodp.bench.sparse's synthetic inputs; prints us per layer step for every cell and
+setting, the per-kernel split of the best, and the setting with the lowest geometric mean over the cells.
 
     python scripts/tune_sparse.py [--cells llama8b:131072:1,llama8b:131072:8,...] [--reps 20] [--out FILE]
 """
@@ -19,18 +19,20 @@ from nanodp.kernels import doublep_attn
 from nanodp.kernels.doublep import STAT_KEYS
 
 CELLS = "llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:32"
-GRID = dict(block_n=[32, 64], cb=[32, 64], attn_per_sm=[2, 8], attn_warps=[4])
+GRID = dict(block_n=[32, 64], cb=[32, 64], attn_per_sm=[2, 8], max_splits=[64], attn_warps=[4])
+HIST = '{"hist_per_sm": [1, 2], "hist_clusters": [16, 256, 1024]}'
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", default=CELLS, help="shape:context:batch, comma-separated")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--hist", default="1,2,4", help="hist_per_sm values tried at the best attention setting")
+    ap.add_argument("--hist", default=HIST, help="JSON grid of the hist launch tried at the best attention setting")
     ap.add_argument("--grid", default=None, help='JSON replacing the swept values, e.g. {"cb": [16, 32]}')
+    ap.add_argument("--sparse", default="{}", help='JSON of SparseConfig fields, e.g. {"floor_frac": 0}')
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    sp = SparseConfig("doublep")
+    sp = SparseConfig("doublep", **json.loads(args.sparse))
     base = dict(doublep_attn.TILES)
     grid = GRID | (json.loads(args.grid) if args.grid else {})
     settings = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
@@ -62,12 +64,14 @@ def main():
     geo = lambda i: math.exp(sum(math.log(times[c, i]) for c, _ in cells) / len(cells))  # noqa: E731
     best = min(range(len(settings)), key=geo)
     pick = base | settings[best]
-    hist = {h: [timed(inp, pick | {"hist_per_sm": h}) for _, inp in cells] for h in map(int, args.hist.split(","))}
-    pick["hist_per_sm"] = min(hist, key=lambda h: sum(map(math.log, hist[h])))
+    hg = json.loads(args.hist)
+    hs = [dict(zip(hg, v)) for v in itertools.product(*hg.values())]
+    hist = {json.dumps(h): [timed(inp, pick | h) for _, inp in cells] for h in hs}
+    pick |= json.loads(min(hist, key=lambda h: sum(map(math.log, hist[h]))))
     print("\nsetting (geo-mean over cells) and us per cell:")
     for i in sorted(range(len(settings)), key=geo)[:8]:
         print(f"  {geo(i):8.1f}  {settings[i]}  " + " ".join(f"{times[c, i]:.1f}" for c, _ in cells))
-    print(f"hist_per_sm: { {h: [round(x, 1) for x in v] for h, v in hist.items()} }")
+    print(f"hist: { {h: [round(x, 1) for x in v] for h, v in hist.items()} }")
     print(f"pick: {pick}")
     print("cell, dense us, pick us, speedup:")
     for cell, inp in cells:
