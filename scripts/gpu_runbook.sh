@@ -115,14 +115,14 @@ probe)   # per-kernel profile of one real step (B = 1, 8, 32), the k-means-round
   grep -v '^{' "$OUT/eval-dev-k3.log" | grep -v "━" | tail -12 ;;
 tune3)   # after the comb: the kernel tests, a sweep of the splits per head and the hist programs, bench e2e at 8K
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_kmeans_rounds.py tests/test_doublep_kernel.py \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_kmeans_rounds.py tests/test_doublep_kernel.py \
     tests/test_doublep_select.py > "$OUT/gpu_tests.log" 2>&1
-  timeout 200 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
+  timeout 190 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
     --grid '{"block_n": [32], "cb": [16, 32], "attn_per_sm": [8, 16], "max_splits": [64, 128]}' --out "$OUT/tune.json" \
     > "$OUT/tune.log" 2>&1
   timeout 40 python3 scripts/tune_sparse.py --cells llama8b:131072:1,smollm:8192:1,smollm:8192:32 --sparse \
     '{"floor_frac": 0}' --grid '{"cb": [32], "attn_per_sm": [8]}' --hist '{"hist_per_sm": [1]}' > "$OUT/tune-nofloor.log" 2>&1
-  timeout 130 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 \
+  timeout 170 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
     --no-transformers > "$OUT/e2e.log" 2>&1
   timeout 60 python3 scripts/profile_step.py --ctx 8192 --batch 32 --attention doublep --top 6 > "$OUT/prof.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
