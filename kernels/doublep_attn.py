@@ -4,8 +4,8 @@ Launches, all grids from shapes and Python ints (a decode step is captured in a 
   1. _score_kernel (B*Hkv x chunks [+ the steady pass]): z of every cluster, per-chunk softmax partials.
   2. _hist_kernel (B*Hkv x NH): bin histograms merged by integer atomics; the last program of a head cuts and
      writes its plan row (PLAN_W in kernels/doublep_select.py) and the stats that need no classification.
-  3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and every NS-th cluster
-     (i = sp mod NS), classifies them by the plan (the hist kernel's bins: its LSE2, R2h, Rg, read from the
+  3. _attn_kernel (B*Hkv x NS): split sp takes every NS-th tile of the steady tokens and every NS-th group of
+     W consecutive clusters, classifies them by the plan (the hist kernel's bins: its LSE2, R2h, Rg, read from the
      plan), attends to its exact clusters' members (each cluster is one region of the cache) and its
      pseudo-tokens, and adds its stats; the last split of a head combines the splits.
 """
@@ -38,7 +38,7 @@ def _attn_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, zc_ptr, vm_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, plan_ptr, st_ptr, cls_ptr,
     po_ptr, pml_ptr, o_ptr, cnt_ptr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c, scs_b, scs_h,
     sn_b, sn_h, so_b, so_h, qk_scale, HKV, C, NS, NBH, sinks, BPB, G: tl.constexpr, GP: tl.constexpr,
-    GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr, NSP: tl.constexpr,
+    GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr, W: tl.constexpr, NSP: tl.constexpr,
     NB: tl.constexpr, PREC: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, FLOOR: tl.constexpr,
     PLAN: tl.constexpr,
 ):  # fmt: skip
@@ -72,10 +72,11 @@ def _attn_kernel(
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # log2 units
         m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
 
-    # clusters: split sp classifies the clusters i = sp, sp + NS, sp + 2 NS, ... (a comb), CB at a time, by
-    # the cuts of the plan (kernels/doublep_select.py _hist_kernel) and reads what it keeps. On a real cache
-    # the exact clusters bunch (the recent ones, a needle's): dealt as contiguous shares or as blocks of 32
-    # they fall to a few splits (51 and 28 us a layer at B=1 on the default model, against 13 on random keys)
+    # clusters: groups of W consecutive clusters dealt round-robin, split sp takes groups sp, sp + NS, ...,
+    # CB // W of them (CB clusters) at a time; it classifies them by the cuts of the plan (kernels/
+    # doublep_select.py _hist_kernel) and reads what it keeps. Small groups spread the exact clusters, which
+    # bunch on a real cache (the recent ones, a needle's), over all splits; W consecutive z and cstart entries
+    # are one memory sector (W = 8)
     pb = plan_ptr + bh * PLAN_W
     r2 = tl.arange(0, GP2)
     LSE2 = tl.load(pb + 8 + r2)
@@ -93,8 +94,9 @@ def _attn_kernel(
     need = ncl * 0
     nex = ncl * 0
     nP = ncl * 0
-    for c0 in range(0, tl.cdiv(hi, NS), CB):
-        i = sp + (c0 + tl.arange(0, CB)) * NS
+    lane = tl.arange(0, CB)
+    for c0 in range(0, tl.cdiv(tl.cdiv(hi, W), NS), CB // W):
+        i = (sp + (c0 + lane // W) * NS) * W + lane % W
         okc = i < hi
         lp, fg, fh = _scores(z_ptr, zoff, i, okc, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
@@ -187,9 +189,9 @@ def _combine(
 
 
 # launch shapes (scripts/tune_sparse.py sweeps them on a GPU): tokens per attention tile, clusters a split
-# classifies at a time, attention and hist programs per SM at batch 1, attention splits per head at most,
-# clusters per hist program at least, attention warps
-TILES = dict(block_n=32, cb=32, attn_per_sm=8, hist_per_sm=1, max_splits=64, hist_clusters=1, attn_warps=4)
+# classifies at a time, consecutive clusters dealt to one split, attention and hist programs per SM at batch 1,
+# attention splits per head at most, clusters per hist program at least, attention warps
+TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, max_splits=64, hist_clusters=1, attn_warps=4)
 
 _ZEROS, _RETIRED = {}, []
 
@@ -245,6 +247,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     NH = 2 if interp else spread(TILES["hist_per_sm"], min(64, triton.cdiv(C, TILES["hist_clusters"])))
     NS = 3 if interp else spread(TILES["attn_per_sm"], TILES["max_splits"])
 
+    cb = 16 if interp else TILES["cb"]
+    assert cb % min(cb, TILES["group"]) == 0, "TILES: group must divide cb"
     f32 = dict(device=dev, dtype=torch.float32)
     zbuf = torch.empty(BH * g * C, **f32)
     zc = torch.empty(BH * g * C, **f32) if gauss else zbuf  # pseudo-tokens read the centroid z
@@ -288,7 +292,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
-        D=d, BLOCK_N=16 if interp else TILES["block_n"], CB=16 if interp else TILES["cb"],
+        D=d, BLOCK_N=16 if interp else TILES["block_n"], CB=cb, W=min(cb, TILES["group"]),
         NSP=max(2, triton.next_power_of_2(NS)), PREC=prec, FLOOR=floor, PLAN=plan_out is not None,
         num_warps=TILES["attn_warps"] or (8 if d >= 128 else 4),
         num_stages=2, **common,

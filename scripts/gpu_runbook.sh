@@ -6,6 +6,7 @@
 #   bash scripts/gpu_runbook.sh report   the development pick, unchanged, on the fresh report seeds 7-11
 #   bash scripts/gpu_runbook.sh probe    one real step's kernels at B = 1, 8, 32; fewer k-means rounds (time, accuracy)
 #   bash scripts/gpu_runbook.sh tune3    the kernel tests, splits/hist sweep, bench e2e at 8K, a B = 32 profile
+#   bash scripts/gpu_runbook.sh group    the attention's cluster groups: kernel tests, sweep, bench e2e (1, 8, 32)
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -128,6 +129,25 @@ tune3)   # after the comb: the kernel tests, a sweep of the splits per head and 
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep "kernels" "$OUT/tune-nofloor.log" | cut -c1-300
   grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -12; grep -E "step|_kernel" "$OUT/prof.log" | cut -c1-60,150-190 ;;
+group)   # the groups of consecutive clusters a split takes (TILES group): the kernel tests, a synthetic sweep,
+         # bench e2e at the defaults with the auto table, then the same Double-P cells at groups of 1 and 32
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_doublep_kernel.py tests/test_doublep_select.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  timeout 150 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
+    --grid '{"block_n": [32], "cb": [16, 32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \
+    --hist '{"hist_per_sm": [1]}' --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  for w in 1 32; do
+    timeout 50 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 32 --attentions \
+      doublep --tiles "{\"group\": $w}" --no-transformers > "$OUT/e2e-group$w.log" 2>&1
+  done
+  timeout 40 python3 -m nanodp.generate --prompt "What is the capital of France?" --chat --max-new-tokens 16 \
+    > "$OUT/generate.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -13
+  for w in 1 32; do grep -v '^{' "$OUT/e2e-group$w.log" | grep "doublep"; done; tail -3 "$OUT/generate.log" ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

@@ -16,6 +16,7 @@ weight and KV bytes (and so MBU) are per GPU. The decode speed at TP=1 and TP=2,
 """
 
 import argparse
+import json
 import time
 
 import torch
@@ -128,11 +129,19 @@ def bench_e2e(argv):
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per cell (default: %(default)s)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     p.add_argument("--seed", type=int, default=0, help="prose seed (default: %(default)s)")
+    p.add_argument("--tiles", default=None, help="JSON over the Double-P launch shapes (kernels/doublep_attn.py TILES)")
     args = p.parse_args(argv)
     try:
         flags.cluster_from_args(args)
     except ValueError as e:
         p.error(str(e))
+    if args.tiles:  # launch shapes on the real cache, for sweeps (scripts/tune_sparse.py sweeps synthetic ones)
+        from ..kernels import doublep_attn
+
+        unknown = set(json.loads(args.tiles)) - set(doublep_attn.TILES)
+        if unknown:
+            p.error(f"--tiles: unknown launch shapes {sorted(unknown)}; known: {sorted(doublep_attn.TILES)}")
+        doublep_attn.TILES.update(json.loads(args.tiles))
     require_cuda("e2e")
     parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
