@@ -144,7 +144,7 @@ group)   # the groups of consecutive clusters a split takes (TILES group): the k
       doublep --tiles "{\"group\": $w}" --no-transformers > "$OUT/e2e-group$w.log" 2>&1
   done
   timeout 40 python3 -m nanodp.generate --prompt "What is the capital of France?" --chat --max-new-tokens 16 \
-    > "$OUT/generate.log" 2>&1
+    --attention doublep > "$OUT/generate.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -13
   for w in 1 32; do grep -v '^{' "$OUT/e2e-group$w.log" | grep "doublep"; done; tail -3 "$OUT/generate.log" ;;
