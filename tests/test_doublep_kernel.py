@@ -135,6 +135,19 @@ def test_kernel_many_blocks(rule):
         both(q2, layer2, lens2, ts2, sinks, sp(p1, p2, **rule), 1e-4, f"many clusters p {p1} {p2}")
 
 
+@pytest.mark.parametrize("group", [1, 4, 64])
+def test_kernel_cluster_groups(group, monkeypatch):
+    """Each split takes groups of `group` consecutive clusters (TILES; 64 is more than a block of cb: one block
+    of cb consecutive clusters per split); every grouping equals the twin."""
+    from nanodp.kernels import doublep_attn
+
+    monkeypatch.setitem(doublep_attn.TILES, "group", group)
+    seed = torch.seed() % 2**31
+    q, layer, lens, ts, sinks = make_case(g=3, d=64, style="skewed", seed=seed, **RAGGED)
+    for rule in (dict(), dict(group_rule="union", whole=True)):
+        both(q, layer, lens, ts, sinks, sp(0.9, 0.6, **rule), 1e-4, f"seed {seed} group {group}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("g,d", [(4, 128), (3, 64), (8, 128), (1, 64)])
 def test_gpu_bf16(g, d):
