@@ -113,7 +113,7 @@ class AttentionContext:
         sp = self.sparse
         if self.step_attention == "dense" or layer_idx < sp.dense_layers:
             o = self.decode_fn(q1, layer.k[:B], layer.v[:B], self.lens_after, max_len=self.max_len)
-            if sp.attention != "dense":  # a dense layer of a sparse run reads every token exactly
+            if self.step_attention != "dense":  # a dense layer of a sparse step reads every token exactly
                 st = self.stats.slab(B)[layer_idx]
                 st.zero_()
                 st[0].copy_(self.lens_after[:, None].expand(-1, layer.k.shape[1]))
@@ -141,7 +141,10 @@ class AttentionContext:
 
     def end_decode(self):
         if self.sparse.attention != "dense":
-            self.stats.end_step(self.active)
+            if self.step_attention == "dense":  # auto ran dense: every layer read every token exactly (one add)
+                self.stats.table[:, 0].add_(self.dense_tokens)
+            else:
+                self.stats.end_step(self.active)
             self.stats.dense_tokens.add_(self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1])
 
     def _slot_view(self, layer):

@@ -30,8 +30,10 @@ def test_engine_runs_what_the_table_says(tmp_path, monkeypatch, default_model):
     assert eng.cluster_enabled  # auto keeps the clusters Double-P needs
     sp = SamplingParams(max_new_tokens=4)
     prompts = [eng.tok.encode("The capital of France is " * 20), eng.tok.encode("One, two, three, " * 20)]
+    eng.ctx.stats.reset()
     eng.generate(prompts[:1], sp)
     assert set(eng.counters.steps) == {"dense"}
+    assert eng.ctx.stats.summary()["kv_read_fraction"] == 1.0  # a dense step counts every token, in one add
     eng.counters.steps = {}
     out = eng.generate(prompts, sp)
     assert set(eng.counters.steps) == {"doublep"} and "auto ran doublep 100%" in eng.counters.line(auto=True)
