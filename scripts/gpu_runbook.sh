@@ -132,7 +132,7 @@ tune3)   # after the comb: the kernel tests, a sweep of the splits per head and 
 group)   # the groups of consecutive clusters a split takes (TILES group): the kernel tests, a synthetic sweep,
          # bench e2e at the defaults with the auto table, then the same Double-P cells at groups of 1 and 32
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py -k "gpu_bf16 or groups or many" \
+  timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py -k "gpu_bf16 or groups or many" \
     tests/test_auto.py tests/test_kmeans_rounds.py > "$OUT/gpu_tests.log" 2>&1
   timeout 120 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
     --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \
@@ -140,7 +140,7 @@ group)   # the groups of consecutive clusters a split takes (TILES group): the k
   timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
     --no-transformers > "$OUT/e2e.log" 2>&1
   for w in 1 32; do
-    timeout 50 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 32 --attentions \
+    timeout 45 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 32 --attentions \
       doublep --tiles "{\"group\": $w}" --no-transformers > "$OUT/e2e-group$w.log" 2>&1
   done
   timeout 40 python3 -m nanodp.generate --prompt "What is the capital of France?" --chat --max-new-tokens 16 \
