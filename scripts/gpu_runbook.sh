@@ -129,23 +129,26 @@ tune3)   # after the comb: the kernel tests, a sweep of the splits per head and 
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep "kernels" "$OUT/tune-nofloor.log" | cut -c1-300
   grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -12; grep -E "step|_kernel" "$OUT/prof.log" | cut -c1-60,150-190 ;;
-group)   # the groups of consecutive clusters a split takes (TILES group): the kernel tests, a synthetic sweep,
-         # bench e2e at the defaults with the auto table, the Double-P cells at groups of 1, the development seed
+group)   # the groups of consecutive clusters a split takes (TILES group), most needed first (each part prints
+         # as it ends, so a cut run keeps what finished): bench e2e at the defaults with the auto table, the
+         # Double-P cells at groups of 1, the kernel tests, a synthetic sweep, the development seed
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py -k "gpu_bf16 or groups or many" \
-    tests/test_auto.py tests/test_kmeans_rounds.py > "$OUT/gpu_tests.log" 2>&1
-  timeout 100 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
-    --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \
-    --hist '{"hist_per_sm": [1]}' --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   timeout 100 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
     --no-transformers > "$OUT/e2e.log" 2>&1
+  grep -v '^{' "$OUT/e2e.log" | grep -E "│ default"
   timeout 45 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 32 --attentions \
     doublep --tiles '{"group": 1}' --no-transformers > "$OUT/e2e-group1.log" 2>&1
+  grep -v '^{' "$OUT/e2e-group1.log" | grep "│ default"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py -k "gpu_bf16 or groups" \
+    tests/test_auto.py tests/test_kmeans_rounds.py > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  timeout 90 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
+    --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \
+    --hist '{"hist_per_sm": [1]}' --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16
   timeout 130 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
     --time-limit 110 --out runs/gpu-dev-now > "$OUT/eval-dev.log" 2>&1
-  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
-  grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16; grep -v '^{' "$OUT/e2e.log" | grep -v -i warn | tail -13
-  grep -v '^{' "$OUT/e2e-group1.log" | grep "doublep"; grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -9 ;;
+  grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -9 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
