@@ -67,6 +67,14 @@ def test_bench_e2e_refuses_a_bad_kmeans_iters_before_the_gpu():
     assert p.returncode == 2 and "kmeans_iters must be >= 1" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("tiles,msg", [('{"nope": 1}', "unknown launch shapes ['nope']"), ("group=1", "JSON object")])
+def test_bench_e2e_refuses_bad_tiles_before_the_gpu(tiles, msg):
+    p = subprocess.run(
+        [sys.executable, "-m", "nanodp.bench", "e2e", "--tiles", tiles], cwd=ROOT, capture_output=True, text=True
+    )
+    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
+
+
 def test_eval_resume_keeps_only_runs_with_the_same_clusters(tmp_path, capsys):
     from nanodp.eval import report
 

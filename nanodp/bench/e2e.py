@@ -138,10 +138,14 @@ def bench_e2e(argv):
     if args.tiles:  # launch shapes on the real cache, for sweeps (scripts/tune_sparse.py sweeps synthetic ones)
         from ..kernels import doublep_attn
 
-        unknown = set(json.loads(args.tiles)) - set(doublep_attn.TILES)
+        try:
+            tiles = json.loads(args.tiles)
+        except ValueError:
+            p.error(f"--tiles takes a JSON object, e.g. '{{\"group\": 1}}', got {args.tiles!r}")
+        unknown = set(tiles) - set(doublep_attn.TILES)
         if unknown:
             p.error(f"--tiles: unknown launch shapes {sorted(unknown)}; known: {sorted(doublep_attn.TILES)}")
-        doublep_attn.TILES.update(json.loads(args.tiles))
+        doublep_attn.TILES.update(tiles)
     require_cuda("e2e")
     parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
