@@ -193,6 +193,14 @@ def _combine(
 # attention splits per head at most, clusters per hist program at least, attention warps
 TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, max_splits=64, hist_clusters=1, attn_warps=4)
 
+
+def check_tiles():
+    """TILES' own rules (scripts/tune_sparse.py and bench e2e --tiles change them)."""
+    cb, w = TILES["cb"], TILES["group"]
+    if cb < 1 or w < 1 or cb % min(cb, w):
+        raise ValueError(f"group ({w}) and cb ({cb}) must be >= 1 and group must divide cb or be at least cb")
+
+
 _ZEROS, _RETIRED = {}, []
 
 
@@ -247,8 +255,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     NH = 2 if interp else spread(TILES["hist_per_sm"], min(64, triton.cdiv(C, TILES["hist_clusters"])))
     NS = 3 if interp else spread(TILES["attn_per_sm"], TILES["max_splits"])
 
+    check_tiles()
     cb = 16 if interp else TILES["cb"]
-    assert cb % min(cb, TILES["group"]) == 0, "TILES: group must divide cb"
     f32 = dict(device=dev, dtype=torch.float32)
     zbuf = torch.empty(BH * g * C, **f32)
     zc = torch.empty(BH * g * C, **f32) if gauss else zbuf  # pseudo-tokens read the centroid z

@@ -139,8 +139,10 @@ group)   # the groups of consecutive clusters a split takes (TILES group), most 
   timeout 45 python3 -m nanodp.bench e2e --models default --batches 1,32 --contexts 8k --steps 32 --attentions \
     doublep --tiles '{"group": 1}' --no-transformers > "$OUT/e2e-group1.log" 2>&1
   grep -v '^{' "$OUT/e2e-group1.log" | grep "│ default"
+  timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kmeans_rounds.py tests/test_auto.py \
+    > "$OUT/gpu_tests.log" 2>&1   # (the run of RESULTS' third series had these behind -k below: they never ran)
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py -k "gpu_bf16 or groups" \
-    tests/test_auto.py tests/test_kmeans_rounds.py > "$OUT/gpu_tests.log" 2>&1
+    >> "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   timeout 90 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
     --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \

@@ -146,6 +146,10 @@ def test_kernel_cluster_groups(group, monkeypatch):
     q, layer, lens, ts, sinks = make_case(g=3, d=64, style="skewed", seed=seed, **RAGGED)
     for rule in (dict(), dict(group_rule="union", whole=True)):
         both(q, layer, lens, ts, sinks, sp(0.9, 0.6, **rule), 1e-4, f"seed {seed} group {group}")
+    # several rounds of CB clusters per split (the interpreter's 3 splits, 16 clusters a round)
+    q, layer, lens, ts, _ = make_case(g=2, d=64, B=1, Hkv=1, lens=(2100,), tail=(2090,), max_size=6, seed=seed)
+    assert int(layer.ncl[0, 0]) > 3 * 16 * 4
+    both(q, layer, lens, ts, sinks, sp(0.9, 0.6), 1e-4, f"many clusters, seed {seed} group {group}")
 
 
 @pytest.mark.gpu

@@ -25,6 +25,14 @@ def test_step_rounds_carry_only_the_moved_rows():
         if i == 2:  # cluster 9 duplicates cluster 2: its members all go to 2 (ties: the lower index)
             got[:, 9] = got[:, 2]
             dup = got[:, 9].clone()
+        if i == 3:  # row t leaves its cluster a, which keeps members: c_j = y_t (cosine 1) for j = a + 1
+            forced = []
+            for p in range(r.N):
+                a_p = (ws.prev[p] - 1).long()
+                t = int(torch.nonzero(ws.scnt[p].gather(0, a_p) >= 3)[0, 0])
+                a = int(a_p[t])
+                got[p, (a + 1) % k] = y[p, t].to(got.dtype)
+                forced.append((p, t, a))
         before, want = ws.prev.clone(), kp.step_ref(x, mu, got)
         kp.step_triton(r, ws.mu, got, ws.s, ws.scnt, ws.prev, ws.ctr[i], block_t=32, block_k=16)
         moved.append(float((ws.prev != before).float().mean()))
@@ -37,4 +45,7 @@ def test_step_rounds_carry_only_the_moved_rows():
         assert eq(ws.scnt, sizes), f"sizes, round {i}"
         if i == 2:  # emptied: centroid kept (the duplicate of the old c_2), sum exactly 0
             assert ws.scnt[:, 9].eq(0).all() and ws.s[:, 9].eq(0).all() and eq(got[:, 9], dup)
-    assert moved[0] == 1.0 and max(moved[3:]) < 0.5  # later rounds move only some rows
+        if i == 3:  # the forced rows moved, and some left a cluster that still has members (the subtraction)
+            assert all(int(ws.prev[p, t]) - 1 == (a + 1) % k for p, t, a in forced)
+            assert any(int(ws.scnt[p, a]) > 0 for p, t, a in forced)
+    assert moved[0] == 1.0 and 0 < moved[3] < 0.5 and max(moved[4:]) < 0.5  # later rounds move only some rows

@@ -141,11 +141,17 @@ def bench_e2e(argv):
         try:
             tiles = json.loads(args.tiles)
         except ValueError:
-            p.error(f"--tiles takes a JSON object, e.g. '{{\"group\": 1}}', got {args.tiles!r}")
+            tiles = None
+        if not isinstance(tiles, dict) or not all(type(v) is int and v >= 0 for v in tiles.values()):
+            p.error(f"--tiles takes a JSON object of integers >= 0, e.g. '{{\"group\": 1}}', got {args.tiles!r}")
         unknown = set(tiles) - set(doublep_attn.TILES)
         if unknown:
             p.error(f"--tiles: unknown launch shapes {sorted(unknown)}; known: {sorted(doublep_attn.TILES)}")
         doublep_attn.TILES.update(tiles)
+        try:
+            doublep_attn.check_tiles()
+        except ValueError as e:
+            p.error(f"--tiles: {e}")
     require_cuda("e2e")
     parallel.init(args.tp, bench_e2e, argv)
     bw = copy_bandwidth()
