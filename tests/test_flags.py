@@ -68,21 +68,21 @@ def test_bench_e2e_refuses_a_bad_kmeans_iters_before_the_gpu():
 
 
 @pytest.mark.parametrize(
-    "tiles,msg",
+    "args,msg",
     [
-        ('{"nope": 1}', "unknown launch shapes ['nope']"),
-        ("group=1", "JSON object"),
-        ("5", "JSON object"),
-        ('["group"]', "JSON object"),
-        ('{"group": "8"}', "JSON object"),
-        ('{"group": 0}', "group (0) and cb (32) must be >= 1"),
-        ('{"group": 12}', "group must divide cb"),
+        (['{"nope": 1}'], "unknown launch shapes ['nope']"),
+        (["group=1"], "JSON object"),
+        (["5"], "JSON object"),
+        (['["group"]'], "JSON object"),
+        (['{"group": "8"}'], "JSON object"),
+        (['{"group": 0}'], "group (0) and cb (32) must be >= 1"),
+        (['{"group": 12}'], "group must divide cb"),
+        (['{"group": 1}', "--write-auto"], "--tiles and --write-auto"),
     ],
 )
-def test_bench_e2e_refuses_bad_tiles_before_the_gpu(tiles, msg):
-    p = subprocess.run(
-        [sys.executable, "-m", "nanodp.bench", "e2e", "--tiles", tiles], cwd=ROOT, capture_output=True, text=True
-    )
+def test_bench_e2e_refuses_bad_tiles_before_the_gpu(args, msg):
+    cmd = [sys.executable, "-m", "nanodp.bench", "e2e", "--tiles", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr
 
 

@@ -138,6 +138,9 @@ def bench_e2e(argv):
     if args.tiles:  # launch shapes on the real cache, for sweeps (scripts/tune_sparse.py sweeps synthetic ones)
         from ..kernels import doublep_attn
 
+        if args.write_auto:
+            p.error("--tiles and --write-auto: the auto table is for the engine's own launch shapes; drop one")
+
         try:
             tiles = json.loads(args.tiles)
         except ValueError:
@@ -159,7 +162,7 @@ def bench_e2e(argv):
         f"device {torch.cuda.get_device_name(0)} | copy bandwidth {bw / 1e12:.2f} TB/s (read + write) | "
         f"TP {parallel.world_size()}"
     )
-    results, rows = {"copy_tb_s": bw / 1e12, "tp": parallel.world_size(), "cells": []}, []
+    results, rows = {"copy_tb_s": bw / 1e12, "tp": parallel.world_size(), "tiles": args.tiles, "cells": []}, []
     for model_name in args.models.split(","):
         real = model_name == "default"
         if real:
