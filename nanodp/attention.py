@@ -142,7 +142,7 @@ class AttentionContext:
     def end_decode(self):
         if self.sparse.attention != "dense":
             if self.step_attention == "dense":  # auto ran dense: every layer read every token exactly (one add)
-                self.stats.table[:, 0].add_(self.dense_tokens)
+                self.stats.sums["exact_tokens"].add_(self.dense_tokens)
             else:
                 self.stats.end_step(self.active)
             self.stats.dense_tokens.add_(self.dense_tokens * len(self.cache.layers) * self.cache.layers[0].k.shape[1])

@@ -140,7 +140,6 @@ def bench_e2e(argv):
 
         if args.write_auto:
             p.error("--tiles and --write-auto: the auto table is for the engine's own launch shapes; drop one")
-
         try:
             tiles = json.loads(args.tiles)
         except ValueError:
