@@ -189,9 +189,9 @@ def _combine(
 
 
 # launch shapes (scripts/tune_sparse.py sweeps them on a GPU): tokens per attention tile, clusters a split
-# classifies at a time, consecutive clusters dealt to one split, attention and hist programs per SM at batch 1,
-# attention splits per head at most, clusters per hist program at least, attention warps
-TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, max_splits=64, hist_clusters=1, attn_warps=4)
+# classifies at a time, consecutive clusters dealt to one split, attention and hist programs per SM at batch 1
+# (at most 64 per head), attention warps
+TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, attn_warps=4)
 
 
 def check_tiles():
@@ -247,13 +247,13 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     floor = not topk and (sp.floor > 0 or sp.floor_frac > 0)
     maxrule = sp.group_rule == "max"
     gauss = sp.estimate == "gauss"
-    # programs per head: n per SM at batch 1, fewer per head as the batch grows, at most cap
-    spread = lambda n, cap=64: max(1, min(cap, triton.cdiv(n * nsm, BH)))  # noqa: E731
+    # programs per head: n per SM at batch 1, fewer per head as the batch grows
+    spread = lambda n: max(1, min(64, triton.cdiv(n * nsm, BH)))  # noqa: E731
     BLOCK_C = 64 if d <= 64 else 32 if interp else 64
     chunk = BLOCK_C * triton.cdiv(triton.cdiv(C, BLOCK_C), spread(2))
     NCS = triton.cdiv(C, chunk)
-    NH = 2 if interp else spread(TILES["hist_per_sm"], min(64, triton.cdiv(C, TILES["hist_clusters"])))
-    NS = 3 if interp else spread(TILES["attn_per_sm"], TILES["max_splits"])
+    NH = 2 if interp else spread(TILES["hist_per_sm"])
+    NS = 3 if interp else spread(TILES["attn_per_sm"])
 
     check_tiles()
     cb = 16 if interp else TILES["cb"]

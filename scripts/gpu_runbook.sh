@@ -114,12 +114,13 @@ probe)   # per-kernel profile of one real step (B = 1, 8, 32), the k-means-round
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   for it in 10 3; do grep -v '^{' "$OUT/e2e-k$it.log" | grep -v -i warn | tail -4; done
   grep -v '^{' "$OUT/eval-dev-k3.log" | grep -v "━" | tail -12 ;;
-tune3)   # after the comb: the kernel tests, a sweep of the splits per head and the hist programs, bench e2e at 8K
+tune3)   # after the comb: the kernel tests, a launch sweep (it also tried 128 splits a head and 16-1,024
+         # clusters a hist program, knobs removed since: git show 8417305:scripts/gpu_runbook.sh), bench e2e at 8K
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
   timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_kmeans_rounds.py tests/test_doublep_kernel.py \
     tests/test_doublep_select.py > "$OUT/gpu_tests.log" 2>&1
   timeout 190 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
-    --grid '{"block_n": [32], "cb": [16, 32], "attn_per_sm": [8, 16], "max_splits": [64, 128]}' --out "$OUT/tune.json" \
+    --grid '{"block_n": [32], "cb": [16, 32], "attn_per_sm": [8, 16], "group": [1]}' --out "$OUT/tune.json" \
     > "$OUT/tune.log" 2>&1
   timeout 40 python3 scripts/tune_sparse.py --cells llama8b:131072:1,smollm:8192:1,smollm:8192:32 --sparse \
     '{"floor_frac": 0}' --grid '{"cb": [32], "attn_per_sm": [8]}' --hist '{"hist_per_sm": [1]}' > "$OUT/tune-nofloor.log" 2>&1
@@ -145,7 +146,7 @@ group)   # the groups of consecutive clusters a split takes (TILES group), most 
     >> "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
   timeout 90 python3 scripts/tune_sparse.py --cells llama8b:131072:1,llama8b:131072:8,smollm:8192:1,smollm:8192:32 \
-    --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8], "max_splits": [64]}' \
+    --grid '{"block_n": [32], "cb": [32], "group": [1, 8, 32], "attn_per_sm": [8]}' \
     --hist '{"hist_per_sm": [1]}' --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   grep -v "^{" "$OUT/tune.log" | cut -c1-420 | tail -16
   timeout 130 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \

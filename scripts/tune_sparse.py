@@ -19,8 +19,8 @@ from nanodp.kernels import doublep_attn
 from nanodp.kernels.doublep import STAT_KEYS
 
 CELLS = "llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:32"
-GRID = dict(block_n=[32, 64], cb=[32, 64], attn_per_sm=[2, 8], max_splits=[64], attn_warps=[4])
-HIST = '{"hist_per_sm": [1, 2], "hist_clusters": [16, 256, 1024]}'
+GRID = dict(block_n=[32, 64], cb=[32, 64], group=[8], attn_per_sm=[2, 8], attn_warps=[4])
+HIST = '{"hist_per_sm": [1, 2]}'
 
 
 def main():
