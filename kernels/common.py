@@ -26,3 +26,35 @@ def num_sms(device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_BLOCKS = {}  # (kernel name, device, its compile-time arguments) -> resident blocks per SM
+
+
+def blocks_per_sm(key, compiled=None):
+    """Blocks of a compiled Triton kernel that fit on one SM at once (resident_blocks). With `compiled` (what
+    a launch returns) it is measured and kept under `key`; without, the kept value or None."""
+    if compiled is not None and key not in _BLOCKS:
+        import triton
+
+        compiled._init_handles()
+        props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+        m = compiled.metadata
+        _BLOCKS[key] = resident_blocks(compiled.n_regs, m.shared, m.num_warps, props["max_num_regs"],
+                                       props["max_shared_mem"])  # fmt: skip
+    return _BLOCKS.get(key)
+
+
+def resident_blocks(n_regs, shared, warps, sm_regs=65536, sm_shared=232448, sm_warps=64):
+    """Occupancy, as the Triton fused-softmax tutorial computes it: registers are allocated per thread in
+    steps of 8, the driver reserves 1 KB of shared memory a block."""
+    regs = -(-n_regs // 8) * 8 * 32 * warps
+    return max(1, min(sm_regs // regs, sm_shared // (shared + 1024), sm_warps // warps))
+
+
+def wave_fit(units, slots, cap):
+    """Programs per unit (n in 1..cap) when units * n programs run `slots` at a time: a unit's work takes
+    cdiv(units * n, slots) waves of 1/n of it; the smallest n within 5% of the fewest waves' worth."""
+    t = {n: -(-units * n // slots) / n for n in range(1, cap + 1)}
+    best = min(t.values())
+    return min(n for n in t if t[n] <= 1.05 * best)

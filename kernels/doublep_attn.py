@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, LOG2E_C, interpreting, num_sms
+from .common import LOG2E, LOG2E_C, blocks_per_sm, interpreting, num_sms, wave_fit
 from .common import NEG_C as NEG
 from .doublep import BINS_PER_NAT, NBINS, STAT_KEYS
 from .doublep_select import PLAN_W, _hist_kernel, _score_kernel, _scores
@@ -189,9 +189,10 @@ def _combine(
 
 
 # launch shapes (scripts/tune_sparse.py sweeps them on a GPU): tokens per attention tile, clusters a split
-# classifies at a time, consecutive clusters dealt to one split, attention and hist programs per SM at batch 1
-# (at most 64 per head), attention warps
-TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, attn_warps=4)
+# classifies at a time, consecutive clusters dealt to one split, attention programs per SM at batch 1 before
+# its occupancy is known and hist programs per SM at batch 1 (at most 64 per head), attention warps, the
+# attention's register cap (0: none; 128 lets 4 blocks of 4 warps share an SM at head dim 128), hist warps
+TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, attn_warps=4, attn_maxnreg=128, hist_warps=4)
 
 
 def check_tiles():
@@ -199,6 +200,8 @@ def check_tiles():
     cb, w = TILES["cb"], TILES["group"]
     if cb < 1 or w < 1 or cb % min(cb, w):
         raise ValueError(f"group ({w}) and cb ({cb}) must be >= 1 and group must divide cb or be at least cb")
+    if TILES["attn_maxnreg"] and not 32 <= TILES["attn_maxnreg"] <= 255:
+        raise ValueError(f"attn_maxnreg ({TILES['attn_maxnreg']}) must be 0 (no cap) or 32-255 registers")
 
 
 _ZEROS, _RETIRED = {}, []
@@ -247,13 +250,25 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     floor = not topk and (sp.floor > 0 or sp.floor_frac > 0)
     maxrule = sp.group_rule == "max"
     gauss = sp.estimate == "gauss"
-    # programs per head: n per SM at batch 1, fewer per head as the batch grows
-    spread = lambda n: max(1, min(64, triton.cdiv(n * nsm, BH)))  # noqa: E731
     BLOCK_C = 64 if d <= 64 else 32 if interp else 64
-    chunk = BLOCK_C * triton.cdiv(triton.cdiv(C, BLOCK_C), spread(2))
+    BLOCK_N = 16 if interp else TILES["block_n"]
+    warps = TILES["attn_warps"] or (8 if d >= 128 else 4)
+    flags = (g, d, prec, gauss, whole, union, floor, maxrule, plan_out is not None)
+    keys = {k: (k, str(dev), flags, t) for k, t in (("score", BLOCK_C), ("attn", (BLOCK_N, TILES["cb"],
+            TILES["group"], warps, TILES["attn_maxnreg"])))}  # fmt: skip
+
+    def per_head(kernel, n_per_sm):
+        """Programs per (sequence, KV head): n per SM at batch 1, fewer per head as the batch grows; for the
+        score and attention kernels, once one launch told their registers and shared memory, as many as fill
+        whole waves of their resident blocks (kernels/common.py wave_fit). The hist kernel keeps n per SM:
+        its time is a chain of merges a head, and more programs made it slower (docs/LOG.md)."""
+        occ = blocks_per_sm(keys[kernel]) if kernel in keys else None
+        return wave_fit(BH, occ * nsm, 64) if occ else max(1, min(64, triton.cdiv(n_per_sm * nsm, BH)))
+
+    chunk = BLOCK_C * triton.cdiv(triton.cdiv(C, BLOCK_C), per_head("score", 2))
     NCS = triton.cdiv(C, chunk)
-    NH = 2 if interp else spread(TILES["hist_per_sm"])
-    NS = 3 if interp else spread(TILES["attn_per_sm"])
+    NH = 2 if interp else per_head("hist", TILES["hist_per_sm"])
+    NS = 3 if interp else per_head("attn", TILES["attn_per_sm"])
 
     check_tiles()
     cb = 16 if interp else TILES["cb"]
@@ -272,7 +287,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     ncl, common = layer.ncl, dict(G=g, GP=GP, GP2=GP2, NB=NBINS, MAXRULE=maxrule, UNION=union)
 
     # 1. stage-1 logits z of every cluster (and each chunk's softmax partials)
-    _score_kernel[(BH, NCS + whole)](
+    ks = _score_kernel[(BH, NCS + whole)](
         q, cent, logsize, ncl, zbuf, ml, kvar, zc, k, lens, tail_start,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), cent.stride(2), logsize.stride(0),
         logsize.stride(1), ncl.stride(0), ncl.stride(1), kvar.stride(0), kvar.stride(1), kvar.stride(2),
@@ -288,23 +303,26 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         _zeros(dev, "hist_cnt", BH), plan, st, cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1),
         Hkv, C, NCS, NH, BH, int(sinks), float(sp.p1), float(sp.p2), int(sp.budget), int(sp.est_clusters),
         float(sp.floor), float(sp.floor_frac), BINS_PER_NAT / LOG2E,
-        NCSP=max(2, triton.next_power_of_2(NCS)), BLK=BLK, WHOLE=whole, TOPK=topk, FLOOR=floor, num_warps=8,
+        NCSP=max(2, triton.next_power_of_2(NCS)), BLK=BLK, WHOLE=whole, TOPK=topk, FLOOR=floor,
+        num_warps=TILES["hist_warps"],
         **common,
     )  # fmt: skip
 
     # 3. attention over the steady tokens, the exact clusters' members and the pseudo-tokens, NS splits a
     #    head, each classifying its own share of the clusters; the last split of a head combines
-    _attn_kernel[(BH, NS)](
+    ka = _attn_kernel[(BH, NS)](
         q, k, v, zbuf, zc, vmean, cstart, ncl, lens, tail_start, plan, st, cls, po, pml, o,
         _zeros(dev, "attn_cnt", BH), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
-        D=d, BLOCK_N=16 if interp else TILES["block_n"], CB=cb, W=min(cb, TILES["group"]),
-        NSP=max(2, triton.next_power_of_2(NS)), PREC=prec, FLOOR=floor, PLAN=plan_out is not None,
-        num_warps=TILES["attn_warps"] or (8 if d >= 128 else 4),
-        num_stages=2, **common,
+        D=d, BLOCK_N=BLOCK_N, CB=cb, W=min(cb, TILES["group"]), NSP=max(2, triton.next_power_of_2(NS)),
+        PREC=prec, FLOOR=floor, PLAN=plan_out is not None, num_warps=warps, num_stages=2,
+        **common, **({"maxnreg": TILES["attn_maxnreg"]} if TILES["attn_maxnreg"] else {}),
     )  # fmt: skip
+    if not interp:
+        for kernel, compiled in (("score", ks), ("attn", ka)):
+            blocks_per_sm(keys[kernel], compiled)
 
     if plan_out is not None:
         plan_out.update(cls=cls.view(BH, C), plan=plan.view(BH, 40))

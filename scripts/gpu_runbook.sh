@@ -7,6 +7,8 @@
 #   bash scripts/gpu_runbook.sh probe    one real step's kernels at B = 1, 8, 32; fewer k-means rounds (time, accuracy)
 #   bash scripts/gpu_runbook.sh tune3    the kernel tests, splits/hist sweep, bench e2e at 8K, a B = 32 profile
 #   bash scripts/gpu_runbook.sh group    the attention's cluster groups: kernel tests, sweep, bench e2e (1, 8, 32)
+#   bash scripts/gpu_runbook.sh fit      programs per head from occupancy (TILES fit), register cap: sweep, tests, e2e
+#   bash scripts/gpu_runbook.sh ncu      hardware counters of the Double-P kernels (scripts/ncu_step.py)
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -17,13 +19,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}
 [ -e nanodp/kernels ] || ln -s ../kernels nanodp/kernels
-if [ ! -f weights/SmolLM2-135M-Instruct/.complete ]; then
+if [ ! -f weights/SmolLM2-135M-Instruct/.complete ] && [ -f .carry/b/part_ab ]; then  # (ncu needs no model)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/b/gguf-*.whl
   cat .carry/a/part_aa .carry/b/part_ab > /tmp/m.gguf
   PYTHONPATH=.:/tmp/site python3 -m nanodp.fetch --gguf /tmp/m.gguf > /tmp/fetch.log 2>&1 || { tail /tmp/fetch.log; exit 1; }
 fi
 # the development pick as engine flags (empty before a dev run): bench measures what the evaluation chose
 PICK_FLAGS=$(python3 scripts/pick_flags.py runs/gpu-dev 2>/dev/null)
+CELLS6=llama8b:131072:1,llama8b:131072:8,llama8b:131072:32,smollm:8192:1,smollm:8192:8,smollm:8192:32
 GRID="--lengths 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 --n 2 --tasks all"
 DEV=${DEV_METHODS:-dense,doublep:0.95:0.7,doublep:0.95:0.7:f40%,doublep:0.95:0.7:f20%,doublep-union:0.95:0.9}
 DEV=$DEV,${DEV_MORE:-doublep-union:0.98:0.95,doublep-union-whole:0.995:0.99,doublep-union-whole-gauss:0.995:0.99}
@@ -152,6 +155,28 @@ group)   # the groups of consecutive clusters a split takes (TILES group), most 
   timeout 130 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
     --time-limit 110 --out runs/gpu-dev-now > "$OUT/eval-dev.log" 2>&1
   grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -9 ;;
+fit)   # programs per head that fill whole waves (TILES fit) and a register cap: the synthetic sweep, the GPU
+       # tests never run there, bench e2e with the auto table (each part prints as it ends)
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 200 python3 scripts/tune_sparse.py --cells ${FIT_CELLS:-$CELLS6} --grid '{"block_n": [32], "cb": [32],
+    "attn_per_sm": [8], "fit": [false, true], "attn_maxnreg": [0, 128]}' --hist '{"hist_warps": [4, 8]}' \
+    --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-400 | tail -22
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kmeans_rounds.py tests/test_auto.py \
+    tests/test_doublep_kernel.py -k "gpu or groups or rounds or auto" > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  timeout 160 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 32 --write-auto \
+    --no-transformers > "$OUT/e2e.log" 2>&1
+  grep -v '^{' "$OUT/e2e.log" | grep -E "│ default|auto" | tail -12 ;;
+ncu)   # hardware counters (Nsight Compute) of one synthetic Double-P step's three kernels per cell
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  for c in ${NCU_CELLS:-llama8b:131072:1 llama8b:131072:8 smollm:8192:32}; do
+    timeout 150 "$NCU" --clock-control none -k regex:"_attn_kernel|_hist_kernel|_score_kernel" --launch-skip 3 \
+      --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis python3 scripts/ncu_step.py --cell $c ${NCU_ARGS:-} > "$OUT/ncu-${c//:/-}.txt" 2>&1
+    echo "== $c"; grep -E "^  _|Duration|Registers Per|Achieved Occ|Theoretical Occ|Block Limit Reg|DRAM Through|Memory Through|Warp Cycles Per Issued|Dynamic Shared|Waves Per" \
+      "$OUT/ncu-${c//:/-}.txt" | sed 's/  */ /g' | cut -c1-90
+  done ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

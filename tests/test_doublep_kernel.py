@@ -170,6 +170,8 @@ def test_gpu_bf16(g, d):
         sp(group_rule="union", whole=True, floor_frac=0.2),
     ]:
         both(q, layer, lens, ts, sinks, cfg, 2e-2, f"seed {seed}")
+    # a second launch of a configuration sizes its splits from the first one's occupancy (wave_fit)
+    both(q, layer, lens, ts, sinks, sp(), 2e-2, f"seed {seed}, splits fitted to the waves")
     o, _ = tri(q, layer, lens, ts, sinks, sp(1.0, 1.0))
     assert (o.float() - dense(q, layer, lens)).abs().max() < 2e-2
 
@@ -210,3 +212,20 @@ def test_zero_buffers_outlive_growth():
     del small
     assert big.numel() >= 5000 and ref() is not None and (ref() == 0).all()
     assert doublep_attn._zeros("cpu", "test-growth", 100) is big
+
+
+def test_occupancy_and_wave_fit():
+    """The rules that size the score and attention grids (kernels/common.py), on figures Nsight Compute gave for
+    the attention kernel on the H200 (141 registers, 22.5 KB: 3 blocks an SM; 128 registers: 4)."""
+    from nanodp.kernels.common import resident_blocks, wave_fit
+
+    assert resident_blocks(141, 23070, 4) == 3 and resident_blocks(128, 23070, 4) == 4
+    assert resident_blocks(227, 92274, 4) == 2 and resident_blocks(179, 8390, 8) == 1
+    assert resident_blocks(16, 200_000, 4) == 1 and resident_blocks(8, 0, 1) == 64  # shared memory, warps
+    # 8 heads on 396 slots: 47 splits (one wave, 376 programs) beat 64 (two waves); n never exceeds the cap
+    assert wave_fit(8, 396, 64) == 47 and wave_fit(8, 396, 16) == 16 and wave_fit(256, 264, 64) == 1
+    for units, slots in [(1, 1), (3, 528), (24, 528), (64, 396), (96, 528), (700, 132)]:
+        n = wave_fit(units, slots, 64)
+        waves = lambda k: -(-units * k // slots) / k  # noqa: E731
+        assert 1 <= n <= 64 and waves(n) <= 1.05 * min(waves(k) for k in range(1, 65))
+        assert all(waves(k) > 1.05 * min(waves(j) for j in range(1, 65)) for k in range(1, n))

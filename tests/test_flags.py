@@ -77,6 +77,7 @@ def test_bench_e2e_refuses_a_bad_kmeans_iters_before_the_gpu():
         (['{"group": "8"}'], "JSON object"),
         (['{"group": 0}'], "group (0) and cb (32) must be >= 1"),
         (['{"group": 12}'], "group must divide cb"),
+        (['{"attn_maxnreg": 16}'], "attn_maxnreg (16) must be 0 (no cap) or 32-255"),
         (['{"group": 1}', "--write-auto"], "--tiles and --write-auto"),
     ],
 )
