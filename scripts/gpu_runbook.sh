@@ -159,7 +159,7 @@ group)   # the groups of consecutive clusters a split takes (TILES group), most 
 final)   # the committed launch rules, measured: the synthetic step cells against dense, bench e2e at the defaults
          # with the auto table, the 8B shape end to end, the GPU kernel tests (each part prints as it ends)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 120 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [32]}' --hist '{"hist_warps": [4]}' \
+  timeout 120 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8]}' --hist '{"hist_warps": [4]}' \
     --reps 20 --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-300 | grep -E "kernels|x$"
   timeout 150 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 --write-auto \
