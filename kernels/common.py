@@ -58,3 +58,18 @@ def wave_fit(units, slots, cap):
     t = {n: -(-units * n // slots) / n for n in range(1, cap + 1)}
     best = min(t.values())
     return min(n for n in t if t[n] <= 1.05 * best)
+
+
+_ZEROS, _RETIRED = {}, []
+
+
+def zero_buffer(dev, name, n):
+    """Buffers that are zero between launches (counters, histograms: the program that uses them last resets
+    them), per device and name. A larger need allocates a new one, but the old one is kept (and stays zero),
+    never freed: a CUDA graph captured earlier still reads and resets it. One stream at a time."""
+    buf = _ZEROS.get((str(dev), name))
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _ZEROS[(str(dev), name)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
+    return buf

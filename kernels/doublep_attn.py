@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, LOG2E_C, blocks_per_sm, interpreting, num_sms, wave_fit
+from .common import LOG2E, LOG2E_C, blocks_per_sm, interpreting, num_sms, wave_fit, zero_buffer
 from .common import NEG_C as NEG
 from .doublep import BINS_PER_NAT, NBINS, STAT_KEYS
 from .doublep_select import PLAN_W, _hist_kernel, _score_kernel, _scores
@@ -204,21 +204,6 @@ def check_tiles():
         raise ValueError(f"attn_maxnreg ({TILES['attn_maxnreg']}) must be 0 (no cap) or 32-255 registers")
 
 
-_ZEROS, _RETIRED = {}, []
-
-
-def _zeros(dev, name, n):
-    """Buffers that are zero between launches (counters, histograms: the program that uses them last resets
-    them), per device and name. A larger need allocates a new one, but the old one is kept (and stays zero),
-    never freed: a CUDA graph captured earlier still reads and resets it. One stream at a time."""
-    buf = _ZEROS.get((str(dev), name))
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _ZEROS[(str(dev), name)] = torch.zeros(max(n, 1024), device=dev, dtype=torch.int32)
-    return buf
-
-
 def _c(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -299,8 +284,8 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     # 2. bin histograms over NH programs a head, merged; the last one cuts (the plan)
     BLK = 64 if interp else max(16, min(4096 // GP2, triton.next_power_of_2(triton.cdiv(C, NH))))
     _hist_kernel[(BH, NH)](
-        zbuf, ml, cstart, ncl, lens, tail_start, _zeros(dev, "hist", BH * (2 + GP2) * NBINS),
-        _zeros(dev, "hist_cnt", BH), plan, st, cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1),
+        zbuf, ml, cstart, ncl, lens, tail_start, zero_buffer(dev, "hist", BH * (2 + GP2) * NBINS),
+        zero_buffer(dev, "hist_cnt", BH), plan, st, cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1),
         Hkv, C, NCS, NH, BH, int(sinks), float(sp.p1), float(sp.p2), int(sp.budget), int(sp.est_clusters),
         float(sp.floor), float(sp.floor_frac), BINS_PER_NAT / LOG2E,
         NCSP=max(2, triton.next_power_of_2(NCS)), BLK=BLK, WHOLE=whole, TOPK=topk, FLOOR=floor,
@@ -312,7 +297,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     #    head, each classifying its own share of the clusters; the last split of a head combines
     ka = _attn_kernel[(BH, NS)](
         q, k, v, zbuf, zc, vmean, cstart, ncl, lens, tail_start, plan, st, cls, po, pml, o,
-        _zeros(dev, "attn_cnt", BH), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        zero_buffer(dev, "attn_cnt", BH), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,

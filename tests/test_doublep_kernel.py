@@ -204,14 +204,14 @@ def test_zero_buffers_outlive_growth():
     it): never freed, still zero."""
     import weakref
 
-    from nanodp.kernels import doublep_attn
+    from nanodp.kernels.common import zero_buffer
 
-    small = doublep_attn._zeros("cpu", "test-growth", 10)
+    small = zero_buffer("cpu", "test-growth", 10)
     ref = weakref.ref(small)
-    big = doublep_attn._zeros("cpu", "test-growth", 5000)
+    big = zero_buffer("cpu", "test-growth", 5000)
     del small
     assert big.numel() >= 5000 and ref() is not None and (ref() == 0).all()
-    assert doublep_attn._zeros("cpu", "test-growth", 100) is big
+    assert zero_buffer("cpu", "test-growth", 100) is big
 
 
 def test_occupancy_and_wave_fit():
