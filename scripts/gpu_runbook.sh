@@ -8,7 +8,7 @@
 #   bash scripts/gpu_runbook.sh tune3    the kernel tests, splits/hist sweep, bench e2e at 8K, a B = 32 profile
 #   bash scripts/gpu_runbook.sh group    the attention's cluster groups: kernel tests, sweep, bench e2e (1, 8, 32)
 #   bash scripts/gpu_runbook.sh final    the committed launch rules: step cells vs dense, bench e2e + auto table, GPU tests
-#   bash scripts/gpu_runbook.sh fit      programs per head from occupancy (TILES fit), register cap: sweep, tests, e2e
+#   bash scripts/gpu_runbook.sh fit      the sweep that chose programs per head from occupancy and the register cap
 #   bash scripts/gpu_runbook.sh ncu      hardware counters of the Double-P kernels (scripts/ncu_step.py)
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
@@ -157,7 +157,7 @@ group)   # the groups of consecutive clusters a split takes (TILES group), most 
     --time-limit 110 --out runs/gpu-dev-now > "$OUT/eval-dev.log" 2>&1
   grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -9 ;;
 final)   # the committed launch rules, measured: the synthetic step cells against dense, bench e2e at the defaults
-         # with the auto table, the 8B shape end to end, the GPU kernel tests (each part prints as it ends)
+         # with the auto table, the GPU kernel tests (each part prints as it ends)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
   timeout 120 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8]}' --hist '{"hist_warps": [4]}' \
     --reps 20 --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
@@ -168,8 +168,9 @@ final)   # the committed launch rules, measured: the synthetic step cells agains
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py tests/test_kmeans_rounds.py \
     tests/test_auto.py -k "gpu or groups or rounds or auto or occupancy" > "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
-fit)   # programs per head that fill whole waves (TILES fit) and a register cap: the synthetic sweep, the GPU
-       # tests never run there, bench e2e with the auto table (each part prints as it ends)
+fit)   # programs per head that fill whole waves (a TILES fit switch, removed since it won: git show
+       # 3c76758:kernels/doublep_attn.py) and a register cap: the synthetic sweep, the GPU tests never run
+       # there, bench e2e with the auto table (each part prints as it ends)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
   timeout 200 python3 scripts/tune_sparse.py --cells ${FIT_CELLS:-$CELLS6} --grid '{"block_n": [32], "cb": [32],
     "attn_per_sm": [8], "fit": [false, true], "attn_maxnreg": [0, 128]}' --hist '{"hist_warps": [4, 8]}' \
