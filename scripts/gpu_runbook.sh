@@ -168,8 +168,8 @@ final)   # the committed launch rules, measured: the synthetic step cells agains
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py tests/test_kmeans_rounds.py \
     tests/test_auto.py -k "gpu or groups or rounds or auto or occupancy" > "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
-fit)   # programs per head that fill whole waves (a TILES fit switch, removed since it won: git show
-       # 3c76758:kernels/doublep_attn.py) and a register cap: the synthetic sweep, the GPU tests never run
+fit)   # programs per head that fill whole waves (the sweep ran with a TILES fit switch that
+       # was never committed: the rule it chose is always on now, so "fit" no longer changes anything) and a register cap: the synthetic sweep, the GPU tests never run
        # there, bench e2e with the auto table (each part prints as it ends)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
   timeout 200 python3 scripts/tune_sparse.py --cells ${FIT_CELLS:-$CELLS6} --grid '{"block_n": [32], "cb": [32],
