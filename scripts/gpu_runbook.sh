@@ -10,6 +10,7 @@
 #   bash scripts/gpu_runbook.sh final    the committed launch rules: step cells vs dense, bench e2e + auto table, GPU tests
 #   bash scripts/gpu_runbook.sh fit      the sweep that chose programs per head from occupancy and the register cap
 #   bash scripts/gpu_runbook.sh ncu      hardware counters of the Double-P kernels (scripts/ncu_step.py)
+#   bash scripts/gpu_runbook.sh probe4   clustering kernels at 8 and 32 x 8K; attention stalls by source line (ncu)
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -191,6 +192,21 @@ ncu)   # hardware counters (Nsight Compute) of one synthetic Double-P step's thr
     echo "== $c"; grep -E "^  _|Duration|Registers Per|Achieved Occ|Theoretical Occ|Block Limit Reg|DRAM Through|Memory Through|Warp Cycles Per Issued|Dynamic Shared|Waves Per" \
       "$OUT/ncu-${c//:/-}.txt" | sed 's/  */ /g' | cut -c1-90
   done ;;
+probe4)  # where clustering time goes (default model, 8 and 32 x 8K), and the attention kernel's stalls by
+         # source line on the real cache (ncu source page, B = 32, 8K)
+  for B in 8 32; do
+    timeout 150 python3 scripts/profile_cluster.py --ctx 8192 --batch $B > "$OUT/clprof-$B.log" 2>&1
+    grep -E "tokens:|kernels|Name|_kernel|sort|Radix|elementwise" "$OUT/clprof-$B.log" | cut -c1-60,100-175 | head -20
+  done
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  timeout 240 "$NCU" --clock-control none --set full --import-source yes -k regex:_attn_kernel --launch-skip 100 \
+    --launch-count 1 -f -o /tmp/attn python3 scripts/profile_step.py --ctx 8192 --batch ${NCU_B:-32} --attention doublep \
+    --top 3 > "$OUT/ncu-attn-run.log" 2>&1; tail -3 "$OUT/ncu-attn-run.log"
+  "$NCU" -i /tmp/attn.ncu-rep --page source --csv --print-source cuda > /tmp/src.csv 2> "$OUT/ncu-src.err" \
+    || "$NCU" -i /tmp/attn.ncu-rep --page source --csv > /tmp/src.csv 2>> "$OUT/ncu-src.err"
+  python3 scripts/ncu_lines.py /tmp/src.csv 40 > "$OUT/ncu-attn-lines.txt" 2>&1; head -c 6000 "$OUT/ncu-attn-lines.txt"
+  "$NCU" -i /tmp/attn.ncu-rep --page details > "$OUT/ncu-attn-details.txt" 2>&1
+  grep -E "Duration|Registers Per|Achieved Occ|DRAM Through|Warp Cycles Per Issued|Stall" "$OUT/ncu-attn-details.txt" | head -20 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
