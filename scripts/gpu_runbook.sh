@@ -11,6 +11,7 @@
 #   bash scripts/gpu_runbook.sh fit      the sweep that chose programs per head from occupancy and the register cap
 #   bash scripts/gpu_runbook.sh ncu      hardware counters of the Double-P kernels (scripts/ncu_step.py)
 #   bash scripts/gpu_runbook.sh probe4   clustering kernels at 8 and 32 x 8K; attention stalls by source line (ncu)
+#   bash scripts/gpu_runbook.sh kmsweep  the clustering pass step by step, the assignment's tile sweep, its ncu stalls
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
@@ -192,6 +193,16 @@ ncu)   # hardware counters (Nsight Compute) of one synthetic Double-P step's thr
     echo "== $c"; grep -E "^  _|Duration|Registers Per|Achieved Occ|Theoretical Occ|Block Limit Reg|DRAM Through|Memory Through|Warp Cycles Per Issued|Dynamic Shared|Waves Per" \
       "$OUT/ncu-${c//:/-}.txt" | sed 's/  */ /g' | cut -c1-90
   done ;;
+kmsweep)  # synthetic keys at the default model's shape (no model needed: fits the first carry call)
+  timeout 200 python3 scripts/sweep_kmeans.py --batch 8 > "$OUT/kmsweep.log" 2>&1; cat "$OUT/kmsweep.log" | tail -40
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  timeout 200 "$NCU" --clock-control none --set full --import-source yes -k regex:_final_kernel --launch-skip 2 \
+    --launch-count 1 -f -o /tmp/fin python3 scripts/sweep_kmeans.py --batch 1 > "$OUT/ncu-final-run.log" 2>&1
+  "$NCU" -i /tmp/fin.ncu-rep --page source --csv --print-source cuda > /tmp/fsrc.csv 2> "$OUT/ncu-fsrc.err"
+  python3 scripts/ncu_lines.py /tmp/fsrc.csv 30 > "$OUT/ncu-final-lines.txt" 2>&1; head -c 4000 "$OUT/ncu-final-lines.txt"
+  "$NCU" -i /tmp/fin.ncu-rep --page details > "$OUT/ncu-final-details.txt" 2>&1
+  grep -E "Duration|Registers Per|Achieved Occ|Compute \(SM\) Thr|Memory Through|Warp Cycles Per Issued|Issue Slots" \
+    "$OUT/ncu-final-details.txt" | head -12 ;;
 probe4)  # where clustering time goes (default model, 8 and 32 x 8K), and the attention kernel's stalls by
          # source line on the real cache (ncu source page, B = 32, 8K)
   for B in 8 32; do
