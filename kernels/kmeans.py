@@ -63,26 +63,43 @@ def assign_ref(x, c, out=None):
 
 
 @triton.jit
-def _argmax_dot(x, Cp, k, sck, scd, offs_d, d, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """x [BLOCK_T, BLOCK_D] (centroid dtype), Cp -> centroid 0 of the problem: [BLOCK_T] argmax_j x . c_j."""
-    # Running maximum per (point, lane): lane j of the chunk loop sees centroids j, j + BLOCK_K, ...
-    # Element-wise updates are cheap; the cross-lane reduction runs once, after the loop.
-    best = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
-    arg = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
-    for c0 in range(0, k, BLOCK_K):
-        offs_c = c0 + tl.arange(0, BLOCK_K)
+def _argmax_chunk(
+    x, Cp, c0, k, sck, scd, offs_d, d, best, arg, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, MASK: tl.constexpr
+):
+    """Scores of x against centroids c0 .. c0 + BLOCK_K - 1 folded into the per-lane running (best, arg)."""
+    offs_c = c0 + tl.arange(0, BLOCK_K)
+    if MASK:  # the last, partial chunk: lanes past k load 0 and never win
         ct = tl.load(
-            Cp + offs_c[None, :] * sck + offs_d[:, None] * scd,  # [BLOCK_D, BLOCK_K]
+            Cp + offs_c[None, :] * sck + offs_d[:, None] * scd,
             mask=(offs_c[None, :] < k) & (offs_d[:, None] < d),
             other=0.0,
         )
-        if IEEE:
-            s = tl.dot(x, ct, input_precision="ieee")
-        else:
-            s = tl.dot(x, ct)
-        better = (s > best) & (offs_c[None, :] < k)  # strict: the earlier centroid keeps a tie
-        best = tl.where(better, s, best)
-        arg = tl.where(better, offs_c[None, :], arg)
+    else:
+        ct = tl.load(Cp + offs_c[None, :] * sck + offs_d[:, None] * scd, mask=offs_d[:, None] < d, other=0.0)
+    if IEEE:
+        s = tl.dot(x, ct, input_precision="ieee")
+    else:
+        s = tl.dot(x, ct)
+    better = s > best  # strict: the earlier centroid keeps a tie
+    if MASK:
+        better = better & (offs_c[None, :] < k)
+    return tl.where(better, s, best), tl.where(better, offs_c[None, :], arg)
+
+
+@triton.jit
+def _argmax_dot(x, Cp, k, sck, scd, offs_d, d, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """x [BLOCK_T, BLOCK_D] (centroid dtype), Cp -> centroid 0 of the problem: [BLOCK_T] argmax_j x . c_j."""
+    # Running maximum per (point, lane): lane j of the chunk loop sees centroids j, j + BLOCK_K, ...
+    # Element-wise updates are cheap (a compare and two selects a score: as many instructions as the
+    # score's share of the tensor-core work, so the loop is bounded by both); full chunks carry no mask.
+    # The cross-lane reduction runs once, after the loop.
+    best = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    kf = k - k % BLOCK_K
+    for c0 in range(0, kf, BLOCK_K):
+        best, arg = _argmax_chunk(x, Cp, c0, k, sck, scd, offs_d, d, best, arg, BLOCK_K, IEEE, False)
+    if kf < k:
+        best, arg = _argmax_chunk(x, Cp, kf, k, sck, scd, offs_d, d, best, arg, BLOCK_K, IEEE, True)
     # Row maximum over lanes; among lanes that reach it the smallest centroid index wins.
     m = tl.max(best, axis=1)
     return tl.min(tl.where(best == m[:, None], arg, 2147483647), axis=1)
