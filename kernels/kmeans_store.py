@@ -161,6 +161,7 @@ def _append_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_A: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     p = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * BLOCK_C  # this program's clusters: c0 .. c0 + BLOCK_C - 1
@@ -185,19 +186,21 @@ def _append_kernel(
     kb = K + l * sk0 + b * sk1 + h * sk2 + s * sk3
     vb = V + l * sk0 + b * sk1 + h * sk2 + s * sk3
     # Two passes over the (contiguous, reordered) member rows: means, then squared deviations. A row's
-    # cluster is picked by a one-hot matrix, so the per-cluster sums are fp32 dots (exact products).
+    # cluster is picked by a one-hot matrix [C, R], so a per-cluster sum is a dot on the tensor cores:
+    # with 16-bit rows the one-hot is exact in their dtype and so is every product (fp32 accumulation);
+    # fp32 operands use tf32x3 (three tf32 products: about fp32's 24 bits).
     sk = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     sv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for r0 in range(before, hi, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         rm = r < hi
         lid = tl.load(SID + p * n + r, mask=rm, other=0).to(tl.int64) - c0
-        oh = ((lid[None, :] == lane[:, None]) & rm[None, :]).to(tl.float32)  # [C, R]
+        oh = ((lid[None, :] == lane[:, None]) & rm[None, :]).to(K.dtype.element_ty)  # [C, R]
         m2 = rm[:, None] & dm[None, :]
-        xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0).to(tl.float32)
-        vr = tl.load(vb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0).to(tl.float32)
-        sk += tl.dot(oh, xr, input_precision="ieee")
-        sv += tl.dot(oh, vr, input_precision="ieee")
+        xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
+        vr = tl.load(vb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
+        sk += tl.dot(oh, xr, input_precision=PREC)
+        sv += tl.dot(oh, vr, input_precision=PREC)
     div = tl.maximum(cnt, 1).to(tl.float32)[:, None]
     cent = sk / div
     sq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
@@ -209,8 +212,8 @@ def _append_kernel(
         oht = ((lid[:, None] == lane[None, :]) & rm[:, None]).to(tl.float32)  # [R, C]
         m2 = rm[:, None] & dm[None, :]
         xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0).to(tl.float32)
-        dv = tl.where(m2, xr - tl.dot(oht, cent, input_precision="ieee"), 0.0)  # k - its centroid
-        sq += tl.dot(oh, dv * dv, input_precision="ieee")
+        dv = tl.where(m2, xr - tl.dot(oht, cent, input_precision="tf32x3"), 0.0)  # k - its centroid
+        sq += tl.dot(oh, dv * dv, input_precision="tf32x3")
     # The table rows: non-empty clusters at base + rank, padding at compacted positions >= nk.
     nb = NCL + l * sn0 + b * sn1 + h * sn2
     base = tl.load(nb).to(tl.int64)
@@ -246,6 +249,7 @@ def append_triton(r, tab, sid, cnt, ctr, block_c=16, block_r=32):
     """The statistics of cluster_stats_ref, from the reordered cache rows of r, appended as append_ref does.
     sid [N, n]: the sorted cluster ids; cnt [N, k] int32; ctr [N] int32 zeroed arrival counters."""
     assert r.v.stride() == r.k.stride(), "k and v must share one layout"
+    assert r.v.dtype == r.k.dtype, "k and v must share one dtype (the one-hot sums multiply in it)"
     assert tab.centroids.stride() == tab.vmean.stride() == tab.kvar.stride()
     k, d = cnt.shape[1], r.k.shape[-1]
     nch = triton.cdiv(k, block_c)
@@ -273,5 +277,6 @@ def append_triton(r, tab, sid, cnt, ctr, block_c=16, block_r=32):
         BLOCK_R=block_r,
         BLOCK_D=_block_d(d),
         BLOCK_A=128,
+        PREC="tf32x3" if r.k.dtype == torch.float32 else "tf32",  # 16-bit operands ignore it
         num_warps=4,
     )

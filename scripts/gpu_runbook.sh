@@ -13,6 +13,8 @@
 #   bash scripts/gpu_runbook.sh probe4   clustering kernels at 8 and 32 x 8K; attention stalls by source line (ncu)
 #   bash scripts/gpu_runbook.sh kmsweep  the clustering pass step by step, the assignment's tile sweep, its ncu stalls
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
+#   bash scripts/gpu_runbook.sh kmsweep2 the pass step by step, final and step tile sweeps, rounds; clustering tests
+#   bash scripts/gpu_runbook.sh rounds   clustering share at 10 and 6 rounds; dev seed at 10, 6 and 5 rounds at once
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -218,6 +220,25 @@ probe4)  # where clustering time goes (default model, 8 and 32 x 8K), and the at
   python3 scripts/ncu_lines.py /tmp/src.csv 40 > "$OUT/ncu-attn-lines.txt" 2>&1; head -c 6000 "$OUT/ncu-attn-lines.txt"
   "$NCU" -i /tmp/attn.ncu-rep --page details > "$OUT/ncu-attn-details.txt" 2>&1
   grep -E "Duration|Registers Per|Achieved Occ|DRAM Through|Warp Cycles Per Issued|Stall" "$OUT/ncu-attn-details.txt" | head -20 ;;
+kmsweep2)  # synthetic keys (no model: fits the first carry call), then the clustering tests on the GPU
+  timeout 240 python3 scripts/sweep_kmeans.py --batch 8 > "$OUT/kmsweep.log" 2>&1; cat "$OUT/kmsweep.log" | tail -60
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cluster.py tests/test_kmeans_rounds.py \
+    tests/test_cache.py > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
+rounds)  # fewer k-means rounds: the clustering share (8 x 8K), then the development seed at 10, 6 and 5 rounds
+         # (three runs at once: the 135M model leaves the GPU mostly idle)
+  for it in 10 6 5; do
+    timeout 60 python3 scripts/profile_cluster.py --ctx 8192 --batch 8 --kmeans-iters $it > "$OUT/clprof-k$it.log" 2>&1
+    grep -E "tokens" "$OUT/clprof-k$it.log"
+  done
+  grep -E "kernels|Name|_kernel|Radix" "$OUT/clprof-k10.log" | cut -c1-60,100-175 | head -14
+  for it in 10 6 5; do
+    timeout 420 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
+      --kmeans-iters $it --time-limit 360 --out runs/gpu-dev-k$it > "$OUT/eval-dev-k$it.log" 2>&1 &
+  done
+  wait
+  for it in 10 6 5; do cp runs/gpu-dev-k$it/results.json "$OUT/dev-k$it-results.json"
+    echo "== $it rounds"; grep -v '^{' "$OUT/eval-dev-k$it.log" | grep -v "━" | tail -8; done ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

@@ -5,14 +5,17 @@ moves it (GPU, synthetic structured keys; no model needed).
 
 Shape: 30 layers x 3 KV heads x d = 64 (SmolLM2-135M), B sequences of n tokens, k = n // 16 clusters: the
 N = 90 B problems one prefill clusters. Prints ms per step of the pass (mean_init, one round, final, sort,
-reorder, append, the whole pass) and a sweep of the final round's (block_t, block_k, num_warps).
+reorder, append, the whole pass), a sweep of the final round's (block_t, block_k, num_warps), the same tiles
+for the rounds (step) inside a whole k-means call, and the whole pass at fewer rounds.
 """
 
 import argparse
+import functools
 import time
 
 import torch
 
+import nanodp.cluster as cluster
 from nanodp.cluster import MAX_ROWS, Tables, _kmeans_triton, _pass, _Workspace
 from nanodp.kernels.kmeans import make_rows
 from nanodp.kernels.kmeans_pass import final_triton, mean_init_triton, step_triton
@@ -115,3 +118,26 @@ for bt in (64, 128, 256):
                 print(f"  {bt:4d} {bk:4d} {nw:2d}  {t:8.3f}")
             except Exception as e:  # out of resources at the big tiles
                 print(f"  {bt:4d} {bk:4d} {nw:2d}  {type(e).__name__}")
+
+print(f"\nk-means rounds ({a.iters}) of one call, ms, step_triton tiles (block_t, block_k, num_warps):")
+for bt, bk, nw in (
+    (128, 64, 8),
+    (64, 32, 4),
+    (128, 32, 8),
+    (64, 32, 8),
+    (128, 32, 4),
+    (32, 32, 4),
+    (64, 16, 4),
+    (128, 16, 8),
+    (64, 64, 4),
+):
+    cluster.step_triton = functools.partial(step_triton, block_t=bt, block_k=bk, num_warps=nw)
+    try:
+        print(f"  {bt:4d} {bk:4d} {nw:2d}  {ms(lambda: _kmeans_triton(r, k, a.iters), 3):8.3f}")
+    except Exception as e:
+        print(f"  {bt:4d} {bk:4d} {nw:2d}  {type(e).__name__}")
+cluster.step_triton = step_triton
+print("\nwhole pass by rounds, ms (the committed tiles):")
+for it in (10, 8, 6, 5, 4, 3):
+    a.iters = it
+    print(f"  {it:3d}  {ms(whole, 3):8.3f}")
