@@ -46,7 +46,8 @@ for _ in range(3):
     fresh()
 pf, cl = (c.prefill_s - p0) / 3, (c.cluster_s - c0) / 3
 print(
-    f"B={a.batch}, {a.ctx - 128} tokens, {a.kmeans_iters} k-means rounds: prefill {1e3 * pf:.1f} ms, clustering {1e3 * cl:.1f} ms",
+    f"B={a.batch}, {a.ctx - 128} tokens, {a.kmeans_iters} k-means rounds: prefill {1e3 * pf:.1f} ms, "
+    f"clustering {1e3 * cl:.1f} ms",
     end=" ",
 )
 print(f"({100 * cl / pf:.0f}% of the prefill)")
