@@ -77,6 +77,12 @@ def mean_init_triton(r, k, mu, c, ctr, block_t=128, block_k=64):
 
 
 # ------------------------------------------------------------------------------------------ step
+def _assign_block_k(gpu):
+    """Centroids a chunk of the assignment loop: 32 on the GPU (the final round at the default model's shape
+    took 0.43 ms against 0.69 at 64: half the per-lane running state, so more blocks an SM; docs/LOG.md)."""
+    return 32 if gpu else 64
+
+
 def step_ref(x, mu, c):
     """One round: assign by largest cosine, c_j <- u(sum of the members' y) where that sum is not 0 (y as the
     assignment multiplies it: rounded to the keys' dtype; the sums are fp32)."""
@@ -159,7 +165,7 @@ def _step_kernel(
             tl.store(S + o, sv, mask=mc & (~live)[:, None])
 
 
-def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=64, num_warps=None):
+def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=None, num_warps=None):
     """step_ref in place: c [N, k, d] updated. State carried from round to round, zero before the first:
     s [N, k, d] fp32 and cnt [N, k] int32, the sums and sizes of the clusters of the last assignment, and
     prev [N, n] int32, that assignment + 1. ctr [N]: int32 zeroed arrival counters (one set per launch).
@@ -181,7 +187,7 @@ def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=64, num_warps
         d,
         T,
         BLOCK_T=bt,
-        BLOCK_K=block_k,
+        BLOCK_K=block_k or _assign_block_k(gpu),
         BLOCK_D=_block_d(d),
         IEEE=c.dtype == torch.float32,
         num_warps=num_warps or (8 if gpu else 4),
@@ -248,7 +254,7 @@ def _final_kernel(
     tl.atomic_add(CNT + p * k + j, tl.full([BLOCK_T], 1, tl.int32), mask=rm, sem="relaxed")
 
 
-def final_triton(r, mu, c, a, cnt, scratch=None, block_t=None, block_k=64, num_warps=None):
+def final_triton(r, mu, c, a, cnt, scratch=None, block_t=None, block_k=None, num_warps=None):
     """final_ref: a [N, n] (int16 or int32) and cnt [N, k] int32 (zeroed before) written; with scratch =
     (xs [N, n, d], vs, ps [N, n] int32) also the raw K, V, pos rows of every problem (r.v, r.pos needed)."""
     gpu = r.k.is_cuda
@@ -279,7 +285,7 @@ def final_triton(r, mu, c, a, cnt, scratch=None, block_t=None, block_k=64, num_w
         vs,
         ps,
         BLOCK_T=bt,
-        BLOCK_K=block_k,
+        BLOCK_K=block_k or _assign_block_k(gpu),
         BLOCK_D=_block_d(d),
         IEEE=c.dtype == torch.float32,
         COPY=copy,
