@@ -14,7 +14,8 @@
 #   bash scripts/gpu_runbook.sh kmsweep  the clustering pass step by step, the assignment's tile sweep, its ncu stalls
 #   bash scripts/gpu_runbook.sh tune     the Double-P kernel tests, the launch-shape sweep, bench e2e at 8K
 #   bash scripts/gpu_runbook.sh kmsweep2 the pass step by step, final and step tile sweeps, rounds; clustering tests
-#   bash scripts/gpu_runbook.sh rounds   clustering share at 10 and 6 rounds; dev seed at 10, 6 and 5 rounds at once
+#   bash scripts/gpu_runbook.sh rounds   dev seed at 10 and 6 k-means rounds, report seeds at 6, at once; the rule's pick
+#   bash scripts/gpu_runbook.sh final5   clustering share at 10 and 6 rounds, bench e2e (+ auto table), clustering tests
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -225,20 +226,35 @@ kmsweep2)  # synthetic keys (no model: fits the first carry call), then the clus
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cluster.py tests/test_kmeans_rounds.py \
     tests/test_cache.py > "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
-rounds)  # fewer k-means rounds: the clustering share (8 x 8K), then the development seed at 10, 6 and 5 rounds
-         # (three runs at once: the 135M model leaves the GPU mostly idle)
-  for it in 10 6 5; do
+rounds)  # fewer k-means rounds, all at once (the 135M model leaves the GPU mostly idle): the development seed at
+         # 10 and 6 rounds, and the 6-round default on the report seeds 7-11, which count only if the
+         # development seed adopts it (scripts/pick_rounds.py, a rule fixed before the run)
+  for it in 10 6; do
+    timeout 580 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
+      --kmeans-iters $it --time-limit 500 --out runs/gpu-dev-k$it > "$OUT/eval-dev-k$it.log" 2>&1 &
+  done
+  for s in 7 8 9 10 11; do
+    timeout 580 python3 -m nanodp.eval --seed $s $GRID --methods dense,doublep:0.95:0.7,doublep-gauss:0.95:0.7:f15% \
+      --kmeans-iters 6 --time-limit 500 --out runs/gpu-report$s-k6 > "$OUT/eval-report$s-k6.log" 2>&1 &
+  done
+  wait
+  for it in 10 6; do cp runs/gpu-dev-k$it/results.json "$OUT/dev-k$it-results.json"; done
+  for s in 7 8 9 10 11; do cp runs/gpu-report$s-k6/results.json "$OUT/report$s-k6.json"; done
+  python3 scripts/pick_rounds.py runs/gpu-dev-k10 runs/gpu-dev-k6 ;;
+final5)  # after `rounds`, no carry needed while warm: clustering share at 10 and 6 rounds (8 x 8K), bench e2e at
+         # the defaults with transformers and the auto table, the GPU tests of the clustering and select kernels
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  for it in 10 6; do
     timeout 60 python3 scripts/profile_cluster.py --ctx 8192 --batch 8 --kmeans-iters $it > "$OUT/clprof-k$it.log" 2>&1
     grep -E "tokens" "$OUT/clprof-k$it.log"
   done
-  grep -E "kernels|Name|_kernel|Radix" "$OUT/clprof-k10.log" | cut -c1-60,100-175 | head -14
-  for it in 10 6 5; do
-    timeout 420 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
-      --kmeans-iters $it --time-limit 360 --out runs/gpu-dev-k$it > "$OUT/eval-dev-k$it.log" 2>&1 &
-  done
-  wait
-  for it in 10 6 5; do cp runs/gpu-dev-k$it/results.json "$OUT/dev-k$it-results.json"
-    echo "== $it rounds"; grep -v '^{' "$OUT/eval-dev-k$it.log" | grep -v "━" | tail -8; done ;;
+  grep -E "kernels|Name|_kernel|Radix" "$OUT/clprof-k6.log" | cut -c1-60,100-175 | head -14
+  timeout 260 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 --write-auto \
+    ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
+  grep -v '^{' "$OUT/e2e.log" | grep -E "│|auto table" | tail -12
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cluster.py tests/test_kmeans_rounds.py \
+    tests/test_cache.py tests/test_auto.py > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
