@@ -78,8 +78,8 @@ def mean_init_triton(r, k, mu, c, ctr, block_t=128, block_k=64):
 
 # ------------------------------------------------------------------------------------------ step
 def _assign_block_k(gpu):
-    """Centroids a chunk of the assignment loop: 32 on the GPU (the final round at the default model's shape
-    took 0.43 ms against 0.69 at 64: half the per-lane running state, so more blocks an SM; docs/LOG.md)."""
+    """Centroids a chunk of the assignment loop: 32 on the GPU (half the per-lane running state of 64, so
+    more blocks an SM: scripts/sweep_kmeans.py, docs/RESULTS.md "Clustering, 2026-12-03")."""
     return 32 if gpu else 64
 
 
@@ -169,9 +169,10 @@ def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=None, num_war
     """step_ref in place: c [N, k, d] updated. State carried from round to round, zero before the first:
     s [N, k, d] fp32 and cnt [N, k] int32, the sums and sizes of the clusters of the last assignment, and
     prev [N, n] int32, that assignment + 1. ctr [N]: int32 zeroed arrival counters (one set per launch).
-    A round costs sum atomics only for the rows that changed cluster (all of them in the first)."""
+    A round costs sum atomics only for the rows that changed cluster (all of them in the first). Tiles of 64
+    rows and 4 warps (on the GPU 8% faster than 128 and 8 warps, which the final round keeps)."""
     gpu = r.k.is_cuda
-    bt = block_t or (128 if gpu else 64)
+    bt = block_t or 64
     T = triton.cdiv(r.n, bt)
     k, d = c.shape[1], c.shape[2]
     _step_kernel[(r.N, T)](
@@ -190,7 +191,7 @@ def step_triton(r, mu, c, s, cnt, prev, ctr, block_t=None, block_k=None, num_war
         BLOCK_K=block_k or _assign_block_k(gpu),
         BLOCK_D=_block_d(d),
         IEEE=c.dtype == torch.float32,
-        num_warps=num_warps or (8 if gpu else 4),
+        num_warps=num_warps or 4,
     )
 
 

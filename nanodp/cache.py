@@ -178,6 +178,6 @@ class KVCache:
                     cluster_jobs(self.store, jobs[i : i + per], self.cfg, self.backend)
         for ev in events:
             self.tail_host[ev.slot] = ev.hi
-        idx, hi = to_device([[ev.slot for ev in events], [ev.hi for ev in events]], self.device)
-        self.tail_start[idx] = hi.to(torch.int32)  # (torch.tensor(..., device=cuda) would sync)
+        idx, hi = to_device([[ev.slot for ev in events], [ev.hi for ev in events]], self.device, torch.int32)
+        self.tail_start[idx] = hi  # (torch.tensor(..., device=cuda) would sync)
         return events

@@ -262,7 +262,7 @@ def test_append_kernel_matches_twin(dtype):
         )
     assert eq(got.cstart, want.cstart) and eq(got.ncl, want.ncl)
     nkept = (cnt > 0).sum(1).view(2, nl, H)  # problem p = (job * nl + l) * H + h; job 1 is slot 0
-    assert eq(got.ncl[:, 0].long(), nkept[1] + torch.arange(H) * 3 + 1) and nkept.max() < k - 3
+    assert eq(got.ncl[:, 0].long(), nkept[1] + torch.arange(H, device=nkept.device) * 3 + 1) and nkept.max() < k - 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -358,8 +358,9 @@ def count_device_ops(fn, monkeypatch):
 
 
 def test_launches_per_clustering_call(monkeypatch):
-    """One cluster_pending of two sequences (one batch): 1 memset, iters + 3 Triton launches, 1 sort (and the
-    tail_start update). The version before the fused pass ran 165 device ops here."""
+    """One cluster_pending of two sequences (one batch): 1 memset, iters + 3 Triton launches, 1 sort, the
+    tail_start update, and on CUDA two pinned host-to-device copies (the job list, the new tail starts; no
+    kernel, no sync). The version before the fused pass ran 165 device ops here."""
     from nanodp.cache import KVCache
     from nanodp.config import ClusterConfig
 
@@ -370,4 +371,6 @@ def test_launches_per_clustering_call(monkeypatch):
         c.set_len(b, 4 + 128 + 8)
     tally = count_device_ops(lambda: c.cluster_pending(force=True), monkeypatch)
     assert sum(v for n, v in tally.items() if n.startswith("triton")) == cfg.kmeans_iters + 3, tally
-    assert tally["zeros"] == 1 and tally["sort"] == 1 and sum(tally.values()) <= cfg.kmeans_iters + 7, tally
+    copies = tally.pop("_to_copy", 0)
+    assert copies <= (2 if DEV == "cuda" else 0), tally
+    assert tally["zeros"] == 1 and tally["sort"] == 1 and sum(tally.values()) <= cfg.kmeans_iters + 6, tally

@@ -19,7 +19,7 @@ def parse(*argv, names=flags.ENGINE):
 
 
 def test_kmeans_iters_default_is_the_engines():
-    assert parse().kmeans_iters == ClusterConfig().kmeans_iters == 10
+    assert parse().kmeans_iters == ClusterConfig().kmeans_iters == 6
     assert flags.cluster_from_args(parse("--kmeans-iters", "3")).kmeans_iters == 3
     assert flags.llm_options(parse("--kmeans-iters", "3"))["kmeans_iters"] == 3
     # a command declaring only some cache flags gets the engine's defaults for the others
