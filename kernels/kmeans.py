@@ -22,7 +22,7 @@ final       a_t as in step (no update); cnt_j = |{t : a_t = j}|; optionally the 
             K, V, pos copied to a scratch (the source of the in-place reorder)                     1 launch
 reorder     cache row s + t <- scratch row perm[t]  (K, V and pos together)                        1 launch
 append      per cluster, from the reordered (contiguous) rows: centroid = mean of the member keys,
-            vmean = mean of the member values, kvar = mean of (k - centroid)^2 (two passes, fp32),
+            vmean = mean of the member values, kvar = mean of (k - centroid)^2 (one pass, fp32, about m),
             logsize = ln cnt; non-empty clusters in id order appended to the table at ncl, then
             k - nkept padding rows (zeros, logsize -inf, cstart = s + n), and ncl += nkept       1 launch
 c is kept in the keys' dtype (what the assignment multiplies: y is rounded to it too; the products are

@@ -132,6 +132,7 @@ def _append_kernel(
     SID,
     CNT,
     CTR,
+    MU,
     k,
     d,
     NCH,
@@ -185,35 +186,33 @@ def _append_kernel(
     lane = tl.arange(0, BLOCK_C)
     kb = K + l * sk0 + b * sk1 + h * sk2 + s * sk3
     vb = V + l * sk0 + b * sk1 + h * sk2 + s * sk3
-    # Two passes over the (contiguous, reordered) member rows: means, then squared deviations. A row's
-    # cluster is picked by a one-hot matrix [C, R], so a per-cluster sum is a dot on the tensor cores:
-    # with 16-bit rows the one-hot is exact in their dtype and so is every product (fp32 accumulation);
-    # fp32 operands use tf32x3 (three tf32 products: about fp32's 24 bits).
+    # One pass over the (contiguous, reordered) member rows. A row's cluster is picked by a one-hot matrix
+    # [C, R], so a per-cluster sum is a dot on the tensor cores: with 16-bit rows the one-hot is exact in
+    # their dtype and so is every product (fp32 accumulation); fp32 operands use tf32x3 (three tf32
+    # products: about fp32's 24 bits). The variance comes from the same pass, about the segment mean m:
+    #   kvar = (1/s) sum (k - m)^2 - (centroid - m)^2   (= (1/s) sum (k - centroid)^2, clamped at 0)
+    # shifting by m removes the channels' common offsets, so the difference cancels only the distance of the
+    # cluster from m (fp32 error ~1e-6 of that squared distance; the stored bf16 rounds at 4e-3).
+    mu = tl.load(MU + p * d + offs_d, mask=dm, other=0.0)
     sk = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     sv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for r0 in range(before, hi, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rm = r < hi
-        lid = tl.load(SID + p * n + r, mask=rm, other=0).to(tl.int64) - c0
-        oh = ((lid[None, :] == lane[:, None]) & rm[None, :]).to(K.dtype.element_ty)  # [C, R]
-        m2 = rm[:, None] & dm[None, :]
-        xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
-        vr = tl.load(vb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
-        sk += tl.dot(oh, xr, input_precision=PREC)
-        sv += tl.dot(oh, vr, input_precision=PREC)
-    div = tl.maximum(cnt, 1).to(tl.float32)[:, None]
-    cent = sk / div
     sq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for r0 in range(before, hi, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         rm = r < hi
         lid = tl.load(SID + p * n + r, mask=rm, other=0).to(tl.int64) - c0
-        oh = ((lid[None, :] == lane[:, None]) & rm[None, :]).to(tl.float32)
-        oht = ((lid[:, None] == lane[None, :]) & rm[:, None]).to(tl.float32)  # [R, C]
+        oh = (lid[None, :] == lane[:, None]) & rm[None, :]  # [C, R]
         m2 = rm[:, None] & dm[None, :]
-        xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0).to(tl.float32)
-        dv = tl.where(m2, xr - tl.dot(oht, cent, input_precision="tf32x3"), 0.0)  # k - its centroid
-        sq += tl.dot(oh, dv * dv, input_precision="tf32x3")
+        xr = tl.load(kb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
+        vr = tl.load(vb + r[:, None] * sk3 + offs_d[None, :] * sk4, mask=m2, other=0.0)
+        sk += tl.dot(oh.to(K.dtype.element_ty), xr, input_precision=PREC)
+        sv += tl.dot(oh.to(K.dtype.element_ty), vr, input_precision=PREC)
+        z = tl.where(m2, xr.to(tl.float32) - mu[None, :], 0.0)
+        sq += tl.dot(oh.to(tl.float32), z * z, input_precision="tf32x3")
+    div = tl.maximum(cnt, 1).to(tl.float32)[:, None]
+    cent = sk / div
+    dc = cent - mu[None, :]
+    var = tl.maximum(sq / div - dc * dc, 0.0)
     # The table rows: non-empty clusters at base + rank, padding at compacted positions >= nk.
     nb = NCL + l * sn0 + b * sn1 + h * sn2
     base = tl.load(nb).to(tl.int64)
@@ -226,7 +225,7 @@ def _append_kernel(
     to = tb + row[:, None] * st3 + offs_d[None, :] * st4
     tl.store(CENT + to, cent.to(CENT.dtype.element_ty), mask=m2)
     tl.store(VMEAN + to, (sv / div).to(VMEAN.dtype.element_ty), mask=m2)
-    tl.store(KVAR + to, (sq / div).to(KVAR.dtype.element_ty), mask=m2)
+    tl.store(KVAR + to, var.to(KVAR.dtype.element_ty), mask=m2)
     tl.store(LOGS + lb + row * sl3, tl.log(tl.maximum(cnt, 1).to(tl.float32)), mask=live)
     tl.store(CST + cb + (row + 1) * sc3, (s + end).to(tl.int32), mask=live)
     q = ci.to(tl.int64)
@@ -245,9 +244,10 @@ def _append_kernel(
         tl.store(nb, (base + nk).to(tl.int32))
 
 
-def append_triton(r, tab, sid, cnt, ctr, block_c=16, block_r=32):
+def append_triton(r, tab, sid, cnt, ctr, mu, block_c=16, block_r=32):
     """The statistics of cluster_stats_ref, from the reordered cache rows of r, appended as append_ref does.
-    sid [N, n]: the sorted cluster ids; cnt [N, k] int32; ctr [N] int32 zeroed arrival counters."""
+    sid [N, n]: the sorted cluster ids; cnt [N, k] int32; ctr [N] int32 zeroed arrival counters; mu [N, d]
+    fp32 the segment means (the variance's shift; any shift gives the same variance up to rounding)."""
     assert r.v.stride() == r.k.stride(), "k and v must share one layout"
     assert r.v.dtype == r.k.dtype, "k and v must share one dtype (the one-hot sums multiply in it)"
     assert tab.centroids.stride() == tab.vmean.stride() == tab.kvar.stride()
@@ -260,6 +260,7 @@ def append_triton(r, tab, sid, cnt, ctr, block_c=16, block_r=32):
         sid,
         cnt,
         ctr,
+        mu,
         k,
         d,
         nch,

@@ -123,8 +123,8 @@ def cluster_block(keys, values, k, iters, backend="auto"):
     their original order inside it. Empty clusters have zero length in that order; they are moved behind
     the non-empty ones (whose relative order is kept), so the first nkept rows are the real clusters.
     Statistics from the stored (model-dtype) rows, in fp32: centroid = mean of member keys, vmean = mean of
-    member values, logsize = ln(size), kvar = mean of (k - centroid)^2 per dimension (the population variance,
-    about the fp32 mean, two passes; it feeds the `gauss` stage-1 estimate, kernels/doublep.py).
+    member values, logsize = ln(size), kvar = mean of (k - centroid)^2 per dimension (the population variance
+    about the fp32 mean, one pass shifted by the segment mean; it feeds the `gauss` estimate, kernels/doublep.py).
     The inputs are not modified: this runs the cache pass (cluster_jobs) on a copy laid out as a cache.
     """
     N, n, d = keys.shape
@@ -191,7 +191,7 @@ def _pass(tab, jobs, k, iters, backend):
         a, ws = _kmeans_triton(r, k, iters, scratch)
         sid, perm = torch.sort(a, dim=1, stable=True)  # stable: members keep their order
         reorder_triton(r, perm, *scratch)
-        append_triton(r, tab, sid, ws.cnt, ws.ctr[iters])
+        append_triton(r, tab, sid, ws.cnt, ws.ctr[iters], ws.mu)
         return
     x, v, pos = r.gather(tab.k), r.gather(tab.v), r.gather(tab.pos)  # scratch copies: [N, n, ...]
     a, cnt = _kmeans_torch(x, k, iters)

@@ -16,6 +16,8 @@
 #   bash scripts/gpu_runbook.sh kmsweep2 the pass step by step, final and step tile sweeps, rounds; clustering tests
 #   bash scripts/gpu_runbook.sh rounds   dev seed at 10 and 6 k-means rounds, report seeds at 6, at once; the rule's pick
 #   bash scripts/gpu_runbook.sh final5   clustering share at 10 and 6 rounds, bench e2e (+ auto table), clustering tests
+#   bash scripts/gpu_runbook.sh final6a  clustering tests on the GPU, the pass step by step (no model)
+#   bash scripts/gpu_runbook.sh final6b  clustering share at the defaults (8, 32 x 8K), the development seed
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -255,6 +257,22 @@ final5)  # after `rounds`, no carry needed while warm: clustering share at 10 an
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cluster.py tests/test_kmeans_rounds.py \
     tests/test_cache.py tests/test_auto.py > "$OUT/gpu_tests.log" 2>&1
   tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
+final6a)  # no model (the first carry call): the clustering and cache tests on the GPU, the pass step by step
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cluster.py tests/test_kmeans_rounds.py \
+    tests/test_cache.py tests/test_estimate.py > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8
+  timeout 150 python3 scripts/sweep_kmeans.py --batch 8 --iters 6 > "$OUT/kmsweep.log" 2>&1; head -12 "$OUT/kmsweep.log" ;;
+final6b)  # the clustering share at the defaults (8 and 32 x 8K), then the development seed at the defaults
+  for B in 8 32; do
+    timeout 90 python3 scripts/profile_cluster.py --ctx 8192 --batch $B > "$OUT/clprof-$B.log" 2>&1
+    grep -E "tokens" "$OUT/clprof-$B.log"
+  done
+  grep -E "kernels|Name|_kernel|Radix" "$OUT/clprof-8.log" | cut -c1-60,100-175 | head -14
+  timeout 300 python3 -m nanodp.eval --seed 1 $GRID --methods dense,doublep-gauss:0.95:0.7:f15% --no-topk-match \
+    --time-limit 260 --out runs/gpu-dev-final > "$OUT/eval-dev.log" 2>&1
+  cp runs/gpu-dev-final/results.json "$OUT/dev-final-results.json"
+  grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -8 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

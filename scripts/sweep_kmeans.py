@@ -94,7 +94,10 @@ tab = Tables(
     torch.zeros(NL, B, H, C, D, dtype=K.dtype, device=DEV),
 )
 rows.append(
-    ("append", ms(lambda: (tab.ncl.zero_(), ws.ctr.zero_(), append_triton(r, tab, sid, ws.cnt, ws.ctr[a.iters]))))
+    (
+        "append",
+        ms(lambda: (tab.ncl.zero_(), ws.ctr.zero_(), append_triton(r, tab, sid, ws.cnt, ws.ctr[a.iters], ws.mu))),
+    )
 )
 rows.append((f"k-means rounds ({a.iters}) of one call", ms(lambda: _kmeans_triton(r, k, a.iters), 3)))
 jobs = [(b, 0, n) for b in range(B)]

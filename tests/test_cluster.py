@@ -255,7 +255,8 @@ def test_append_kernel_matches_twin(dtype):
     want, got = tables(), tables()
     ks.append_ref(want, r, *ks.cluster_stats_ref(r.gather(r.k), r.gather(r.v), sid, cnt), cnt)
     ws = _Workspace(r.N, k, 24, 1, DEV)
-    ks.append_triton(r, got, sid.to(torch.int16), cnt, ws.ctr[0], block_c=16, block_r=16)
+    mu = r.gather(r.k).float().mean(1)  # the pass's shift: the segment mean
+    ks.append_triton(r, got, sid.to(torch.int16), cnt, ws.ctr[0], mu, block_c=16, block_r=16)
     for f in ("centroids", "vmean", "kvar", "logsize"):
         torch.testing.assert_close(
             getattr(got, f).cpu(), getattr(want, f).cpu(), rtol=TOL[dtype], atol=TOL[dtype], msg=f
