@@ -53,7 +53,7 @@ def test_eval_passes_kmeans_iters_to_its_engine(monkeypatch, default_model):
 def test_every_command_declares_kmeans_iters(module):
     cmd = [sys.executable, *(["-m"] if module != "chat.py" else []), *module.split(), "--help"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
-    assert "--kmeans-iters" in out and "(default: 10)" in out.split("--kmeans-iters KMEANS_ITERS\n")[1][:200], module
+    assert "--kmeans-iters" in out and "(default: 6)" in out.split("--kmeans-iters KMEANS_ITERS\n")[1][:200], module
 
 
 def test_bench_e2e_refuses_a_bad_kmeans_iters_before_the_gpu():

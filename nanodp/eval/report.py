@@ -63,7 +63,8 @@ def resume(R, folder):
     (methods not asked for this time are kept too: a resumed run never drops results)."""
     if folder and (Path(folder) / "results.json").is_file():
         old = load(folder)
-        was = lambda a, k: a.get(k, getattr(ClusterConfig(), k))  # noqa: E731 (runs before the flag: the default)
+        before = {"kmeans_iters": 10}  # what runs from before the flag used (the default was 10 then)
+        was = lambda a, k: a.get(k, before.get(k, getattr(ClusterConfig(), k)))  # noqa: E731
         other = [k for k in CLUSTERING if was(old["meta"]["args"], k) != was(R["meta"]["args"], k)]
         if old["meta"]["prompts_sha"] != R["meta"]["prompts_sha"]:
             print(f"nanodp.eval: {folder} holds other prompts; not resuming (it will be overwritten)", file=sys.stderr)
