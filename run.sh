@@ -14,8 +14,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "${NANODP_TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$VPY" -c "import nanodp.kernels, triton, tokenizers, gguf, rich, jinja2, prompt_toolkit, pytest, transformers, \
-    accelerate, ruff, build" 2>/dev/null; then
+if ! "$VPY" -c "import nanodp.kernels, triton, tokenizers, gguf, rich, jinja2, prompt_toolkit, pytest, xdist, \
+    transformers, accelerate, ruff, build" 2>/dev/null; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
 # Many tiny CPU ops (decode of a small model, the torch twins) are dominated by OpenMP thread wake-ups on
@@ -25,7 +25,7 @@ cmd=${1:-chat}
 shift || true
 case "$cmd" in
   chat) "$VPY" weights/fetch_default.py && exec "$VPY" chat.py "$@" ;;
-  test) "$VPY" weights/fetch_default.py && exec "$VPY" -m pytest -q "$@" ;;
+  test) "$VPY" weights/fetch_default.py && exec "$VPY" -m pytest -q -n auto "$@" ;;  # one worker a core (xdist)
   lint) "$VPY" weights/fetch_default.py && "$VPY" -m ruff check . && exec "$VPY" -m ruff format --check . ;;
   *) echo "usage: bash run.sh chat|test|lint [args]" >&2; exit 2 ;;
 esac
