@@ -19,7 +19,7 @@ import triton.language as tl
 from .common import LOG2E, LOG2E_C, blocks_per_sm, interpreting, num_sms, wave_fit, zero_buffer
 from .common import NEG_C as NEG
 from .doublep import BINS_PER_NAT, NBINS, STAT_KEYS
-from .doublep_select import PLAN_W, _hist_kernel, _score_kernel, _scores, _zrows
+from .doublep_select import PLAN_W, _hist_kernel, _score_kernel, _scores
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _attn_kernel(
     sn_b, sn_h, so_b, so_h, qk_scale, HKV, C, NS, NBH, sinks, BPB, G: tl.constexpr, GP: tl.constexpr,
     GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr, W: tl.constexpr, NSP: tl.constexpr,
     NB: tl.constexpr, PREC: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, FLOOR: tl.constexpr,
-    PLAN: tl.constexpr, PREFETCH: tl.constexpr,
+    PLAN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -95,25 +95,10 @@ def _attn_kernel(
     nex = ncl * 0
     nP = ncl * 0
     lane = tl.arange(0, CB)
-    step = (CB // W) * NS * W  # cluster index distance between a split's consecutive blocks
-    i = (sp + (lane // W) * NS) * W + lane % W  # the split's first block
-    okc = i < hi
-    if PREFETCH:  # block loads one block ahead: z and cstart of block c + 1 fly while block c is attended
-        zt = _zrows(z_ptr, zoff, i, okc, C, G, GP2)
-        st = tl.load(cst + i, mask=okc, other=0)
-        en = tl.load(cst + i + 1, mask=okc, other=0)
-    for _ in range(0, tl.cdiv(tl.cdiv(hi, W), NS), CB // W):
-        if PREFETCH:
-            i_n = i + step
-            ok_n = i_n < hi
-            zt_n = _zrows(z_ptr, zoff, i_n, ok_n, C, G, GP2)
-            st_n = tl.load(cst + i_n, mask=ok_n, other=0)
-            en_n = tl.load(cst + i_n + 1, mask=ok_n, other=0)
-        else:
-            zt = _zrows(z_ptr, zoff, i, okc, C, G, GP2)
-            st = tl.load(cst + i, mask=okc, other=0)
-            en = tl.load(cst + i + 1, mask=okc, other=0)
-        lp, fg, fh = _scores(zt, okc, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
+    for c0 in range(0, tl.cdiv(tl.cdiv(hi, W), NS), CB // W):
+        i = (sp + (c0 + lane // W) * NS) * W + lane % W
+        okc = i < hi
+        lp, fg, fh = _scores(z_ptr, zoff, i, okc, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
             okr = (r2 < G)[:, None] & okc[None, :]
             ex = tl.max((okr & (fh <= n2h[:, None])).to(tl.int32), 0) > 0
@@ -128,17 +113,11 @@ def _attn_kernel(
         ps = kp & ~ex
         if PLAN:
             tl.store(cls_ptr + bh * C + i, ex.to(tl.int8) * 2 + ps.to(tl.int8), mask=okc)
-        sz = tl.where(okc, en - st, 0)
+        st = tl.load(cst + i, mask=okc, other=0)
+        sz = tl.where(okc, tl.load(cst + i + 1, mask=okc, other=0) - st, 0)
         kept += tl.sum(tl.where(kp[None, :], tl.exp2(lp), 0.0), 1)
         nex += tl.sum(ex.to(tl.int32), 0)
         nP += tl.sum(ps.to(tl.int32), 0)
-        # pseudo-tokens: logit = the centroid z = q.C*scale + ln s (the score kernel's scratch, no centroid
-        # reload): the + ln s weighs the mean value vmean_c like s_c tokens with key C_c. Loaded before the
-        # exact tokens, so both fly together; attended after them
-        s_ps = tl.load(zc_ptr + zoff + r[:, None] * C + i[None, :], mask=(r < G)[:, None] & ps[None, :], other=0.0)
-        v_ps = tl.load(
-            vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + i[:, None] * sm_c + dd[None, :], mask=ps[:, None], other=0.0
-        )
 
         # exact clusters' tokens, packed: cluster c's members fill slots [o_c, e_c) of this block's list
         # (e = inclusive prefix sum of the kept sizes); slot j is storage index st_c + j - o_c of the c with
@@ -157,13 +136,18 @@ def _attn_kernel(
             vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
             m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
+
+        # pseudo-tokens: logit = the centroid z = q.C*scale + ln s (the score kernel's scratch, no centroid
+        # reload): the + ln s weighs the mean value vmean_c like s_c tokens with key C_c
         if tl.sum(ps.to(tl.int32), 0) > 0:
-            m, l, acc = _online(m, l, acc, tl.where(ps[None, :], s_ps * LOG2E_C, float("-inf")), v_ps, PREC)
-        if PREFETCH:
-            i, okc, zt, st, en = i_n, ok_n, zt_n, st_n, en_n
-        else:
-            i = i + step
-            okc = i < hi
+            s = (
+                tl.load(zc_ptr + zoff + r[:, None] * C + i[None, :], mask=(r < G)[:, None] & ps[None, :], other=0.0)
+                * LOG2E_C
+            )
+            vt = tl.load(
+                vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + i[:, None] * sm_c + dd[None, :], mask=ps[:, None], other=0.0
+            )
+            m, l, acc = _online(m, l, acc, tl.where(ps[None, :], s, float("-inf")), vt, PREC)
 
     # what this split kept, into the stats rows the hist kernel initialised (kernels/doublep.py STAT_KEYS)
     tl.atomic_add(st_ptr + bh, need.to(tl.float32), sem="relaxed")  # exact_tokens
@@ -207,9 +191,18 @@ def _combine(
 # launch shapes (scripts/tune_sparse.py sweeps them on a GPU): tokens per attention tile, clusters a split
 # classifies at a time, consecutive clusters dealt to one split, attention programs per SM at batch 1 before
 # its occupancy is known and hist programs per SM at batch 1 (at most 64 per head), attention warps, the
-# attention's register cap (0: none; 128 lets 4 blocks of 4 warps share an SM at head dim 128), hist warps
+# attention's register cap (0: none; 128 lets 4 blocks of 4 warps share an SM at head dim 128), hist warps,
+# the attention's software-pipeline stages (Triton num_stages: tiles of the exact tokens loaded ahead)
 TILES = dict(
-    block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, attn_warps=4, attn_maxnreg=128, hist_warps=4, prefetch=1
+    block_n=32,
+    cb=32,
+    group=8,
+    attn_per_sm=8,
+    hist_per_sm=1,
+    attn_warps=4,
+    attn_maxnreg=128,
+    hist_warps=4,
+    attn_stages=2,
 )
 
 
@@ -220,6 +213,8 @@ def check_tiles():
         raise ValueError(f"group ({w}) and cb ({cb}) must be >= 1 and group must divide cb or be at least cb")
     if TILES["attn_maxnreg"] and not 32 <= TILES["attn_maxnreg"] <= 255:
         raise ValueError(f"attn_maxnreg ({TILES['attn_maxnreg']}) must be 0 (no cap) or 32-255 registers")
+    if not 1 <= TILES["attn_stages"] <= 4:
+        raise ValueError(f"attn_stages ({TILES['attn_stages']}) must be 1-4")
 
 
 def _c(x):
@@ -258,7 +253,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     warps = TILES["attn_warps"] or (8 if d >= 128 else 4)
     flags = (g, d, prec, gauss, whole, union, floor, maxrule, plan_out is not None)
     keys = {k: (k, str(dev), flags, t) for k, t in (("score", BLOCK_C), ("attn", (BLOCK_N, TILES["cb"],
-            TILES["group"], warps, TILES["attn_maxnreg"], TILES["prefetch"])))}  # fmt: skip
+            TILES["group"], warps, TILES["attn_maxnreg"], TILES["attn_stages"])))}  # fmt: skip
 
     def per_head(kernel, n_per_sm):
         """Programs per (sequence, KV head): n per SM at batch 1, fewer per head as the batch grows; for the
@@ -320,8 +315,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
         D=d, BLOCK_N=BLOCK_N, CB=cb, W=min(cb, TILES["group"]), NSP=max(2, triton.next_power_of_2(NS)),
-        PREC=prec, FLOOR=floor, PLAN=plan_out is not None, PREFETCH=bool(TILES["prefetch"]), num_warps=warps,
-        num_stages=2,
+        PREC=prec, FLOOR=floor, PLAN=plan_out is not None, num_warps=warps, num_stages=TILES["attn_stages"],
         **common, **({"maxnreg": TILES["attn_maxnreg"]} if TILES["attn_maxnreg"] else {}),
     )  # fmt: skip
     if not interp:

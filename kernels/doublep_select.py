@@ -103,21 +103,15 @@ def _lae2(a, b):
 
 
 @triton.jit
-def _zrows(z_ptr, zoff, i, ok, C, G: tl.constexpr, GP2: tl.constexpr):
-    """The score kernel's z of clusters i [BLK] for the g heads of a group: [GP2, BLK] (0 where invalid)."""
-    r = tl.arange(0, GP2)
-    return tl.load(z_ptr + zoff + r[:, None] * C + i[None, :], mask=(r < G)[:, None] & ok[None, :], other=0.0)
-
-
-@triton.jit
-def _scores(z, ok, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: tl.constexpr, MAXRULE: tl.constexpr):
-    """Clusters of z [GP2, BLK] (_zrows), valid where ok [BLK]: lp = log2 P_r[i] [GP2, BLK] (-inf where
-    invalid), the group unit's fine bin fg [BLK] and every head's fh [GP2, BLK] (bins of the twin:
-    floor((R - ln u) * 64 per nat), clamped; NB where invalid). Elementwise math and maxima only (the mean's
-    sum runs over the heads in a fixed order): the hist and the attention kernel, whatever their layouts, bin
-    every cluster to the same bits."""
+def _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: tl.constexpr,
+            MAXRULE: tl.constexpr):  # fmt: skip
+    """Clusters i [BLK]: lp = log2 P_r[i] [GP2, BLK] (-inf where invalid), the group unit's fine bin fg [BLK]
+    and every head's fh [GP2, BLK] (bins of the twin: floor((R - ln u) * 64 per nat), clamped; NB where invalid).
+    Elementwise math and maxima only (the mean's sum runs over the heads in a fixed order): the hist and the
+    attention kernel, whatever their layouts, bin every cluster to the same bits."""
     r = tl.arange(0, GP2)
     okr = (r < G)[:, None] & ok[None, :]
+    z = tl.load(z_ptr + zoff + r[:, None] * C + i[None, :], mask=okr, other=0.0)
     lp = tl.where(okr, z * LOG2E - LSE2[:, None], float("-inf"))
     if MAXRULE:
         lg = tl.max(lp, 0)
@@ -125,7 +119,8 @@ def _scores(z, ok, LSE2, R2h, Rg, BPB, G: tl.constexpr, GP2: tl.constexpr, NB: t
         mx = tl.where(ok, tl.max(lp, 0), 0.0)
         sm = tl.zeros_like(mx)
         for rr in tl.static_range(G):
-            sm += tl.where(ok, tl.exp2(tl.sum(tl.where(r[:, None] == rr, lp, 0.0), 0) - mx), 0.0)  # row rr
+            lr = tl.load(z_ptr + zoff + rr * C + i, mask=ok, other=0.0) * LOG2E - tl.sum(tl.where(r == rr, LSE2, 0.0))
+            sm += tl.where(ok, tl.exp2(lr - mx), 0.0)
         lg = mx + tl.log2(sm) - tl.log2(G * 1.0)
     # a score of -inf (an empty cluster, a head without clusters; NaN from -inf - -inf) gets bin NB, never kept
     fg = tl.where(ok & (lg > float("-inf")), tl.minimum(tl.maximum(tl.floor((Rg - lg) * BPB), 0.0), NB - 1.0), NB * 1.0)
@@ -225,7 +220,7 @@ def _hist_kernel(
     for i0 in range(lo, hi, BLK):
         i = i0 + tl.arange(0, BLK)
         ok = i < hi
-        lp, fg, fh = _scores(_zrows(z_ptr, zoff, i, ok, C, G, GP2), ok, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
+        lp, fg, fh = _scores(z_ptr, zoff, i, ok, C, LSE2, R2h, Rg, BPB, G, GP2, NB, MAXRULE)
         if UNION:
             okr = rok[:, None] & ok[None, :]
             # bin NB (never kept) stays out: tl.histogram keeps only the low bits of a bin index on the GPU

@@ -41,18 +41,11 @@ class ClusterEvent(NamedTuple):
     hi: int
 
 
-def sector_rows(n):
-    """n rounded up to a multiple of 8: a row of 8 k 4-byte entries starts on a 32-byte memory sector."""
-    return -(-n // 8) * 8
-
-
 def max_clusters(max_len, cfg):
     """Cluster capacity C that can never overflow. Every clustered token lies in [sinks, max_len - window)
     and each segment of m tokens adds at most m // cluster_size clusters; a sum of floors is at most the
-    floor of the sum, so all prefill segments plus all re-clusterings together add <= this many. Rounded
-    up to a multiple of 8 (sector_rows): the decode kernels read 8 consecutive clusters' fp32 / int32
-    entries (logsize, cstart, their z scratch) as one sector."""
-    return sector_rows(max(1, (max_len - cfg.window - cfg.sinks) // cfg.cluster_size))
+    floor of the sum, so all prefill segments plus all re-clusterings together add <= this many."""
+    return max(1, (max_len - cfg.window - cfg.sinks) // cfg.cluster_size)
 
 
 class KVCache:
@@ -83,7 +76,7 @@ class KVCache:
             centroids=torch.zeros(*lead, C, head_dim, dtype=dtype, **z),
             vmean=torch.zeros(*lead, C, head_dim, dtype=dtype, **z),
             logsize=torch.full((*lead, C), float("-inf"), dtype=torch.float32, **z),
-            cstart=torch.zeros(*lead, C + 8, dtype=torch.int32, **z)[..., : C + 1],  # rows on sectors too
+            cstart=torch.zeros(*lead, C + 1, dtype=torch.int32, **z),
             ncl=torch.zeros(*lead, dtype=torch.int32, **z),
             kvar=torch.zeros(*lead, C, head_dim, dtype=dtype, **z),
         )

@@ -18,8 +18,8 @@
 #   bash scripts/gpu_runbook.sh final5   clustering share at 10 and 6 rounds, bench e2e (+ auto table), clustering tests
 #   bash scripts/gpu_runbook.sh final6a  clustering tests on the GPU, the pass step by step (no model)
 #   bash scripts/gpu_runbook.sh final6b  clustering share at the defaults (8, 32 x 8K), the development seed
-#   bash scripts/gpu_runbook.sh sixth1   attention prefetch / register cap / tiles sweep, aligned and not; kernel tests
-#   bash scripts/gpu_runbook.sh sixth2   bench e2e at sixth1's pick and with the prefetch off, one step's profile
+#   bash scripts/gpu_runbook.sh sixth3   attention warps / tile / pipeline-stage sweep; its stalls by source line (ncu)
+#   bash scripts/gpu_runbook.sh sixth4   bench e2e at sixth3's pick and at the committed launch shapes
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -275,33 +275,32 @@ final6b)  # the clustering share at the defaults (8 and 32 x 8K), then the devel
     --time-limit 260 --out runs/gpu-dev-final > "$OUT/eval-dev.log" 2>&1
   cp runs/gpu-dev-final/results.json "$OUT/dev-final-results.json"
   grep -v '^{' "$OUT/eval-dev.log" | grep -v "━" | tail -8 ;;
-sixth1)  # no model (the first carry call): the attention kernel's block prefetch, register cap and tile on the
-         # sector-aligned tables, the same without alignment, then the kernel and cache tests on the GPU
+sixth3)  # no model (the first carry call): attention warps, tile and pipeline stages; where its warps stall (ncu
+         # source lines, synthetic default-model cell at B = 32)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 230 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [32, 64], "cb": [32],
-    "attn_per_sm": [8], "prefetch": [0, 1], "attn_maxnreg": [128, 96]}' --hist '{"hist_warps": [4]}' --reps 20 \
+  timeout 260 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [16, 32], "cb": [32],
+    "attn_per_sm": [8], "attn_warps": [2, 4], "attn_stages": [1, 2]}' --hist '{"hist_warps": [4]}' --reps 20 \
     --out "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   mkdir -p runs; cp "$OUT/tune.json" runs/tune6.json
-  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | cut -c1-260 | tail -20
-  timeout 100 python3 scripts/tune_sparse.py --no-align --cells $CELLS6 --grid '{"block_n": [32], "cb": [32],
-    "attn_per_sm": [8], "prefetch": [0, 1]}' --hist '{"hist_warps": [4]}' --reps 20 > "$OUT/tune-noalign.log" 2>&1
-  grep -v "^{" "$OUT/tune-noalign.log" | grep -E "^  " | cut -c1-200 | tail -10
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py tests/test_cache.py \
-    > "$OUT/gpu_tests.log" 2>&1
-  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
-sixth2)  # the real model: bench e2e at sixth1's pick (runs/tune6.json), the Double-P cells with the prefetch off,
-         # one B = 32 step's kernels
+  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | grep -E "^  " | cut -c1-200 | tail -16
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  timeout 200 "$NCU" --clock-control none --set full --import-source yes -k regex:_attn_kernel --launch-skip 2 \
+    --launch-count 1 -f -o /tmp/attn python3 scripts/ncu_step.py --cell smollm:8192:32 > "$OUT/ncu-run.log" 2>&1
+  "$NCU" -i /tmp/attn.ncu-rep --page source --csv --print-source cuda > /tmp/src.csv 2> "$OUT/ncu-src.err"
+  python3 scripts/ncu_lines.py /tmp/src.csv 40 > "$OUT/ncu-attn-lines.txt" 2>&1; head -c 3500 "$OUT/ncu-attn-lines.txt"
+  "$NCU" -i /tmp/attn.ncu-rep --page details > "$OUT/ncu-attn-details.txt" 2>&1
+  grep -E "Duration|Registers Per|Achieved Occ|DRAM Through|Warp Cycles Per Issued|Executed Instructions  " \
+    "$OUT/ncu-attn-details.txt" | head -8 ;;
+sixth4)  # the real model: bench e2e with sixth3's pick (runs/tune6.json) and at the committed launch shapes
   PICK=$(python3 -c "import json; p = json.load(open('runs/tune6.json'))['pick']
-print(json.dumps({k: p[k] for k in ('block_n', 'attn_maxnreg', 'prefetch')}))")
+print(json.dumps({k: p[k] for k in ('block_n', 'attn_warps', 'attn_stages')}))")
   echo "pick: $PICK"
   timeout 200 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 --tiles "$PICK" \
     --no-transformers > "$OUT/e2e.log" 2>&1
   grep -v '^{' "$OUT/e2e.log" | grep -E "│" | tail -10
-  timeout 100 python3 -m nanodp.bench e2e --models default --batches 8,32 --contexts 8k --steps 48 --attentions doublep \
-    --tiles "$(echo "$PICK" | sed 's/"prefetch": 1/"prefetch": 0/')" --no-transformers > "$OUT/e2e-p0.log" 2>&1
-  grep -v '^{' "$OUT/e2e-p0.log" | grep -E "│ default" | tail -4
-  timeout 60 python3 scripts/profile_step.py --ctx 8192 --batch 32 --attention doublep --top 8 > "$OUT/prof.log" 2>&1
-  grep -E "step|_kernel" "$OUT/prof.log" | cut -c1-60,150-190 ;;
+  timeout 120 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 \
+    --attentions doublep --no-transformers > "$OUT/e2e-committed.log" 2>&1
+  grep -v '^{' "$OUT/e2e-committed.log" | grep -E "│ default" | tail -4 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

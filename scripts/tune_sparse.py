@@ -31,9 +31,6 @@ def main():
     ap.add_argument("--grid", default=None, help='JSON replacing the swept values, e.g. {"cb": [16, 32]}')
     ap.add_argument("--sparse", default="{}", help='JSON of SparseConfig fields, e.g. {"floor_frac": 0}')
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--no-align", action="store_true", help="cluster tables of exactly ncl rows (the layout before 12-03)"
-    )
     args = ap.parse_args()
     sp = SparseConfig("doublep", **json.loads(args.sparse))
     base = dict(doublep_attn.TILES)
@@ -49,7 +46,7 @@ def main():
     for cell in args.cells.split(","):
         shape, ctx, B = cell.split(":")
         Hq, Hkv, d = SHAPES[shape]
-        q, layer, lens, ts = make_synthetic(int(B), Hq, Hkv, d, int(ctx), align=not args.no_align)
+        q, layer, lens, ts = make_synthetic(int(B), Hq, Hkv, d, int(ctx))
         inp = (q, layer, lens, ts, torch.empty(len(STAT_KEYS), int(B), Hkv, device=q.device))  # stats as the engine
         dense[cell] = min(time_us(f, args.reps) for f in _dense_fns(q, layer, lens, int(ctx)).values())
         for i, s in enumerate(settings):

@@ -29,15 +29,9 @@ SHAPES = {"llama8b": (32, 8, 128), "smollm": (9, 3, 64)}  # (query heads, KV hea
 SINKS, WINDOW, CSIZE = 4, 64, 16
 
 
-def make_synthetic(
-    B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_frac=0.025, boost=6.0, seed=0, align=True
-):
-    """(q, layer, lens, tail_start) of B sequences of ctx tokens; the cluster tables have the capacity the
-    engine's cache gives them (rows of a multiple of 8 clusters: nanodp/cache.py max_clusters), or with
-    align=False exactly ncl (the layout before 2026-12-03's sixth series, for comparison)."""
+def make_synthetic(B, Hq, Hkv, d, ctx, device="cuda", dtype=torch.bfloat16, rel_frac=0.025, boost=6.0, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     ncl = (ctx - SINKS - WINDOW) // CSIZE
-    cap = -(-ncl // 8) * 8 if align else ncl
     ts = SINKS + CSIZE * ncl
     g = Hq // Hkv
     k = torch.empty(B, Hkv, ctx, d, device=device, dtype=dtype)
@@ -64,17 +58,16 @@ def make_synthetic(
         kvar[b] = k[b, :, SINKS:ts].float().view(Hkv, ncl, CSIZE, d).var(2, unbiased=False).to(dtype)
         qq = math.sqrt(d) * w.expand(Hkv, g, d) + 0.3 * torch.randn(Hkv, g, d, device=device, generator=gen)
         q[b] = qq.reshape(Hq, d).to(dtype)
-    pad = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:2], cap - ncl, *t.shape[3:]), fill)], 2)  # noqa: E731
-    cstart = torch.full((B, Hkv, cap + (8 if align else 1)), ts, device=device, dtype=torch.int32)
-    cstart[:, :, : ncl + 1] = SINKS + CSIZE * torch.arange(ncl + 1, device=device, dtype=torch.int32)
     layer = SimpleNamespace(
         k=k,
         v=v,
-        centroids=pad(cent, 0),
-        vmean=pad(vmean, 0),
-        kvar=pad(kvar, 0),
-        logsize=pad(torch.full((B, Hkv, ncl), math.log(CSIZE), device=device), float("-inf")),
-        cstart=cstart[..., : cap + 1],
+        centroids=cent,
+        vmean=vmean,
+        kvar=kvar,
+        logsize=torch.full((B, Hkv, ncl), math.log(CSIZE), device=device),
+        cstart=(SINKS + CSIZE * torch.arange(ncl + 1, device=device, dtype=torch.int32))
+        .expand(B, Hkv, ncl + 1)
+        .contiguous(),
         ncl=torch.full((B, Hkv), ncl, device=device, dtype=torch.int32),
     )
     lens = torch.full((B,), ctx, device=device, dtype=torch.int32)
