@@ -38,6 +38,8 @@ topk      (RetroInfer-style; ranks by the mean unit, or max; whole is ignored) X
           `budget` (n_f with f = budget), then A = the next bins until the cluster count reaches |X| +
           est_clusters (cluster-count bins, same rule), minus X.
 output    o = (sum_{j in E u X} e^{x_j} v_j + sum_{i in A} e^{zc_i} vmean_i) / (same without v).
+reuse     (SparseConfig.reuse > 1, reuse_ref) a later step keeps an earlier step's X and A and attends with its own
+          steady tokens E and its own zc; stage 1 then reads only the centroids of A (stats scored_clusters = |A|).
 
 Bytes stage 1 reads per (sequence, KV head), for nanodp/eval/metrics.py KVTally (es = bytes per element):
   per scored cluster (stats "scored_clusters" = ncl): centroid d*es + ln s 4 + cstart 4 (+ kvar d*es, gauss);
