@@ -38,8 +38,6 @@ topk      (RetroInfer-style; ranks by the mean unit, or max; whole is ignored) X
           `budget` (n_f with f = budget), then A = the next bins until the cluster count reaches |X| +
           est_clusters (cluster-count bins, same rule), minus X.
 output    o = (sum_{j in E u X} e^{x_j} v_j + sum_{i in A} e^{zc_i} vmean_i) / (same without v).
-reuse     (SparseConfig.reuse > 1, reuse_ref) a later step keeps an earlier step's X and A and attends with its own
-          steady tokens E and its own zc; stage 1 then reads only the centroids of A (stats scored_clusters = |A|).
 
 Bytes stage 1 reads per (sequence, KV head), for nanodp/eval/metrics.py KVTally (es = bytes per element):
   per scored cluster (stats "scored_clusters" = ncl): centroid d*es + ln s 4 + cstart 4 (+ kvar d*es, gauss);
@@ -166,7 +164,7 @@ def mass_cuts(lu, R, S, p):
 def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
     """The selection of one decode step (module docstring), as masks; used by sparse_ref and the evaluation."""
     B, Hq, d = q.shape
-    Hkv = layer.k.shape[1]
+    Hkv, L = layer.k.shape[1], layer.k.shape[2]
     g = Hq // Hkv
     zc, _, valid = stage1_logits(q, layer, "centroid")
     lu, R, S, lP, e = unit_scores(q, layer, lens, tail_start, sinks, sp)
@@ -192,17 +190,11 @@ def select_ref(q, layer, lens, tail_start, sinks, sp) -> Selection:
         kept = bu <= n1[..., None]
         head_exact = ex[:, :, None].expand(-1, -1, g, -1)
     ex, kept = ex & valid, (kept | ex) & valid
-    return _selection(layer, lens, tail_start, sinks, ex, kept & ~ex, head_exact, lP, e, zc)
-
-
-def _selection(layer, lens, tail_start, sinks, ex, ps, head_exact, lP, e, zc) -> Selection:
-    """The Selection of exact clusters ex and pseudo clusters ps [B, Hkv, C] (valid ones only)."""
-    L = layer.k.shape[2]
-    cst = layer.cstart.long()
-    need = ((cst[..., 1:] - cst[..., :-1]) * ex).sum(-1)
+    need = (sizes * ex).sum(-1)
+    ps = kept & ~ex
     # token mask over storage: steady tokens, plus the ranges [cstart_i, cstart_i+1) of exact clusters
     steady = steady_mask(lens, tail_start, sinks, L)
-    diff = torch.zeros(*ex.shape[:2], L + 1, device=ex.device)  # difference array, cumsum = coverage
+    diff = torch.zeros(B, Hkv, L + 1, device=q.device)  # difference array, cumsum = coverage
     diff.scatter_add_(-1, cst[..., :-1].clamp(0, L), ex.float())
     diff.scatter_add_(-1, cst[..., 1:].clamp(0, L), -ex.float())
     tok = steady | (diff.cumsum(-1)[..., :L] > 0.5)
@@ -211,32 +203,15 @@ def _selection(layer, lens, tail_start, sinks, ex, ps, head_exact, lP, e, zc) ->
     return Selection(ex, ps, tok, head_exact, need, mass.mean(-1), zc, steady)
 
 
-def reuse_ref(q, layer, lens, tail_start, sinks, sp, cls) -> Selection:
-    """The selection of a step that reuses an earlier step's classification cls [B, Hkv, C] (2 exact, 1
-    pseudo, 0 dropped; sparse_ref's plan_out): the same clusters, this step's steady tokens and pseudo-token
-    logits zc (this query's centroid logits). est_mass is this query's estimate over those clusters."""
-    zc, _, valid = stage1_logits(q, layer, "centroid")
-    _, _, _, lP, e = unit_scores(q, layer, lens, tail_start, sinks, sp)
-    ex, ps = (cls == 2) & valid, (cls == 1) & valid
-    return _selection(layer, lens, tail_start, sinks, ex, ps, ex[:, :, None].expand_as(zc), lP, e, zc)
-
-
-def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_out=None, reuse=None):
+def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None):
     """Double-P decode attention. q [B, Hq, d]; layer: k, v [B, Hkv, L, d], centroids, vmean [B, Hkv, C, d],
     logsize [B, Hkv, C], cstart [B, Hkv, C+1], ncl [B, Hkv] (kvar [B, Hkv, C, d] for estimate="gauss");
     lens, tail_start [B] int32; sp a SparseConfig. Returns (o [B, Hq, d] in q.dtype, stats: dict of [B, Hkv]
-    tensors, see STAT_KEYS; also written, as fp32 rows, into `stats_out` [len(STAT_KEYS), B, Hkv] if given).
-    plan_out (a dict) receives cls [B*Hkv, C] int8 as sparse_triton's; reuse = such a cls: attend to its
-    clusters instead of selecting (reuse_ref; stage 1 then reads only the pseudo clusters' centroids)."""
+    tensors, see STAT_KEYS; also written, as fp32 rows, into `stats_out` [len(STAT_KEYS), B, Hkv] if given)."""
     B, Hq, d = q.shape
     Hkv, L = layer.k.shape[1], layer.k.shape[2]
     g = Hq // Hkv
-    if reuse is None:
-        s = select_ref(q, layer, lens, tail_start, sinks, sp)
-    else:
-        s = reuse_ref(q, layer, lens, tail_start, sinks, sp, reuse.view(B, Hkv, -1))
-    if plan_out is not None:
-        plan_out["cls"] = (s.exact.to(torch.int8) * 2 + s.pseudo.to(torch.int8)).view(B * Hkv, -1)
+    s = select_ref(q, layer, lens, tail_start, sinks, sp)
     # one softmax over exact tokens and pseudo-tokens (logit zc: it weighs vmean_i like s_i tokens of key C_i)
     qg = q.float().view(B, Hkv, g, d)
     x_tok = torch.einsum("bhgd,bhld->bhgl", qg, layer.k.float()) / math.sqrt(d)
@@ -253,8 +228,7 @@ def sparse_ref(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_out=N
         "exact_clusters": s.exact.sum(-1).int(),
         "need_tokens": s.need.int(),  # exact clustered tokens asked for
         "est_mass": s.est_mass,  # estimated attention share kept
-        # clusters stage 1 scored (a reused selection reads only its pseudo clusters' centroids)
-        "scored_clusters": layer.ncl.int().clone() if reuse is None else s.pseudo.sum(-1).int(),
+        "scored_clusters": layer.ncl.int().clone(),  # clusters stage 1 scored
         "steady_scored": (s.steady.sum(-1).expand(B, Hkv) * whole).int(),  # steady keys stage 1 read
     }
     if stats_out is not None:

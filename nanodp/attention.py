@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from .config import SparseConfig
-from .kernels.doublep import STAT_KEYS, sparse_ref
+from .kernels.doublep import STAT_KEYS
 
 
 def _impl(kernels: str):
@@ -80,13 +80,10 @@ class AttentionContext:
         # observer(layer_idx, q, layer, lens, tail_start, o, active) sees every decode attention call
         # (the evaluation hooks in here for per-layer errors and mass kept; eager mode only)
         self.observer = None
-        # sparse.reuse > 1: each layer's classification of the step that selected (cls, sparse_ref's plan_out),
-        # for which (batch size, cache epoch), and how many steps it has served
-        self.keep, self.keep_for, self.age = {}, None, 0
 
     # -- prefill: a padded batch of new chunks, sequence b's chunk goes to storage q_start[b] .. +q_len[b]
     def begin_prefill(self, slots, q_start, q_len):
-        self.mode, self.slots, self.keep_for = "prefill", list(slots), None
+        self.mode, self.slots = "prefill", list(slots)
         self.q_start_list, self.q_len_list = list(q_start), list(q_len)
         dev = self.cache.lens.device
         self.q_start = torch.tensor(self.q_start_list, dtype=torch.int32, device=dev)
@@ -101,12 +98,6 @@ class AttentionContext:
         self.lens_after = (self.write_at + 1).to(torch.int32)
         if self.sparse.attention != "dense":  # the denominator of the sparse stats (on device: no sync)
             self.dense_tokens = self.lens_after.float().mul(active).sum()
-        # reuse: attend to the last selecting step's clusters while it is younger than sparse.reuse steps and
-        # neither the batch nor the clusters changed since (host-side ints only: eager steps, no sync)
-        key = (slots.shape[0], self.cache.epoch)
-        self.reusing = self.sparse.reuse > 1 and self.keep_for == key and self.age < self.sparse.reuse
-        self.age = self.age + 1 if self.reusing else 1
-        self.keep_for = key if self.sparse.reuse > 1 else None
 
     def attend(self, layer_idx, q, k, v, cos, sin):
         """q [B, T, Hq, d], k/v [B, T, Hkv, d] before RoPE, cos/sin [B, T, d] -> o [B, T, Hq, d]."""
@@ -127,15 +118,15 @@ class AttentionContext:
                 st.zero_()
                 st[0].copy_(self.lens_after[:, None].expand(-1, layer.k.shape[1]))
         else:
-            args = (q1, _SlotLayer(layer, B, self.max_len), self.lens_after, self.cache.tail_start[:B])
-            slab = self.stats.slab(B)[layer_idx]
-            if self.reusing:  # the torch twin (no kernel for a reused selection yet)
-                o, _ = sparse_ref(*args, self.cache.cfg.sinks, sp, slab, reuse=self.keep[layer_idx])
-            else:
-                plan = {} if sp.reuse > 1 else None
-                o, _ = self.sparse_fn(*args, self.cache.cfg.sinks, sp, stats_out=slab, plan_out=plan)
-                if plan is not None:
-                    self.keep[layer_idx] = plan["cls"]
+            o, _ = self.sparse_fn(
+                q1,
+                _SlotLayer(layer, B, self.max_len),
+                self.lens_after,
+                self.cache.tail_start[:B],
+                self.cache.cfg.sinks,
+                sp,
+                stats_out=self.stats.slab(B)[layer_idx],
+            )
         if self.observer is not None:
             self.observer(
                 layer_idx,

@@ -86,7 +86,6 @@ class KVCache:
         # Host mirrors, so the per-step "is anything due?" check never waits for the GPU.
         self.lens_host = [0] * max_batch
         self.tail_host = [0] * max_batch
-        self.epoch = 0  # counts changes of the clusters (clustering, reset): a decode selection is stale after one
 
     # ------------------------------------------------------------------------------------ bookkeeping
     @staticmethod
@@ -141,7 +140,6 @@ class KVCache:
         s.logsize[:, slot] = float("-inf")
         s.pos[:, slot] = torch.arange(self.max_len, dtype=torch.int32, device=self.device)
         self.lens_host[slot] = self.tail_host[slot] = 0
-        self.epoch += 1
         self.lens[slot] = 0
         self.tail_start[slot] = 0
 
@@ -180,7 +178,6 @@ class KVCache:
                     cluster_jobs(self.store, jobs[i : i + per], self.cfg, self.backend)
         for ev in events:
             self.tail_host[ev.slot] = ev.hi
-        self.epoch += 1
         idx, hi = to_device([[ev.slot for ev in events], [ev.hi for ev in events]], self.device, torch.int32)
         self.tail_start[idx] = hi  # (torch.tensor(..., device=cuda) would sync)
         return events

@@ -185,7 +185,6 @@ class SparseConfig:
     estimate: str = "gauss"  # stage-1 cluster mass: centroid (the paper's) or gauss (+ variance term)
     floor: int = 0  # doublep: at least this many exact clustered tokens per head, by rank ...
     floor_frac: float = 0.15  # ... and at least this fraction of the head's clustered tokens
-    reuse: int = 1  # a selection serves this many consecutive decode steps (evaluation setting: eager, twin)
 
     def __post_init__(self):
         if self.attention not in ("dense", "doublep", "topk", "auto"):
@@ -202,10 +201,6 @@ class SparseConfig:
             raise ConfigError(f"--estimate must be centroid or gauss, got {self.estimate!r}")
         if self.budget < 0 or self.est_clusters < 0 or self.dense_layers < 0:
             raise ConfigError("--budget, --est-clusters and --dense-layers must be >= 0")
-        if isinstance(self.reuse, bool) or not isinstance(self.reuse, int) or self.reuse < 1:
-            raise ConfigError(
-                f"SparseConfig.reuse must be an int >= 1 (decode steps a selection serves), got {self.reuse!r}"
-            )
 
     @property
     def mode(self) -> str:

@@ -213,7 +213,7 @@ class ModelRunner:
         bucket = min(self.max_len, max(1024, 1 << max(self.cache.lens_host[:B]).bit_length()))
         att = self.step_attention(B, bucket)
         self.counters.steps[att] = self.counters.steps.get(att, 0) + 1
-        if not self.use_graphs or (self.sparse.reuse > 1 and att != "dense"):  # reuse decides on the host
+        if not self.use_graphs:
             return self._step(tokens, active, bucket)
         g = self.graphs.get((B, bucket))
         if g is None:

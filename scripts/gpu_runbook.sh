@@ -20,7 +20,6 @@
 #   bash scripts/gpu_runbook.sh final6b  clustering share at the defaults (8, 32 x 8K), the development seed
 #   bash scripts/gpu_runbook.sh sixth3   attention warps / tile / pipeline-stage sweep; its stalls by source line (ncu)
 #   bash scripts/gpu_runbook.sh sixth4   bench e2e at sixth3's pick and at the committed launch shapes
-#   bash scripts/gpu_runbook.sh reuse    the development seed with each selection reused for 2 and 4 steps (a fixed rule)
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -302,18 +301,6 @@ print(json.dumps({k: p[k] for k in ('block_n', 'attn_warps', 'attn_stages')}))")
   timeout 120 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 \
     --attentions doublep --no-transformers > "$OUT/e2e-committed.log" 2>&1
   grep -v '^{' "$OUT/e2e-committed.log" | grep -E "│ default" | tail -4 ;;
-reuse)   # selection reuse (#14 item 5), the development seed only, two processes at once: dense, the default,
-         # the default reusing each selection for 2 and for 4 decode steps (reused steps: eager, the torch twin).
-         # Rule fixed before the run: rN is worth a kernel if its RULER >= the same run's default - 0.5 and it
-         # loses no more passkeys than the default; otherwise it goes to docs/LOG.md and the setting is removed
-  D=doublep-gauss:0.95:0.7:f15%
-  timeout 520 python3 -m nanodp.eval --seed 1 $GRID --methods "dense,$D,$D:r2" --no-topk-match --time-limit 440 \
-    --out runs/gpu-reuse-a > "$OUT/eval-reuse-a.log" 2>&1 &
-  timeout 520 python3 -m nanodp.eval --seed 1 $GRID --methods "dense,$D:r4" --no-topk-match --time-limit 440 \
-    --out runs/gpu-reuse-b > "$OUT/eval-reuse-b.log" 2>&1 &
-  wait
-  for x in a b; do cp runs/gpu-reuse-$x/results.json "$OUT/reuse-$x-results.json"; done
-  for x in a b; do grep -v '^{' "$OUT/eval-reuse-$x.log" | grep -v "━" | tail -14; done ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac

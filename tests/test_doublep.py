@@ -167,25 +167,3 @@ def test_config_validation():
         with pytest.raises(ConfigError):
             SparseConfig(**bad)
     assert SparseConfig("topk").mode == "topk" and SparseConfig("doublep").mode == "doublep"
-
-
-@pytest.mark.parametrize("rule", [dict(group_rule="mean"), dict(group_rule="union", whole=True)])
-def test_reuse_attends_the_stored_clusters(rule):
-    """A reused classification: the selecting query gets its own output back; any query gets dense for an
-    all-exact classification and the steady tokens plus all pseudo-tokens for an all-pseudo one."""
-    q, layer, lens, ts, sinks = make_case(g=3, d=64, style="skewed", **RAGGED)
-    cfg, plan = sp(0.95, 0.7, floor_frac=0.15, **rule), {}
-    o, st = sparse_ref(q, layer, lens, ts, sinks, cfg, plan_out=plan)
-    o2, st2 = sparse_ref(q, layer, lens, ts, sinks, cfg, reuse=plan["cls"])
-    assert (o - o2).abs().max() < 1e-6
-    for key in ("exact_tokens", "pseudo_tokens", "exact_clusters", "need_tokens"):
-        assert torch.equal(st[key], st2[key]), key
-    assert torch.equal(st2["scored_clusters"], st["pseudo_tokens"])  # stage 1 reads the pseudo centroids only
-    q2 = torch.randn_like(q)  # a later step's query
-    B, C = layer.ncl.shape[0], layer.centroids.shape[2]
-    for fill, want in ((2, dense(q2, layer, lens)), (1, all_centroid(q2, layer, lens, ts, sinks))):
-        cls = torch.full((B * layer.ncl.shape[1], C), fill, dtype=torch.int8)
-        o3, _ = sparse_ref(q2, layer, lens, ts, sinks, cfg, reuse=cls)
-        assert (o3 - want).abs().max() < 1e-5
-    with pytest.raises(ConfigError, match="reuse"):
-        SparseConfig("doublep", reuse=0)

@@ -53,10 +53,6 @@ def test_methods_parse_and_score():
     assert ev.parse_method("doublep-max:0.95:0.7")["sparse"]["group_rule"] == "max"
     assert ev.parse_method("doublep-gauss:0.95:0.7:f256")["sparse"]["floor"] == 256
     assert ev.parse_method("doublep:0.95:0.7")["sparse"]["floor_frac"] == 0.0
-    assert ev.parse_method("doublep-gauss:0.95:0.7:f15%:r4")["sparse"] | {} == {
-        "p1": 0.95, "p2": 0.7, "floor": 0, "floor_frac": 0.15, "estimate": "gauss", "reuse": 4
-    }  # fmt: skip
-    assert "reuse" not in ev.parse_method("doublep:0.95:0.7:r1")["sparse"]
     ccfg = ClusterConfig()  # a floor of F% of each head's clustered tokens; topk:F% of the prompt's
     args, ntok = SimpleNamespace(dense_layers=0), 1000 + ccfg.sinks + ccfg.window
     sp = ev.sparse_for(ev.parse_method("doublep:0.95:0.7:f10%"), 1000, ntok, {}, args, ccfg)

@@ -14,7 +14,6 @@ Methods (--methods, comma separated, all on the same prompts; dense first, each 
   doublep-whole:P1:P2   whole-attention cut: the steady tokens join stage 1's softmax (combines: -union-whole)
   doublep-gauss:P1:P2   stage-1 estimate "gauss" (variance term); combines with the others (doublep-max-gauss)
   doublep...:P1:P2:fN   + a per-head floor: at least N exact clustered tokens by rank (fF%: F% of the head's)
-  doublep...:rN         (last) a selection serves N consecutive decode steps (eager; reused steps: torch twin)
   topk:N | topk:F%      N exact clustered tokens per (sequence, KV head), or F% of the prompt's clustered tokens
   topk=SPEC             per length, the mean exact clustered tokens the doublep method SPEC read in this run,
                         clusters ranked by SPEC's estimate

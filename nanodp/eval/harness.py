@@ -42,10 +42,9 @@ def parse_method(spec: str) -> dict:
     if spec.startswith("topk=doublep"):
         return {"name": spec, "attention": "topk", "match": spec[5:]}
     tags = kind.split("-")
-    reuse = int(a.pop()[1:]) if len(a) >= 3 and a[-1][:1] == "r" and a[-1][1:].isdigit() else 1
     floor = a.pop()[1:] if len(a) == 3 and a[2][:1] == "f" and _amount(a[2][1:]) else "0"
     if tags[0] == "doublep" and len(a) == 2 and len(set(tags[1:])) == len(tags) - 1 and set(tags[1:]) <= set(TAGS):
-        kw = {"p1": float(a[0]), "p2": float(a[1]), **floor_arg(floor)} | ({"reuse": reuse} if reuse > 1 else {})
+        kw = {"p1": float(a[0]), "p2": float(a[1]), **floor_arg(floor)}
         for t in tags[1:]:
             kw |= TAGS[t]
         SparseConfig(**kw)  # validates (e.g. max and union together)
@@ -53,7 +52,7 @@ def parse_method(spec: str) -> dict:
     if kind == "topk" and len(a) == 1 and _amount(a[0]):
         return {"name": spec, "attention": "topk", "budget": a[0]}
     raise ValueError(
-        f"--methods: {spec!r}; use dense, doublep[-max|-union][-whole][-gauss]:P1:P2[:fN|:fF%][:rN], topk:N, "
+        f"--methods: {spec!r}; use dense, doublep[-max|-union][-whole][-gauss]:P1:P2[:fN|:fF%], topk:N, "
         "topk:F%, topk=doublep...:P1:P2"
     )
 
