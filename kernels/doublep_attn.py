@@ -36,11 +36,11 @@ def _online(m, l, acc, s, vt, PREC: tl.constexpr):
 @triton.jit
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, zc_ptr, vm_ptr, cst_ptr, ncl_ptr, lens_ptr, ts_ptr, plan_ptr, st_ptr, cls_ptr,
-    po_ptr, pml_ptr, o_ptr, cnt_ptr, lst_ptr, CAP, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h,
-    sm_c, scs_b, scs_h, sn_b, sn_h, so_b, so_h, qk_scale, HKV, C, NS, NBH, sinks, BPB, G: tl.constexpr,
-    GP: tl.constexpr, GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr,
-    W: tl.constexpr, NSP: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, MAXRULE: tl.constexpr,
-    UNION: tl.constexpr, FLOOR: tl.constexpr, PLAN: tl.constexpr, LIST: tl.constexpr,
+    po_ptr, pml_ptr, o_ptr, cnt_ptr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_c, scs_b, scs_h,
+    sn_b, sn_h, so_b, so_h, qk_scale, HKV, C, NS, NBH, sinks, BPB, G: tl.constexpr, GP: tl.constexpr,
+    GP2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr, W: tl.constexpr, NSP: tl.constexpr,
+    NB: tl.constexpr, PREC: tl.constexpr, MAXRULE: tl.constexpr, UNION: tl.constexpr, FLOOR: tl.constexpr,
+    PLAN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -95,8 +95,6 @@ def _attn_kernel(
     nex = ncl * 0
     nP = ncl * 0
     lane = tl.arange(0, CB)
-    lb = lst_ptr + (bh * NS + sp).to(tl.int64) * CAP  # LIST: this split's exact tokens, CAP at most
-    nlist = ncl * 0
     for c0 in range(0, tl.cdiv(tl.cdiv(hi, W), NS), CB // W):
         i = (sp + (c0 + lane // W) * NS) * W + lane % W
         okc = i < hi
@@ -129,20 +127,11 @@ def _attn_kernel(
         o_c = e_c - n_c
         T = tl.sum(n_c, 0)
         need += T
-        now = T  # exact tokens attended right here; LIST: none, while they fit this split's list
-        if LIST:
-            if nlist + T <= CAP:  # their storage indices go to the list: stores only, no waiting on loads
-                for j0 in range(0, T, BLOCK_N):
-                    j = j0 + tl.arange(0, BLOCK_N)
-                    hit = (j[:, None] >= o_c[None, :]) & (j[:, None] < e_c[None, :])
-                    tl.store(lb + nlist + j, j + tl.sum(tl.where(hit, (st - o_c)[None, :], 0), 1), mask=j < T)
-                nlist += T
-                now = 0
-        for j0 in range(0, now, BLOCK_N):
+        for j0 in range(0, T, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             hit = (j[:, None] >= o_c[None, :]) & (j[:, None] < e_c[None, :])
             t = j + tl.sum(tl.where(hit, (st - o_c)[None, :], 0), 1)
-            ok = j < now
+            ok = j < T
             kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
             vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
@@ -159,19 +148,6 @@ def _attn_kernel(
                 vm_ptr + b.to(tl.int64) * sm_b + h * sm_h + i[:, None] * sm_c + dd[None, :], mask=ps[:, None], other=0.0
             )
             m, l, acc = _online(m, l, acc, tl.where(ps[None, :], s, float("-inf")), vt, PREC)
-
-    # LIST: the listed exact tokens in one loop of independent tiles (the pipeline loads tiles ahead); the
-    # barrier orders the list's stores before its loads (other threads of this program wrote them)
-    if LIST:
-        tl.debug_barrier()
-        for j0 in range(0, nlist, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            ok = j < nlist
-            t = tl.load(lb + j, mask=ok, other=0, cache_modifier=".cg")
-            kt = tl.load(kb + t[:, None] * sk_l + dd[None, :], mask=ok[:, None], other=0.0)
-            vt = tl.load(vb + t[:, None] * sv_l + dd[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-            m, l, acc = _online(m, l, acc, tl.where(ok[None, :], s, float("-inf")), vt, PREC)
 
     # what this split kept, into the stats rows the hist kernel initialised (kernels/doublep.py STAT_KEYS)
     tl.atomic_add(st_ptr + bh, need.to(tl.float32), sem="relaxed")  # exact_tokens
@@ -227,7 +203,6 @@ TILES = dict(
     attn_maxnreg=128,
     hist_warps=4,
     attn_stages=2,
-    list=1,
 )
 
 
@@ -278,7 +253,7 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     warps = TILES["attn_warps"] or (8 if d >= 128 else 4)
     flags = (g, d, prec, gauss, whole, union, floor, maxrule, plan_out is not None)
     keys = {k: (k, str(dev), flags, t) for k, t in (("score", BLOCK_C), ("attn", (BLOCK_N, TILES["cb"],
-            TILES["group"], warps, TILES["attn_maxnreg"], TILES["attn_stages"], TILES["list"])))}  # fmt: skip
+            TILES["group"], warps, TILES["attn_maxnreg"], TILES["attn_stages"])))}  # fmt: skip
 
     def per_head(kernel, n_per_sm):
         """Programs per (sequence, KV head): n per SM at batch 1, fewer per head as the batch grows; for the
@@ -305,10 +280,6 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     st = torch.empty(len(STAT_KEYS), B, Hkv, **f32) if stats_out is None else stats_out
     assert st.shape == (len(STAT_KEYS), B, Hkv) and st.dtype == torch.float32 and st.is_contiguous()
     po = torch.empty(BH * NS * GP * d, **f32)
-    # LIST: each split's list of exact-token storage indices, room for its share of a head's capacity (a
-    # block that would overflow it is attended in place instead)
-    cap = BLOCK_N * triton.cdiv(triton.cdiv(k.shape[2], NS), BLOCK_N)
-    lst = torch.empty(BH * NS * cap if TILES["list"] else 1, device=dev, dtype=torch.int32)
     pml = torch.empty(BH * NS * 2 * GP, **f32)
     o = torch.empty(B, Hq, d, device=dev, dtype=q.dtype)
     ncl, common = layer.ncl, dict(G=g, GP=GP, GP2=GP2, NB=NBINS, MAXRULE=maxrule, UNION=union)
@@ -339,13 +310,12 @@ def sparse_triton(q, layer, lens, tail_start, sinks, sp, stats_out=None, plan_ou
     #    head, each classifying its own share of the clusters; the last split of a head combines
     ka = _attn_kernel[(BH, NS)](
         q, k, v, zbuf, zc, vmean, cstart, ncl, lens, tail_start, plan, st, cls, po, pml, o,
-        zero_buffer(dev, "attn_cnt", BH), lst, cap, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        zero_buffer(dev, "attn_cnt", BH), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), vmean.stride(0), vmean.stride(1), vmean.stride(2),
         cstart.stride(0), cstart.stride(1), ncl.stride(0), ncl.stride(1), o.stride(0), o.stride(1),
         scale * LOG2E, Hkv, C, NS, BH, int(sinks), BINS_PER_NAT / LOG2E,
         D=d, BLOCK_N=BLOCK_N, CB=cb, W=min(cb, TILES["group"]), NSP=max(2, triton.next_power_of_2(NS)),
-        PREC=prec, FLOOR=floor, PLAN=plan_out is not None, LIST=bool(TILES["list"]), num_warps=warps,
-        num_stages=TILES["attn_stages"],
+        PREC=prec, FLOOR=floor, PLAN=plan_out is not None, num_warps=warps, num_stages=TILES["attn_stages"],
         **common, **({"maxnreg": TILES["attn_maxnreg"]} if TILES["attn_maxnreg"] else {}),
     )  # fmt: skip
     if not interp:

@@ -20,7 +20,6 @@
 #   bash scripts/gpu_runbook.sh final6b  clustering share at the defaults (8, 32 x 8K), the development seed
 #   bash scripts/gpu_runbook.sh sixth3   attention warps / tile / pipeline-stage sweep; its stalls by source line (ncu)
 #   bash scripts/gpu_runbook.sh sixth4   bench e2e at sixth3's pick and at the committed launch shapes
-#   bash scripts/gpu_runbook.sh sixth5   the attention's exact-token list and pipeline stages (sweep); kernel tests
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -302,14 +301,6 @@ print(json.dumps({k: p[k] for k in ('block_n', 'attn_warps', 'attn_stages')}))")
   timeout 120 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 \
     --attentions doublep --no-transformers > "$OUT/e2e-committed.log" 2>&1
   grep -v '^{' "$OUT/e2e-committed.log" | grep -E "│ default" | tail -4 ;;
-sixth5)  # no model: the attention's exact-token list (TILES list) and pipeline stages; the kernel tests on the GPU
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
-  timeout 200 python3 scripts/tune_sparse.py --cells $CELLS6 --grid '{"block_n": [32], "cb": [32], "attn_per_sm": [8],
-    "list": [0, 1], "attn_stages": [2, 3]}' --hist '{"hist_warps": [4]}' --reps 20 --out "$OUT/tune.json" \
-    > "$OUT/tune.log" 2>&1
-  grep -v "^{" "$OUT/tune.log" | sed 's/void at::native[^:]*:[^,]*,//' | grep -E "^  |kernels" | cut -c1-330 | tail -18
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_doublep_kernel.py > "$OUT/gpu_tests.log" 2>&1
-  tail -2 "$OUT/gpu_tests.log"; grep -E "^FAILED|Error" "$OUT/gpu_tests.log" | head -8 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
