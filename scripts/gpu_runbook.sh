@@ -19,7 +19,6 @@
 #   bash scripts/gpu_runbook.sh final6a  clustering tests on the GPU, the pass step by step (no model)
 #   bash scripts/gpu_runbook.sh final6b  clustering share at the defaults (8, 32 x 8K), the development seed
 #   bash scripts/gpu_runbook.sh sixth3   attention warps / tile / pipeline-stage sweep; its stalls by source line (ncu)
-#   bash scripts/gpu_runbook.sh sixth4   bench e2e at sixth3's pick and at the committed launch shapes
 # The repository is not installed on the device: nanodp/kernels is linked to kernels/ (as the package-dir
 # mapping does) and PYTHONPATH=. . The default model is rebuilt from its GGUF, carried in two git-ignored parts
 # (`split -b 50000000 weights/.cache/SmolLM2-135M-Instruct.Q4_1.gguf` into .carry/a/part_aa and .carry/b/part_ab,
@@ -291,16 +290,6 @@ sixth3)  # no model (the first carry call): attention warps, tile and pipeline s
   "$NCU" -i /tmp/attn.ncu-rep --page details > "$OUT/ncu-attn-details.txt" 2>&1
   grep -E "Duration|Registers Per|Achieved Occ|DRAM Through|Warp Cycles Per Issued|Executed Instructions  " \
     "$OUT/ncu-attn-details.txt" | head -8 ;;
-sixth4)  # the real model: bench e2e with sixth3's pick (runs/tune6.json) and at the committed launch shapes
-  PICK=$(python3 -c "import json; p = json.load(open('runs/tune6.json'))['pick']
-print(json.dumps({k: p[k] for k in ('block_n', 'attn_warps', 'attn_stages')}))")
-  echo "pick: $PICK"
-  timeout 200 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 --tiles "$PICK" \
-    --no-transformers > "$OUT/e2e.log" 2>&1
-  grep -v '^{' "$OUT/e2e.log" | grep -E "│" | tail -10
-  timeout 120 python3 -m nanodp.bench e2e --models default --batches 1,8,32 --contexts 8k --steps 48 \
-    --attentions doublep --no-transformers > "$OUT/e2e-committed.log" 2>&1
-  grep -v '^{' "$OUT/e2e-committed.log" | grep -E "│ default" | tail -4 ;;
 devreport)   # both in one call (dev resumes what runs/gpu-dev already holds)
   bash "$0" dev; bash "$0" report ;;
 esac
