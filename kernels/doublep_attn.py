@@ -193,17 +193,8 @@ def _combine(
 # its occupancy is known and hist programs per SM at batch 1 (at most 64 per head), attention warps, the
 # attention's register cap (0: none; 128 lets 4 blocks of 4 warps share an SM at head dim 128), hist warps,
 # the attention's software-pipeline stages (Triton num_stages: tiles of the exact tokens loaded ahead)
-TILES = dict(
-    block_n=32,
-    cb=32,
-    group=8,
-    attn_per_sm=8,
-    hist_per_sm=1,
-    attn_warps=4,
-    attn_maxnreg=128,
-    hist_warps=4,
-    attn_stages=2,
-)
+TILES = dict(block_n=32, cb=32, group=8, attn_per_sm=8, hist_per_sm=1, attn_warps=4, attn_maxnreg=128, hist_warps=4,
+             attn_stages=2)  # fmt: skip
 
 
 def check_tiles():
