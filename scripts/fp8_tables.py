@@ -79,10 +79,10 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     sp = SparseConfig("doublep", estimate="gauss")  # the engine's Double-P defaults
-    eng = Engine(None, device="cpu", dtype="fp32", max_batch=4, max_len=args.length + 64, kernels="torch",
+    eng = Engine(None, device="cpu", dtype="fp32", max_batch=4, max_len=args.length, kernels="torch",
                  sparse=sp, cluster=ClusterConfig(), quiet=True)  # fmt: skip
     tasks = make_tasks(eng.tok, ["passkey", "single_needle", "multi_key", "kv_retrieval"], [args.length], [0.3, 0.7],
-                       args.n, args.seed, max_prompt=args.length)  # fmt: skip
+                       args.n, args.seed, max_prompt=args.length - 8)  # fmt: skip
     probe = Probe(sp, eng.cache.cfg.sinks)
     for i in range(0, len(tasks), 4):
         eng.ctx.observer = probe
