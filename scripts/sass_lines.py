@@ -6,7 +6,7 @@ instruction once, however often a loop runs it) and come from the local Triton, 
 
 attn: kernels/doublep_attn.py _attn_kernel at the default model's shape (g = 3, d = 64) and the engine's launch
 (TILES); dense: kernels/decode.py _decode_split_kernel at the same shape, 32-token tiles. Prints the registers
-and stack, then the lines with the most instructions and the sums over the loop bodies named below.
+and stack, then the source lines with the most instructions.
 """
 
 import argparse
@@ -42,7 +42,7 @@ KERNELS = {  # name: (jit function, constexprs, pointer arguments and their type
             UNION=False,
             FLOOR=True,
             PLAN=False,
-        ),  # fmt: skip
+        ),
         dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "vm_ptr", "o_ptr"], "*bf16")
         | dict.fromkeys(["z_ptr", "zc_ptr", "plan_ptr", "st_ptr", "cls_ptr", "po_ptr", "pml_ptr"], "*fp32")
         | dict.fromkeys(["cst_ptr", "ncl_ptr", "lens_ptr", "ts_ptr", "cnt_ptr"], "*i32"),
